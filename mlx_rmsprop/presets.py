@@ -1,0 +1,135 @@
+"""Constructors that take another framework's RMSprop arguments (names and defaults) and
+return an ``RMSprop`` that reproduces that framework's trajectory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import validation
+
+
+def from_torch(
+    cls: type,
+    lr: Any = 0.01,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    momentum: float = 0,
+    centered: bool = False,
+    maximize: bool = False,
+    **options: Any,
+) -> Any:
+    """``torch.optim.RMSprop(params, lr, alpha, eps, weight_decay, momentum, centered,
+    maximize)``: eps outside the square root, coupled weight decay, learning rate applied
+    after the momentum buffer. ``options`` go to ``RMSprop`` (``state_dtype``, ``fused``)."""
+    _check_forwarded(options)
+    return cls(
+        validation.learning_rate("lr", lr),
+        alpha=validation.in_range("alpha", alpha, 0.0, 1.0),
+        eps=validation.positive("eps", eps),
+        weight_decay=validation.non_negative("weight_decay", weight_decay),
+        momentum=validation.in_range("momentum", momentum, 0.0, 1.0),
+        centered=validation.flag("centered", centered),
+        maximize=validation.flag("maximize", maximize),
+        **options,
+    )
+
+
+def from_keras(
+    cls: type,
+    learning_rate: Any = 0.001,
+    rho: float = 0.9,
+    momentum: float = 0.0,
+    epsilon: float = 1e-7,
+    centered: bool = False,
+    weight_decay: float | None = None,
+    **options: Any,
+) -> Any:
+    """``keras.optimizers.RMSprop`` (Keras 3): eps inside the square root, learning rate
+    inside the momentum buffer, decoupled weight decay ``p -= p * wd * lr``."""
+    _check_forwarded(options)
+    decay = 0.0 if weight_decay is None else validation.non_negative("weight_decay", weight_decay)
+    return cls(
+        validation.learning_rate("learning_rate", learning_rate),
+        alpha=validation.in_range("rho", rho, 0.0, 1.0),
+        eps=validation.positive("epsilon", epsilon),
+        momentum=validation.in_range("momentum", momentum, 0.0, 1.0),
+        centered=validation.flag("centered", centered),
+        weight_decay=decay,
+        decoupled_weight_decay=True,
+        eps_in_sqrt=True,
+        lr_in_momentum=True,
+        **options,
+    )
+
+
+def from_optax(
+    cls: type,
+    learning_rate: Any,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    **options: Any,
+) -> Any:
+    """``optax.rmsprop``: learning rate applied before the momentum trace, optional bias
+    correction, Nesterov momentum as ``optax.trace`` computes it."""
+    _check_forwarded(options)
+    mu = 0.0 if momentum is None else validation.in_range("momentum", momentum, 0.0, 1.0)
+    if validation.flag("nesterov", nesterov) and mu == 0:
+        raise ValueError(f"nesterov=True requires momentum > 0, got momentum={momentum!r}")
+    return cls(
+        validation.learning_rate("learning_rate", learning_rate),
+        alpha=validation.in_range("decay", decay, 0.0, 1.0),
+        eps=validation.positive("eps", eps),
+        initial_accumulator_value=validation.non_negative("initial_scale", initial_scale),
+        eps_in_sqrt=validation.flag("eps_in_sqrt", eps_in_sqrt),
+        centered=validation.flag("centered", centered),
+        momentum=mu,
+        nesterov=nesterov,
+        bias_correction=validation.flag("bias_correction", bias_correction),
+        lr_in_momentum=True,
+        **options,
+    )
+
+
+def from_tensorflow(
+    cls: type,
+    learning_rate: Any = 0.001,
+    decay: float = 0.9,
+    momentum: float = 0.0,
+    epsilon: float = 1e-10,
+    centered: bool = False,
+    **options: Any,
+) -> Any:
+    """TF1 ``tf.compat.v1.train.RMSPropOptimizer``: like Keras, but the accumulator ``v``
+    starts at 1.0 and the default epsilon is 1e-10."""
+    _check_forwarded(options)
+    return cls(
+        validation.learning_rate("learning_rate", learning_rate),
+        alpha=validation.in_range("decay", decay, 0.0, 1.0),
+        eps=validation.positive("epsilon", epsilon),
+        momentum=validation.in_range("momentum", momentum, 0.0, 1.0),
+        centered=validation.flag("centered", centered),
+        initial_accumulator_value=1.0,
+        eps_in_sqrt=True,
+        lr_in_momentum=True,
+        **options,
+    )
+
+
+# Options a preset passes through: what the library adds, not the framework's semantics.
+FORWARDED_OPTIONS = ("state_dtype", "fused")
+
+
+def _check_forwarded(options: dict) -> None:
+    unknown = sorted(set(options) - set(FORWARDED_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unexpected argument(s) {', '.join(unknown)}; a preset takes its framework's "
+            f"arguments plus {', '.join(FORWARDED_OPTIONS)}"
+        )

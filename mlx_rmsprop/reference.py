@@ -1,0 +1,135 @@
+"""The RMSprop update for one parameter, in plain MLX ops: the single definition of the math.
+
+The compiled CPU path is this function under ``mx.compile``; every kernel is tested against it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .options import Scalar, UpdateOptions
+
+
+def rmsprop_reference(
+    options: UpdateOptions,
+    scalars: mx.array,
+    parameter: mx.array,
+    gradient: mx.array,
+    state: dict[str, mx.array],
+) -> tuple[mx.array, dict[str, mx.array]]:
+    r"""One RMSprop step for one parameter.
+
+    Arithmetic runs in ``scalars.dtype`` (float32, or float64 for float64 runs); each result is
+    cast back to the dtype of the array it replaces. With ``s[k]`` the entries of ``scalars``
+    (see :class:`~mlx_rmsprop.options.Scalar`), in this order:
+
+    .. math::
+
+        g &\leftarrow -g \quad\text{(maximize)} \\
+        g &\leftarrow g \,/\, s_{div} \cdot s_{cmul} \,/\, s_{cdiv} \quad\text{(loss scale, clipnorm)} \\
+        g &\leftarrow \min(\max(g, -c), c) \quad\text{(clipvalue; NaN stays NaN)} \\
+        g &\leftarrow g + \lambda p \quad\text{(coupled weight decay)} \\
+        v &\leftarrow \alpha v + (1-\alpha) g^2 \\
+        \bar g &\leftarrow \alpha \bar g + (1-\alpha) g \quad\text{(centered)} \\
+        \hat v &= v / b_t,\ \hat{\bar g} = \bar g / b_t \quad (b_t = 1-\alpha^t \text{ with bias correction, else } 1) \\
+        s &= \max(\hat v - \hat{\bar g}^2, 0) \text{ (centered) else } \hat v \\
+        d &= \sqrt{s + \epsilon} \text{ (eps\_in\_sqrt) else } \sqrt{s} + \epsilon
+
+    then the step :math:`\Delta`: without momentum :math:`\Delta = \eta g / d`; with momentum
+    :math:`\mu` and ``lr_in_momentum``: :math:`b \leftarrow \mu b + \eta g/d`,
+    :math:`\Delta = b` (nesterov: :math:`\Delta = \eta g/d + \mu b`); without ``lr_in_momentum``:
+    :math:`b \leftarrow \mu b + g/d`, :math:`\Delta = \eta b` (nesterov:
+    :math:`\Delta = \eta (g/d + \mu b)`). Decoupled weight decay first shrinks
+    :math:`p \leftarrow p - p \lambda \eta`; then :math:`p \leftarrow p - \Delta`.
+    With the update gate at 0, the parameter and every buffer but ``ema`` keep their values.
+    With EMA: :math:`e \leftarrow m e + (1-m) p` (gated by the EMA gate), and the parameter
+    becomes :math:`e` when the overwrite flag is 1.
+
+    The centered variance is clamped at 0: it equals the frameworks' value whenever that is
+    >= 0, and where float rounding makes :math:`v - \bar g^2` negative (PyTorch then returns NaN)
+    we use 0. NaN and Inf in the inputs propagate, as in every framework.
+
+    Args:
+        options: the code-selecting flags.
+        scalars: 1-D vector of ``len(Scalar)`` per-step values, in the arithmetic dtype.
+        parameter: the parameter :math:`p`.
+        gradient: its gradient :math:`g` (same shape; any floating dtype).
+        state: the buffers named by ``options.state_keys``.
+
+    Returns:
+        ``(new_parameter, new_state)`` with the same dtypes as the inputs.
+    """
+    compute = scalars.dtype
+
+    def s(index: Scalar) -> mx.array:
+        return scalars[int(index)]
+
+    p = parameter.astype(compute)
+    g = gradient.astype(compute)
+
+    if options.maximize:
+        g = -g
+    if options.scale_gradient:
+        g = g / s(Scalar.GRAD_DIVISOR)
+        g = g * s(Scalar.CLIP_MULTIPLIER) / s(Scalar.CLIP_DIVISOR)
+    if options.clip_value:
+        g = mx.minimum(mx.maximum(g, -s(Scalar.CLIP_VALUE)), s(Scalar.CLIP_VALUE))
+    if options.weight_decay == "coupled":
+        g = g + s(Scalar.WEIGHT_DECAY) * p
+
+    alpha, one_minus_alpha = s(Scalar.ALPHA), s(Scalar.ONE_MINUS_ALPHA)
+    v_old = state["v"].astype(compute)
+    v = alpha * v_old + one_minus_alpha * mx.square(g)
+    new_state = {"v": v}
+    v_hat = v / s(Scalar.BIAS_CORRECTION) if options.bias_correction else v
+
+    if options.centered:
+        grad_avg = alpha * state["grad_avg"].astype(compute) + one_minus_alpha * g
+        new_state["grad_avg"] = grad_avg
+        if options.bias_correction:
+            grad_avg = grad_avg / s(Scalar.BIAS_CORRECTION)
+        variance = mx.maximum(v_hat - mx.square(grad_avg), 0.0)
+    else:
+        variance = v_hat
+
+    eps = s(Scalar.EPS)
+    denom = mx.sqrt(variance + eps) if options.eps_in_sqrt else mx.sqrt(variance) + eps
+
+    lr = s(Scalar.LR)
+    if options.momentum:
+        mu = s(Scalar.MOMENTUM)
+        buf_old = state["momentum_buffer"].astype(compute)
+        if options.lr_in_momentum:
+            increment = lr * g / denom
+            buf = mu * buf_old + increment
+            delta = increment + mu * buf if options.nesterov else buf
+        else:
+            direction = g / denom
+            buf = mu * buf_old + direction
+            delta = lr * (direction + mu * buf) if options.nesterov else lr * buf
+        new_state["momentum_buffer"] = buf
+    else:
+        delta = lr * g / denom
+
+    if options.weight_decay == "decoupled":
+        p_new = p - p * s(Scalar.WEIGHT_DECAY) * lr
+    else:
+        p_new = p
+    p_new = p_new - delta
+
+    if options.gated:
+        keep = s(Scalar.UPDATE_GATE) == 0
+        p_new = mx.where(keep, p, p_new)
+        for key in new_state:
+            new_state[key] = mx.where(keep, state[key].astype(compute), new_state[key])
+
+    if options.ema:
+        ema_old = state["ema"].astype(compute)
+        ema = s(Scalar.EMA_MOMENTUM) * ema_old + s(Scalar.EMA_ONE_MINUS_MOMENTUM) * p_new
+        ema = mx.where(s(Scalar.EMA_GATE) == 0, ema_old, ema)
+        p_new = mx.where(s(Scalar.EMA_OVERWRITE) != 0, ema, p_new)
+        new_state["ema"] = ema
+
+    return p_new.astype(parameter.dtype), {
+        key: value.astype(state[key].dtype) for key, value in new_state.items()
+    }

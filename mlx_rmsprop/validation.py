@@ -1,0 +1,100 @@
+"""Argument checks: every error names the argument, the allowed range and the value received."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import mlx.core as mx
+
+FLOATING_DTYPES = (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, mx.array):
+        return f"array(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
+
+
+def real_number(name: str, value: Any) -> float:
+    """A finite real Python/NumPy number (not a bool, string or array)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def in_range(name: str, value: Any, low: float, high: float) -> float:
+    value = real_number(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def non_negative(name: str, value: Any) -> float:
+    value = real_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def positive(name: str, value: Any) -> float:
+    value = real_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """A real bool: ``centered="False"`` would otherwise switch the option on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {_describe(value)}")
+    return value
+
+
+def learning_rate(name: str, value: Any) -> float | mx.array | Callable[[mx.array], mx.array]:
+    """A schedule (callable of the step), a non-negative finite number, or a 0-d/size-1
+    floating ``mx.array`` holding one."""
+    if callable(value) and not isinstance(value, mx.array):
+        return value
+    if isinstance(value, mx.array):
+        if value.size != 1 or value.ndim > 1 or value.dtype not in FLOATING_DTYPES:
+            raise ValueError(
+                f"{name} must be a number, a schedule (callable of the step) or a scalar "
+                f"floating mx.array, got {_describe(value)}"
+            )
+        number = value.item()
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {number!r}")
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a number, a schedule (callable of the step) or a scalar "
+            f"floating mx.array, got {_describe(value)}"
+        )
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {number!r}")
+    return number
+
+
+def state_dtype(name: str, value: Any) -> mx.Dtype | None:
+    if value is None:
+        return None
+    if not isinstance(value, mx.Dtype) or value not in FLOATING_DTYPES:
+        raise ValueError(
+            f"{name} must be None or one of mx.float16, mx.bfloat16, mx.float32, mx.float64, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def choice(name: str, value: Any, allowed: tuple) -> Any:
+    # `in` would let True match 1 and 1.0 match True: compare types too.
+    for option in allowed:
+        if type(value) is type(option) and value == option:
+            return value
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
