@@ -1,11 +1,14 @@
 """Which implementation runs the per-parameter update: the dispatcher between paths.
 
-Every path has the signature of :func:`~mlx_rmsprop.reference.rmsprop_reference`. A path that
-cannot handle an input (a kernel given float64) hands that parameter to the reference math.
+Every path's update has the signature of :func:`~mlx_rmsprop.reference.rmsprop_reference` and
+the same semantics. A path that cannot handle some input (a GPU kernel given float64) hands
+that parameter to the reference math itself, so the choice here is per optimizer, not per
+array.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -13,27 +16,68 @@ import mlx.core as mx
 from .options import UpdateOptions
 from .reference import rmsprop_reference
 
-UpdateFn = Callable[
-    [UpdateOptions, mx.array, mx.array, mx.array, dict], tuple[mx.array, dict]
-]
-
-# Values accepted by ``RMSprop(fused=...)``.
-FUSED_CHOICES = ("auto", False, "compiled")
+UpdateFn = Callable[[UpdateOptions, mx.array, mx.array, mx.array, dict], tuple[mx.array, dict]]
 
 
-def resolve(fused: str | bool) -> str:
-    """The concrete path ``fused`` selects on this machine: ``"reference"`` (plain ops, not
-    compiled) or ``"compiled"`` (the reference math under ``mx.compile``)."""
+@dataclass(frozen=True)
+class Path:
+    """One way of running the update.
+
+    ``load`` returns the per-parameter update function, or raises ``RuntimeError`` saying why
+    this machine cannot run the path. ``compile_step`` wraps the whole optimizer step in
+    ``mx.compile`` (one compiled call per step instead of one Python dispatch per parameter).
+    """
+
+    name: str
+    load: Callable[[], UpdateFn]
+    compile_step: bool
+    description: str
+
+
+PATHS: dict[str, Path] = {
+    "reference": Path(
+        "reference", lambda: rmsprop_reference, False, "plain MLX ops, not compiled"
+    ),
+    "compiled": Path(
+        "compiled", lambda: rmsprop_reference, True, "the reference math under mx.compile"
+    ),
+}
+# `fused="auto"` takes the first of these that loads on this machine.
+AUTO_ORDER = ("compiled",)
+# Values accepted by ``RMSprop(fused=...)``: False is the plain reference ops.
+FUSED_CHOICES = ("auto", False, *(name for name in PATHS if name != "reference"))
+
+
+def resolve(fused: str | bool) -> tuple[Path, UpdateFn]:
+    """The path ``fused`` selects on this machine, and its update function.
+
+    Raises ``RuntimeError`` when an explicitly requested path cannot run here.
+    """
     if fused is False:
-        return "reference"
-    return "compiled"
+        path = PATHS["reference"]
+        return path, path.load()
+    if fused == "auto":
+        reasons = []
+        for name in AUTO_ORDER:
+            try:
+                return PATHS[name], PATHS[name].load()
+            except RuntimeError as error:
+                reasons.append(f"{name}: {error}")
+        raise RuntimeError("no update path can run here: " + "; ".join(reasons))
+    path = PATHS[fused]
+    try:
+        return path, path.load()
+    except RuntimeError as error:
+        raise RuntimeError(f"fused={fused!r} cannot run on this machine: {error}") from None
 
 
-def update_function(path: str) -> UpdateFn:
-    """The per-parameter update of ``path``; the compiled path compiles the whole step around
-    the reference math, so both use the same function here."""
-    return rmsprop_reference
-
-
-def is_compiled(path: str) -> bool:
-    return path != "reference"
+def availability() -> dict[str, str | None]:
+    """For every path: ``None`` when it runs here, else the reason it does not."""
+    found = {}
+    for name, path in PATHS.items():
+        try:
+            path.load()
+            found[name] = None
+        except RuntimeError as error:
+            found[name] = str(error)
+    return found

@@ -149,12 +149,10 @@ class RMSprop(Optimizer):
                 Scalar.UPDATE_GATE: 1.0,
             }
         )
-        self._path = backends.resolve(self._fused)
+        path, update = backends.resolve(self._fused)
+        self._path = path.name
         self._step_function = make_step_function(
-            self._options,
-            self._constants,
-            backends.update_function(self._path),
-            compiled=backends.is_compiled(self._path),
+            self._options, self._constants, update, compiled=path.compile_step
         )
         self._maybe_schedule("learning_rate", learning_rate)
 
