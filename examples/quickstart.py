@@ -1,6 +1,6 @@
 """The smallest real use: fit a two-layer MLP to a noisy sine with mlx_rmsprop.RMSprop.
 
-    python examples/quickstart.py [--steps N]
+python examples/quickstart.py [--steps N]
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "check": ("mlx_rmsprop.check", "verify every update path on this machine against the reference"),
+    "check": (
+        "mlx_rmsprop.check",
+        "verify every update path on this machine against the reference",
+    ),
     "bench": ("mlx_rmsprop.bench", "time one optimizer step against MLX, PyTorch and optax"),
 }
 

@@ -3,7 +3,7 @@ RMSprop of PyTorch, Keras 3, TF1 and optax."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
@@ -13,7 +13,7 @@ from .options import Scalar, UpdateOptions
 from .step import constant_scalars, make_step_function
 from .trees import check_state, match_gradients, rebuild, state_leaves
 
-LearningRate = Union[float, mx.array, Callable[[mx.array], mx.array]]
+LearningRate = float | mx.array | Callable[[mx.array], mx.array]
 
 
 class RMSprop(Optimizer):
@@ -212,7 +212,7 @@ class RMSprop(Optimizer):
         if not self._initialized:
             self.init(rebuild(gradients, iter([leaf.parameter for leaf in leaves])))
         states = state_leaves(gradients, self.state)
-        for leaf, state in zip(leaves, states):
+        for leaf, state in zip(leaves, states, strict=True):
             check_state(leaf.path, leaf.parameter, state, self._options.state_keys)
 
         for name, scheduler in self._schedulers.items():
@@ -226,7 +226,7 @@ class RMSprop(Optimizer):
             [leaf.gradient for leaf in leaves],
             [{key: state[key] for key in self._options.state_keys} for state in states],
         )
-        for state, new_state in zip(states, new_states):
+        for state, new_state in zip(states, new_states, strict=True):
             state.update(new_state)
         return rebuild(gradients, iter(new_parameters))
 

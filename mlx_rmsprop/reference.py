@@ -26,12 +26,14 @@ def rmsprop_reference(
     .. math::
 
         g &\leftarrow -g \quad\text{(maximize)} \\
-        g &\leftarrow g \,/\, s_{div} \cdot s_{cmul} \,/\, s_{cdiv} \quad\text{(loss scale, clipnorm)} \\
+        g &\leftarrow g / s_{div} \cdot s_{cmul} / s_{cdiv}
+            \quad\text{(loss scale, clipnorm)} \\
         g &\leftarrow \min(\max(g, -c), c) \quad\text{(clipvalue; NaN stays NaN)} \\
         g &\leftarrow g + \lambda p \quad\text{(coupled weight decay)} \\
         v &\leftarrow \alpha v + (1-\alpha) g^2 \\
         \bar g &\leftarrow \alpha \bar g + (1-\alpha) g \quad\text{(centered)} \\
-        \hat v &= v / b_t,\ \hat{\bar g} = \bar g / b_t \quad (b_t = 1-\alpha^t \text{ with bias correction, else } 1) \\
+        \hat v &= v / b_t,\ \hat{\bar g} = \bar g / b_t
+            \quad (b_t = 1-\alpha^t \text{ with bias correction, else } 1) \\
         s &= \max(\hat v - \hat{\bar g}^2, 0) \text{ (centered) else } \hat v \\
         d &= \sqrt{s + \epsilon} \text{ (eps\_in\_sqrt) else } \sqrt{s} + \epsilon
 

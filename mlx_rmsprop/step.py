@@ -7,7 +7,7 @@ on the 2-core Linux CI machine).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
@@ -67,7 +67,7 @@ def make_step_function(
     ) -> tuple[list[mx.array], list[dict]]:
         scalars_by_dtype: dict[mx.Dtype, mx.array] = {}
         new_parameters, new_states = [], []
-        for parameter, gradient, state in zip(parameters, gradients, states):
+        for parameter, gradient, state in zip(parameters, gradients, states, strict=True):
             dtype = compute_dtype(parameter, gradient, state)
             if dtype not in scalars_by_dtype:
                 scalars_by_dtype[dtype] = build_scalars(

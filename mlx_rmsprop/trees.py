@@ -3,7 +3,8 @@ by the leaf's path before anything is changed."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 

@@ -22,9 +22,17 @@ DATA = Path(__file__).parent / "data"
 # Keras names its slots "<variable>_<slot>" and optax "<chain index>.<State>.<field>": the name
 # is matched after dropping those prefixes ("w_velocity" -> "velocity", "0.X.nu" -> "nu").
 STATE_NAMES = {
-    "torch": {"square_avg": ("v", 1), "grad_avg": ("grad_avg", 1), "momentum_buffer": ("momentum_buffer", 1)},
+    "torch": {
+        "square_avg": ("v", 1),
+        "grad_avg": ("grad_avg", 1),
+        "momentum_buffer": ("momentum_buffer", 1),
+    },
     "optax": {"nu": ("v", 1), "mu": ("grad_avg", 1), "trace": ("momentum_buffer", -1)},
-    "keras": {"velocity": ("v", 1), "average_gradient": ("grad_avg", 1), "momentum": ("momentum_buffer", 1)},
+    "keras": {
+        "velocity": ("v", 1),
+        "average_gradient": ("grad_avg", 1),
+        "momentum": ("momentum_buffer", 1),
+    },
     "mlx": {"v": ("v", 1)},
     "tf_kernel_numpy": {"ms": ("v", 1), "mg": ("grad_avg", 1), "mom": ("momentum_buffer", 1)},
 }
@@ -120,14 +128,25 @@ def optimizer_for(case: Case, fused, exact_lr: bool = True, **extra) -> RMSprop:
         lr = config.pop("lr")
         if case.info["ms_init"] == 1.0:
             return RMSprop.from_tensorflow(
-                lr, decay=config["rho"], momentum=config["momentum"],
-                epsilon=config["epsilon"], centered=case.info["centered"], fused=fused, **extra,
+                lr,
+                decay=config["rho"],
+                momentum=config["momentum"],
+                epsilon=config["epsilon"],
+                centered=case.info["centered"],
+                fused=fused,
+                **extra,
             )
         # The raw ApplyRMSProp op with a zero-initialised accumulator (Keras 2 slots).
         return RMSprop(
-            lr, alpha=config["rho"], eps=config["epsilon"], momentum=config["momentum"],
-            centered=case.info["centered"], eps_in_sqrt=True, lr_in_momentum=True,
-            fused=fused, **extra,
+            lr,
+            alpha=config["rho"],
+            eps=config["epsilon"],
+            momentum=config["momentum"],
+            centered=case.info["centered"],
+            eps_in_sqrt=True,
+            lr_in_momentum=True,
+            fused=fused,
+            **extra,
         )
     raise AssertionError(f"unknown peer {case.peer}")
 

@@ -50,9 +50,7 @@ def run_torch(config: dict, dtype: str, x0, grads):
     torch_dtype = getattr(torch, dtype)
     weight = torch.nn.Parameter(torch.tensor(x0, dtype=torch_dtype))
     optimizer = torch.optim.RMSprop([weight], lr=SCHEDULE["initial"], foreach=False, **config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: SCHEDULE["rate"] ** step
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: SCHEDULE["rate"] ** step)
     params, lrs = [weight.detach().numpy().copy()], []
     for grad in grads:
         weight.grad = torch.tensor(grad, dtype=torch_dtype)
@@ -208,7 +206,11 @@ def generate_schedules() -> None:
         "exponential_decay); each case records the value the peer used at every step "
         "(<id>__lrs), so a replay tests the optimizer, not the peer's pow()",
     }
-    write("schedule_refs", {"meta": meta, "problems": {problem: {"shape": list(shape)}}, "cases": cases}, arrays)
+    write(
+        "schedule_refs",
+        {"meta": meta, "problems": {problem: {"shape": list(shape)}}, "cases": cases},
+        arrays,
+    )
 
 
 def write(name: str, meta: dict, arrays: dict) -> None:

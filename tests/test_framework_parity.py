@@ -13,7 +13,9 @@ CASES = load_cases() + load_cases("schedule_refs")
 # optax's own note: with centered + bias_correction the step-1 variance is exactly 0, and in
 # float32 rounding makes it negative, so optax returns NaN. Its float64 twin is replayed; the
 # float32 one is checked separately below.
-ILL_CONDITIONED = {case.id for case in CASES if case.info.get("ill_conditioned") and case.dtype == "float32"}
+ILL_CONDITIONED = {
+    case.id for case in CASES if case.info.get("ill_conditioned") and case.dtype == "float32"
+}
 PATHS = [False, "compiled"]
 
 
