@@ -3,14 +3,18 @@ RMSprop of PyTorch, Keras 3, TF1 and optax."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.optimizers import Optimizer
 
 from . import backends, presets, validation
 from .options import Scalar, UpdateOptions
-from .step import constant_scalars, make_step_function
+from .pipeline import pipeline_config as _pipeline_config
+from .step import ACCUMULATOR, constant_scalars, make_step_function
 from .trees import check_state, match_gradients, rebuild, state_leaves
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
@@ -65,9 +69,29 @@ class RMSprop(Optimizer):
             least float32 whatever this is.
         fused: ``"auto"`` (the fastest path on this device), ``"compiled"`` (the reference
             math under ``mx.compile``) or ``False`` (plain uncompiled ops).
+        skip_nonfinite: when a step's gradients hold any NaN or Inf, leave every parameter and
+            state buffer as it was and count the step in ``skipped_steps`` instead (default
+            ``False``: NaN propagates, as in every framework).
 
-    State per parameter: ``v``, plus ``grad_avg`` (centered) and ``momentum_buffer``
-    (momentum > 0). A state saved from ``mlx.optimizers.RMSprop`` loads into the defaults.
+    Keras' training pipeline, applied in Keras' order (loss scale, accumulation, clipping,
+    weight decay, the update, EMA), with Keras' names and defaults:
+
+    Args:
+        loss_scale_factor: divide every gradient by this first.
+        gradient_accumulation_steps: integer >= 2: calls accumulate gradients and change
+            nothing else; every N-th call applies the mean of the last N.
+        clipnorm: clip each gradient to this L2 norm: :math:`g c / \max(\|g\|, c)`.
+        global_clipnorm: clip all gradients together to this global L2 norm.
+        clipvalue: clip each gradient element to :math:`[-c, c]`. At most one of the three.
+        use_ema: keep an exponential moving average ``ema`` of each parameter.
+        ema_momentum: its momentum :math:`m` (0 on the first update), in [0, 1].
+        ema_overwrite_frequency: every this many updates, overwrite the parameters with
+            their EMA.
+        name: a name for the optimizer.
+
+    State per parameter: ``v``, plus ``grad_avg`` (centered), ``momentum_buffer``
+    (momentum > 0), ``ema`` (use_ema) and ``accumulated_gradient`` (accumulation). A state
+    saved from ``mlx.optimizers.RMSprop`` loads into the defaults.
     """
 
     def __init__(
@@ -88,6 +112,16 @@ class RMSprop(Optimizer):
         bias_correction: bool = False,
         state_dtype: mx.Dtype | None = None,
         fused: str | bool = "auto",
+        skip_nonfinite: bool = False,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        clipnorm: float | None = None,
+        global_clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        name: str = "rmsprop",
     ):
         super().__init__()
         learning_rate = validation.learning_rate("learning_rate", learning_rate)
@@ -119,6 +153,21 @@ class RMSprop(Optimizer):
             )
         self._state_dtype = validation.state_dtype("state_dtype", state_dtype)
         self._fused = validation.choice("fused", fused, backends.FUSED_CHOICES)
+        self._pipeline = _pipeline_config(
+            skip_nonfinite=skip_nonfinite,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            clipnorm=clipnorm,
+            global_clipnorm=global_clipnorm,
+            clipvalue=clipvalue,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+        )
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a string, got {name!r}")
+        self.name = name
+        self._decay_exclusion: re.Pattern | None = None
 
         if self._weight_decay == 0:
             decay_mode = "none"
@@ -133,8 +182,18 @@ class RMSprop(Optimizer):
             weight_decay=decay_mode,
             maximize=flags["maximize"],
             bias_correction=flags["bias_correction"],
+            scale_gradient=self._pipeline.scales_in_update,
+            clip_value=self._pipeline.clipvalue is not None,
+            gated=self._pipeline.gated,
+            ema=self._pipeline.use_ema,
+        )
+        self._state_keys = self._options.state_keys + (
+            (ACCUMULATOR,) if self._pipeline.accumulates else ()
         )
         self._flags = flags
+        divides_in_update = (
+            self._pipeline.loss_scale_factor is not None and not self._pipeline.accumulates
+        )
         self._constants = constant_scalars(
             {
                 Scalar.ALPHA: self._alpha,
@@ -143,18 +202,24 @@ class RMSprop(Optimizer):
                 Scalar.MOMENTUM: self._momentum,
                 Scalar.WEIGHT_DECAY: self._weight_decay,
                 Scalar.BIAS_CORRECTION: 1.0,
-                Scalar.GRAD_DIVISOR: 1.0,
+                Scalar.GRAD_DIVISOR: (
+                    self._pipeline.loss_scale_factor if divides_in_update else 1.0
+                ),
                 Scalar.CLIP_MULTIPLIER: 1.0,
                 Scalar.CLIP_DIVISOR: 1.0,
+                Scalar.CLIP_VALUE: self._pipeline.clipvalue or 0.0,
                 Scalar.UPDATE_GATE: 1.0,
+                Scalar.EMA_GATE: 1.0,
             }
         )
-        path, update = backends.resolve(self._fused)
+        path, self._update = backends.resolve(self._fused)
         self._path = path.name
-        self._step_function = make_step_function(
-            self._options, self._constants, update, compiled=path.compile_step
-        )
+        self._compile_step = path.compile_step
+        # One step function per weight-decay exclusion pattern over the parameters.
+        self._step_functions: dict[tuple[bool, ...], Callable] = {}
         self._maybe_schedule("learning_rate", learning_rate)
+        if self._pipeline.skip_nonfinite:
+            self.state["skipped_steps"] = mx.array(0, mx.uint64)
 
     # Hyperparameters are read-only: the state layout and the compiled update depend on them.
     alpha = property(lambda self: self._alpha, doc="Smoothing constant :math:`\\alpha`.")
@@ -171,6 +236,11 @@ class RMSprop(Optimizer):
     bias_correction = property(lambda self: self._flags["bias_correction"])
     state_dtype = property(lambda self: self._state_dtype)
     fused = property(lambda self: self._fused)
+    pipeline = property(lambda self: self._pipeline, doc="The Keras pipeline settings.")
+    skipped_steps = property(
+        lambda self: self.state["skipped_steps"],
+        doc="How many steps ``skip_nonfinite`` has skipped (an array: usable in mx.compile).",
+    )
     path = property(
         lambda self: self._path,
         doc='The path ``fused`` resolved to on this machine ("compiled", "reference", ...).',
@@ -201,8 +271,11 @@ class RMSprop(Optimizer):
         ``momentum_buffer`` (at 0) for one parameter."""
         dtype = self._buffer_dtype(parameter.dtype)
         state["v"] = mx.full(parameter.shape, self._initial_accumulator_value, dtype)
-        for key in self._options.state_keys[1:]:
-            state[key] = mx.zeros(parameter.shape, dtype)
+        for key in self._state_keys[1:]:
+            # The EMA starts as the weights themselves (Keras).
+            state[key] = (
+                parameter.astype(dtype) if key == "ema" else mx.zeros(parameter.shape, dtype)
+            )
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         """Apply one step to every parameter that has a gradient and return the updated
@@ -213,21 +286,23 @@ class RMSprop(Optimizer):
             self.init(rebuild(gradients, iter([leaf.parameter for leaf in leaves])))
         states = state_leaves(gradients, self.state)
         for leaf, state in zip(leaves, states, strict=True):
-            check_state(leaf.path, leaf.parameter, state, self._options.state_keys)
+            check_state(leaf.path, leaf.parameter, state, self._state_keys)
+        if self._pipeline.skip_nonfinite and "skipped_steps" not in self.state:
+            self.state["skipped_steps"] = mx.array(0, mx.uint64)  # a state loaded from elsewhere
 
         for name, scheduler in self._schedulers.items():
             self.state[name] = scheduler(self.step)
-        self.state["step"] = self.step + 1
 
-        new_parameters, new_states = self._step_function(
-            self.state["learning_rate"],
-            self.state["step"],
+        step_function = self._step_function(tuple(self._excluded(leaf.path) for leaf in leaves))
+        new_parameters, new_states, counters = step_function(
+            self._counters(self.step),
             [leaf.parameter for leaf in leaves],
             [leaf.gradient for leaf in leaves],
-            [{key: state[key] for key in self._options.state_keys} for state in states],
+            [{key: state[key] for key in self._state_keys} for state in states],
         )
         for state, new_state in zip(states, new_states, strict=True):
             state.update(new_state)
+        self.state.update(counters)
         return rebuild(gradients, iter(new_parameters))
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
@@ -236,14 +311,109 @@ class RMSprop(Optimizer):
         (leaf,) = match_gradients(gradient, parameter)
         if not state:
             self.init_single(parameter, state)
-        check_state(leaf.path, parameter, state, self._options.state_keys)
-        (new_parameter,), (new_state,) = self._step_function(
-            self.state["learning_rate"],
-            # Called outside apply_gradients the step may still be 0; bias correction needs t >= 1.
-            mx.maximum(self.step, 1),
-            [parameter],
-            [gradient],
-            [{key: state[key] for key in self._options.state_keys}],
+        check_state(leaf.path, parameter, state, self._state_keys)
+        # MLX calls this after incrementing the step; the update counts from step - 1.
+        step = mx.maximum(self.step, 1) - 1
+        (new_parameter,), (new_state,), _ = self._step_function((False,))(
+            self._counters(step), [parameter], [gradient], [{k: state[k] for k in self._state_keys}]
         )
         state.update(new_state)
         return new_parameter
+
+    def _counters(self, step: mx.array) -> dict[str, mx.array]:
+        counters = {"learning_rate": self.state["learning_rate"], "step": step}
+        if self._pipeline.skip_nonfinite:
+            counters["skipped_steps"] = self.state["skipped_steps"]
+        return counters
+
+    def _step_function(self, decay_excluded: tuple[bool, ...]) -> Callable:
+        if decay_excluded not in self._step_functions:
+            self._step_functions[decay_excluded] = make_step_function(
+                self._options,
+                self._constants,
+                self._pipeline,
+                self._update,
+                compiled=self._compile_step,
+                decay_excluded=decay_excluded,
+            )
+        return self._step_functions[decay_excluded]
+
+    def _excluded(self, path: str) -> bool:
+        return self._decay_exclusion is not None and bool(self._decay_exclusion.search(path))
+
+    def exclude_from_weight_decay(
+        self, var_list: Any = None, var_names: list[str] | None = None
+    ) -> None:
+        """Turn weight decay off for every parameter whose path (``"layers.0.bias"``) matches
+        one of the regular expressions in ``var_names`` (searched, as Keras searches variable
+        names). Must be called before the first update, as in Keras.
+
+        ``var_list`` (Keras' list of variables) cannot work in MLX, where an update returns new
+        arrays: it is refused with a pointer to ``var_names``.
+        """
+        if var_list is not None:
+            raise ValueError(
+                "var_list is not supported: MLX parameters are replaced by every update, so "
+                "they cannot be recognised by identity; pass var_names (regular expressions "
+                "matched against parameter paths such as 'layers.0.bias')"
+            )
+        if self._initialized:
+            raise ValueError(
+                "exclude_from_weight_decay() can only be configured before the optimizer's "
+                "first update (or init)"
+            )
+        patterns = validation.name_patterns("var_names", var_names or [])
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(
+                    f"var_names: {pattern!r} is not a regular expression: {error}"
+                ) from None
+        self._decay_exclusion = re.compile("|".join(patterns)) if patterns else None
+
+    def finalize_variable_values(self, target: nn.Module | dict) -> Any:
+        """Swap the EMA in at the end of training (Keras' ``finalize_variable_values``).
+
+        With an ``nn.Module`` its parameters are updated in place (and the module returned);
+        with a parameter tree, a new tree is returned whose leaves that have an EMA are
+        replaced by it. Without ``use_ema`` nothing changes.
+        """
+        if not self._pipeline.use_ema:
+            return target
+        parameters = target.trainable_parameters() if isinstance(target, nn.Module) else target
+        averaged = self.ema_parameters(parameters)
+        if isinstance(target, nn.Module):
+            target.update(averaged)
+            return target
+        return averaged
+
+    def ema_parameters(self, parameters: dict) -> dict:
+        """``parameters`` with each leaf the optimizer keeps an EMA for replaced by that EMA
+        (cast to the parameter's dtype)."""
+        if not self._pipeline.use_ema:
+            raise ValueError("ema_parameters() needs use_ema=True")
+
+        def swap(node: Any, state: Any) -> Any:
+            if isinstance(node, mx.array):
+                if isinstance(state, dict) and "ema" in state:
+                    if state["ema"].shape != node.shape:
+                        raise ValueError(
+                            f"the EMA has shape {tuple(state['ema'].shape)} but the parameter "
+                            f"has shape {tuple(node.shape)}: not the model this optimizer trained"
+                        )
+                    return state["ema"].astype(node.dtype)
+                return node
+            if isinstance(node, dict):
+                return {
+                    k: swap(v, state.get(k, {}) if isinstance(state, dict) else {})
+                    for k, v in node.items()
+                }
+            if isinstance(node, (list, tuple)):
+                states = state if isinstance(state, (list, tuple)) else []
+                return type(node)(
+                    swap(v, states[i] if i < len(states) else {}) for i, v in enumerate(node)
+                )
+            return node
+
+        return swap(parameters, self.state)

@@ -46,7 +46,10 @@ def from_keras(
     **options: Any,
 ) -> Any:
     """``keras.optimizers.RMSprop`` (Keras 3): eps inside the square root, learning rate
-    inside the momentum buffer, decoupled weight decay ``p -= p * wd * lr``."""
+    inside the momentum buffer, decoupled weight decay ``p -= p * wd * lr``. Keras' pipeline
+    arguments (``clipnorm``, ``clipvalue``, ``global_clipnorm``, ``use_ema``,
+    ``ema_momentum``, ``ema_overwrite_frequency``, ``loss_scale_factor``,
+    ``gradient_accumulation_steps``, ``name``) pass through with Keras' names and defaults."""
     _check_forwarded(options)
     decay = 0.0 if weight_decay is None else validation.non_negative("weight_decay", weight_decay)
     return cls(
@@ -122,8 +125,22 @@ def from_tensorflow(
     )
 
 
-# Options a preset passes through: what the library adds, not the framework's semantics.
-FORWARDED_OPTIONS = ("state_dtype", "fused")
+# Options a preset passes through: what the library adds and Keras' training pipeline, which
+# does not change the framework's update rule.
+FORWARDED_OPTIONS = (
+    "state_dtype",
+    "fused",
+    "skip_nonfinite",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+    "clipnorm",
+    "global_clipnorm",
+    "clipvalue",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "name",
+)
 
 
 def _check_forwarded(options: dict) -> None:

@@ -99,3 +99,25 @@ def choice(name: str, value: Any, allowed: tuple) -> Any:
         if type(value) is type(option) and value == option:
             return value
     raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def optional_positive(name: str, value: Any) -> float | None:
+    return None if value is None else positive(name, value)
+
+
+def integer_at_least(name: str, value: Any, low: int) -> int:
+    """A Python/NumPy integer (not a bool, not a float such as 2.0) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {_describe(value)}")
+    return int(value)
+
+
+def name_patterns(name: str, value: Any) -> list[str]:
+    """A list of regular-expression strings (a lone string is refused: it is almost always a
+    missing pair of brackets, and would be read character by character)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
+        raise ValueError(f"{name} must be a list of strings, got {_describe(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{name} must be a list of strings, got an item {_describe(item)}")
+    return list(value)

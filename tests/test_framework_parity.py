@@ -17,6 +17,7 @@ ILL_CONDITIONED = {
     case.id for case in CASES if case.info.get("ill_conditioned") and case.dtype == "float32"
 }
 PATHS = [False, "compiled"]
+NORM_ARGUMENTS = ("clipnorm", "global_clipnorm")
 
 
 @pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
@@ -27,6 +28,9 @@ def test_trajectory_matches_framework(case, fused):
     optimizer = optimizer_for(case, fused)
     trajectory, state = replay(case, optimizer)
     rtol = 0.0 if case.peer in EXACT_PEERS else None
+    if any(key in case.config for key in NORM_ARGUMENTS):
+        # A norm is a sum over the tensor: MLX and XLA add in different orders (an ulp).
+        rtol = None
     if case.info.get("ill_conditioned"):
         # Step 1 divides by sqrt(eps + (v - gbar^2)) where v - gbar^2 is 0 up to rounding: the
         # rounding of each implementation is amplified (measured 2.7e-14 relative).
