@@ -5,6 +5,8 @@ JAX). Writes ``tests/data/<name>.{json,npz}`` in the format of the shared refere
 ``framework_refs.load_cases`` reads:
 
     python tests/generate_refs.py schedules    # exponential-decay learning rates, (3, 4) problem
+    python tests/generate_refs.py keras_pipeline  # Keras' clipping, accumulation, EMA, ... on
+                                                  # two variables, "w" (3, 4) and "bias" (4,)
 
 Each case stores the parameter after every step (``params[t+1]`` after step ``t``) and every
 state buffer after the last step, under the framework's own names.
@@ -220,7 +222,149 @@ def write(name: str, meta: dict, arrays: dict) -> None:
     print(f"wrote {DATA / name}.json/.npz: {len(meta['cases'])} cases")
 
 
-GENERATORS = {"schedules": generate_schedules}
+PIPELINE_CASES = [
+    ("lsf4", {"loss_scale_factor": 4.0}),
+    ("accum3_mom0.9", {"gradient_accumulation_steps": 3, "momentum": 0.9}),
+    (
+        "accum2_lsf8_clipnorm1",
+        {"gradient_accumulation_steps": 2, "loss_scale_factor": 8.0, "clipnorm": 1.0},
+    ),
+    ("clipnorm1_lsf2", {"clipnorm": 1.0, "loss_scale_factor": 2.0}),
+    ("clipnorm0.3_centered", {"clipnorm": 0.3, "centered": True}),
+    ("global_clipnorm1", {"global_clipnorm": 1.0}),
+    ("global_clipnorm0.3_mom0.9", {"global_clipnorm": 0.3, "momentum": 0.9}),
+    ("clipvalue0.5_centered_mom0.9", {"clipvalue": 0.5, "centered": True, "momentum": 0.9}),
+    ("wd0.1_exclude_bias_mom0.9", {"weight_decay": 0.1, "momentum": 0.9}, ["bias"]),
+    ("ema0.9", {"use_ema": True, "ema_momentum": 0.9}),
+    ("ema_overwrite3", {"use_ema": True, "ema_overwrite_frequency": 3}),
+    (
+        "ema_overwrite2_accum2",
+        {"use_ema": True, "ema_overwrite_frequency": 2, "gradient_accumulation_steps": 2},
+    ),
+    (
+        "everything_schedule",
+        {
+            "loss_scale_factor": 2.0,
+            "gradient_accumulation_steps": 2,
+            "global_clipnorm": 0.5,
+            "weight_decay": 0.05,
+            "use_ema": True,
+            "ema_momentum": 0.95,
+            "ema_overwrite_frequency": 4,
+            "centered": True,
+            "momentum": 0.9,
+        },
+        ["bias"],
+        True,
+    ),
+]
+PIPELINE_VARIABLES = {"w": (3, 4), "bias": (4,)}
+
+
+def run_keras_pipeline(config, exclude, use_schedule, dtype, x0s, grads):
+    import keras
+
+    keras.config.set_floatx(dtype)
+    learning_rate = config.pop("learning_rate", 0.01)
+    if use_schedule:
+        learning_rate = keras.optimizers.schedules.ExponentialDecay(
+            SCHEDULE["initial"], decay_steps=1, decay_rate=SCHEDULE["rate"]
+        )
+    variables = {
+        name: keras.Variable(np.asarray(x0, dtype=dtype), name=name, dtype=dtype)
+        for name, x0 in x0s.items()
+    }
+    optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate, **config)
+    if exclude:
+        optimizer.exclude_from_weight_decay(var_names=exclude)
+    optimizer.build(list(variables.values()))
+    params = {name: [np.asarray(v.numpy())] for name, v in variables.items()}
+    lrs = []
+    for t in range(STEPS):
+        lrs.append(float(np.asarray(optimizer.learning_rate)))
+        optimizer.apply_gradients(
+            [
+                (keras.ops.convert_to_tensor(grads[name][t].astype(dtype)), v)
+                for name, v in variables.items()
+            ]
+        )
+        for name, v in variables.items():
+            params[name].append(np.asarray(v.numpy()))
+    state = {v.path.split("/")[-1]: np.asarray(v.numpy()) for v in optimizer.variables}
+    return {k: np.stack(v) for k, v in params.items()}, state, np.array(lrs, dtype=np.float64)
+
+
+def generate_keras_pipeline() -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    problem = "two_variables"
+    x0s, grads, arrays = {}, {}, {}
+    for index, (name, shape) in enumerate(PIPELINE_VARIABLES.items()):
+        rng = np.random.default_rng(SEED + index)
+        x0s[name] = rng.standard_normal(shape)
+        grads[name] = rng.standard_normal((STEPS, *shape))
+        grads[name][ZERO_STEP] = 0.0
+        grads[name][LARGE_STEP] *= 1e3
+        grads[name][TINY_STEP] *= 1e-6
+        arrays[f"problem__{problem}__x0__{name}"] = x0s[name]
+        arrays[f"problem__{problem}__grads__{name}"] = grads[name]
+    cases = []
+    for label, config, *rest in PIPELINE_CASES:
+        exclude = rest[0] if rest else None
+        use_schedule = rest[1] if len(rest) > 1 else False
+        for dtype in ("float64", "float32"):
+            case_id = f"keras__{label}__{problem}__{dtype}"
+            params, state, lrs = run_keras_pipeline(
+                dict(config), exclude, use_schedule, dtype, x0s, grads
+            )
+            for name, trajectory in params.items():
+                arrays[f"{case_id}__params__{name}"] = trajectory
+            arrays[f"{case_id}__lrs"] = lrs
+            state_keys = {}
+            for name, value in state.items():
+                arrays[f"{case_id}__state__{name}"] = value
+                state_keys[name] = f"{case_id}__state__{name}"
+            cases.append(
+                {
+                    "id": case_id,
+                    "peer": "keras",
+                    "label": label,
+                    "config": config,
+                    "exclude_from_weight_decay": exclude,
+                    "lr_schedule": SCHEDULE if use_schedule else None,
+                    "problem": problem,
+                    "variables": {k: list(v) for k, v in PIPELINE_VARIABLES.items()},
+                    "dtype": dtype,
+                    "steps": STEPS,
+                    "params_key": f"{case_id}__params",
+                    "lrs_key": f"{case_id}__lrs",
+                    "state_keys": state_keys,
+                    "finite": bool(all(np.isfinite(p).all() for p in params.values())),
+                }
+            )
+            print(f"{case_id}: final w {params['w'][-1].ravel()[:3]}")
+    meta = {
+        "versions": versions(),
+        "seed": SEED,
+        "steps": STEPS,
+        "gradient_sequence": {
+            "rng": "per variable i (in order w, bias): numpy.random.default_rng(SEED + i), "
+            "x0 = standard_normal(shape), grads = standard_normal((T,)+shape)",
+            "zero_step": ZERO_STEP,
+            "large_step": LARGE_STEP,
+            "large_factor": 1e3,
+            "tiny_step": TINY_STEP,
+            "tiny_factor": 1e-6,
+        },
+        "params_layout": "<id>__params__<variable>: (T+1, *shape); the learning rate Keras "
+        "used at each call is <id>__lrs",
+    }
+    problems = {problem: {"variables": {k: list(v) for k, v in PIPELINE_VARIABLES.items()}}}
+    write("keras_pipeline_refs", {"meta": meta, "problems": problems, "cases": cases}, arrays)
+
+
+GENERATORS = {"schedules": generate_schedules, "keras_pipeline": generate_keras_pipeline}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

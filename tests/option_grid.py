@@ -51,5 +51,7 @@ def pairwise() -> list[dict]:
 
 
 def label(config: dict) -> str:
-    parts = [k if v is True else f"{k}={v}" for k, v in config.items() if v not in (False, 0.0)]
+    parts = [
+        k if v is True else f"{k}={v}" for k, v in config.items() if v is not False and v != 0.0
+    ]
     return ",".join(parts) or "plain"

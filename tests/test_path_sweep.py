@@ -49,9 +49,24 @@ def make_tree(dtype, rng):
     return tree
 
 
-def make_grads(tree, dtype, rng, step):
+# Keras' pipeline and non-finite skipping, each on top of a different update configuration.
+PIPELINE_CONFIGS = [
+    {"clipvalue": 0.5, "centered": True},
+    {"clipnorm": 0.7, "loss_scale_factor": 4.0, "momentum": 0.9},
+    {"global_clipnorm": 1.5, "eps_in_sqrt": True, "lr_in_momentum": True, "momentum": 0.5},
+    {"gradient_accumulation_steps": 2, "use_ema": True, "ema_overwrite_frequency": 2},
+    {"loss_scale_factor": 8.0, "gradient_accumulation_steps": 3, "weight_decay": 0.1},
+    {"use_ema": True, "ema_momentum": 0.8, "weight_decay": 0.05, "decoupled_weight_decay": True},
+    {"skip_nonfinite": True, "momentum": 0.9, "centered": True, "use_ema": True},
+]
+NONFINITE_STEP = 3
+
+
+def make_grads(tree, dtype, rng, step, nonfinite=False):
     scale = 0.0 if step == 2 else 1.0
     grads = tree_map(lambda a: mx.array(scale * rng.standard_normal(a.shape), dtype=dtype), tree)
+    if nonfinite and step == NONFINITE_STEP:
+        grads["one"] = mx.array([np.inf], dtype=dtype)
     # Non-contiguous gradient: every other row of a larger array.
     grads["odd"] = mx.array(scale * rng.standard_normal((66, 5)), dtype=dtype)[::2]
     # Broadcast view: one row repeated (stride 0).
@@ -65,8 +80,10 @@ def run(config, dtypes, fused):
     rng = np.random.default_rng(11)
     optimizer = RMSprop(0.01, alpha=0.9, state_dtype=state_dtype, fused=fused, **config)
     params = make_tree(param_dtype, rng)
+    nonfinite = config.get("skip_nonfinite", False)
     for step in range(STEPS):
-        params = optimizer.apply_gradients(make_grads(params, grad_dtype, rng, step), params)
+        grads = make_grads(params, grad_dtype, rng, step, nonfinite)
+        params = optimizer.apply_gradients(grads, params)
         mx.eval(params, optimizer.state)
     return params, optimizer.state
 
@@ -77,7 +94,7 @@ def dtype_id(dtypes):
 
 @pytest.mark.parametrize("path", RUNNABLE)
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", pairwise(), ids=label)
+@pytest.mark.parametrize("config", pairwise() + PIPELINE_CONFIGS, ids=label)
 def test_path_matches_reference(path, dtypes, config):
     expected_params, expected_state = run(config, dtypes, fused=False)
     params, state = run(config, dtypes, fused=path)
