@@ -3,6 +3,7 @@ RMSprop of PyTorch, Keras 3, TF1 and optax."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -163,6 +164,7 @@ class RMSprop(Optimizer):
             use_ema=use_ema,
             ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
+            scheduled=callable(learning_rate),
         )
         if not isinstance(name, str):
             raise ValueError(f"name must be a string, got {name!r}")
@@ -261,7 +263,34 @@ class RMSprop(Optimizer):
             f"state_dtype={self._state_dtype}, fused={self._fused!r})"
         )
 
-    def _buffer_dtype(self, parameter_dtype: mx.Dtype) -> mx.Dtype:
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """The buffers kept per parameter, in the order the fused update takes them."""
+        return self._state_keys
+
+    def get_config(self) -> dict:
+        """The constructor arguments (JSON-serialisable; a schedule shows as ``"schedule"``)."""
+        schedule = self._schedulers.get("learning_rate")
+        return {
+            "learning_rate": "schedule" if schedule else self.state["learning_rate"].item(),
+            "alpha": self._alpha,
+            "eps": self._eps,
+            "momentum": self._momentum,
+            "weight_decay": self._weight_decay,
+            "initial_accumulator_value": self._initial_accumulator_value,
+            **self._flags,
+            "state_dtype": None if self._state_dtype is None else str(self._state_dtype),
+            "fused": self._fused,
+            **{
+                key: getattr(self._pipeline, key)
+                for key in self._pipeline.__dataclass_fields__
+                if key != "guard_learning_rate"  # follows from learning_rate being a schedule
+            },
+            "name": self.name,
+        }
+
+    def buffer_dtype(self, parameter_dtype: mx.Dtype) -> mx.Dtype:
+        """The dtype of the state buffers this optimizer creates for such a parameter."""
         if self._state_dtype is not None:
             return self._state_dtype
         return mx.float64 if parameter_dtype == mx.float64 else mx.float32
@@ -269,7 +298,7 @@ class RMSprop(Optimizer):
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Create ``v`` (at ``initial_accumulator_value``) and, when used, ``grad_avg`` and
         ``momentum_buffer`` (at 0) for one parameter."""
-        dtype = self._buffer_dtype(parameter.dtype)
+        dtype = self.buffer_dtype(parameter.dtype)
         state["v"] = mx.full(parameter.shape, self._initial_accumulator_value, dtype)
         for key in self._state_keys[1:]:
             # The EMA starts as the weights themselves (Keras).
@@ -282,6 +311,10 @@ class RMSprop(Optimizer):
         parameters, shaped like ``gradients``. Every gradient, parameter and state buffer is
         checked (path, shape, dtype) before anything changes."""
         leaves = match_gradients(gradients, parameters)
+        # Schedules run first and are checked before anything changes.
+        scheduled = {name: scheduler(self.step) for name, scheduler in self._schedulers.items()}
+        if "learning_rate" in scheduled:
+            scheduled["learning_rate"] = self._checked_schedule_value(scheduled["learning_rate"])
         if not self._initialized:
             self.init(rebuild(gradients, iter([leaf.parameter for leaf in leaves])))
         states = state_leaves(gradients, self.state)
@@ -289,9 +322,7 @@ class RMSprop(Optimizer):
             check_state(leaf.path, leaf.parameter, state, self._state_keys)
         if self._pipeline.skip_nonfinite and "skipped_steps" not in self.state:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)  # a state loaded from elsewhere
-
-        for name, scheduler in self._schedulers.items():
-            self.state[name] = scheduler(self.step)
+        self.state.update(scheduled)
 
         step_function = self._step_function(tuple(self._excluded(leaf.path) for leaf in leaves))
         new_parameters, new_states, counters = step_function(
@@ -319,6 +350,45 @@ class RMSprop(Optimizer):
         )
         state.update(new_state)
         return new_parameter
+
+    def _checked_schedule_value(self, value: Any) -> mx.array:
+        """The schedule's learning rate as a scalar array; NaN, infinite or negative values
+        raise here. Inside mx.compile the value cannot be read: the step function then skips
+        the update in the graph instead (``PipelineConfig.guard_learning_rate``)."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = mx.array(value)
+        if (
+            not isinstance(value, mx.array)
+            or value.size != 1
+            or value.dtype not in (validation.FLOATING_DTYPES)
+        ):
+            raise ValueError(
+                f"the learning_rate schedule must return a scalar floating value, got "
+                f"{validation.describe(value)} at step {self.step}"
+            )
+        try:
+            number = value.item()
+        except ValueError as error:
+            if "function transformations" in str(error):
+                return value.reshape(())  # being traced by mx.compile
+            raise
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(
+                f"the learning_rate schedule returned {number!r} at step {self.step.item()}; "
+                f"a learning rate must be finite and >= 0 (nothing was changed)"
+            )
+        return value.reshape(())
+
+    @Optimizer.learning_rate.setter
+    def learning_rate(self, learning_rate: float | mx.array) -> None:
+        """Set a constant learning rate (checked like the constructor's)."""
+        value = validation.learning_rate("learning_rate", learning_rate)
+        if callable(value):
+            raise ValueError(
+                "learning_rate can be set to a number or a scalar array; a schedule must be "
+                "given to the constructor"
+            )
+        self.state["learning_rate"] = mx.array(value)
 
     def _counters(self, step: mx.array) -> dict[str, mx.array]:
         counters = {"learning_rate": self.state["learning_rate"], "step": step}

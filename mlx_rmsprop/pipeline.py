@@ -30,6 +30,9 @@ class PipelineConfig:
     ema_momentum: float = 0.99
     ema_overwrite_frequency: int | None = None
     skip_nonfinite: bool = False
+    # A schedule may return NaN or a negative value where nobody can raise (inside
+    # mx.compile): such a step is then skipped in the graph.
+    guard_learning_rate: bool = False
 
     @property
     def accumulates(self) -> bool:
@@ -38,7 +41,7 @@ class PipelineConfig:
     @property
     def gated(self) -> bool:
         """Some steps must leave the parameters and the state as they were."""
-        return self.accumulates or self.skip_nonfinite
+        return self.accumulates or self.skip_nonfinite or self.guard_learning_rate
 
     @property
     def scales_in_update(self) -> bool:
@@ -61,6 +64,7 @@ def pipeline_config(
     use_ema: Any,
     ema_momentum: Any,
     ema_overwrite_frequency: Any,
+    scheduled: bool,
 ) -> PipelineConfig:
     """Validate the pipeline arguments (errors name the argument and the value)."""
     clip_arguments = {
@@ -97,6 +101,7 @@ def pipeline_config(
         ema_momentum=ema_momentum,
         ema_overwrite_frequency=ema_overwrite_frequency,
         skip_nonfinite=validation.flag("skip_nonfinite", skip_nonfinite),
+        guard_learning_rate=scheduled,
     )
 
 

@@ -73,15 +73,23 @@ def make_step_function(
     ) -> tuple[list[mx.array], list[dict], dict[str, mx.array]]:
         step_before = counters["step"]
         new_counters = {}
+        # `skip`: this call changes no parameter and no state. A non-finite gradient also
+        # holds the step counter (the call did not happen, as Keras' loss-scale optimizer has
+        # it); an invalid scheduled learning rate lets time move on, so that the schedule
+        # can recover.
+        skip = None
+        step_after = step_before + 1
         if pipeline.skip_nonfinite:
             skip = mx.logical_not(all_finite(gradients))
             step_after = step_before + mx.where(skip, 0, 1).astype(step_before.dtype)
+        if pipeline.guard_learning_rate:
+            lr = counters["learning_rate"]
+            invalid = mx.logical_not(mx.logical_and(mx.isfinite(lr), lr >= 0))
+            skip = invalid if skip is None else mx.logical_or(skip, invalid)
+        if pipeline.skip_nonfinite:
             new_counters["skipped_steps"] = counters["skipped_steps"] + skip.astype(
                 counters["skipped_steps"].dtype
             )
-        else:
-            skip = None
-            step_after = step_before + 1
         new_counters["step"] = step_after
 
         applies = mx.array(True)

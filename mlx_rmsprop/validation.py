@@ -12,7 +12,7 @@ import mlx.core as mx
 FLOATING_DTYPES = (mx.float16, mx.bfloat16, mx.float32, mx.float64)
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     if isinstance(value, mx.array):
         return f"array(shape={tuple(value.shape)}, dtype={value.dtype})"
     return repr(value)
@@ -21,7 +21,7 @@ def _describe(value: Any) -> str:
 def real_number(name: str, value: Any) -> float:
     """A finite real Python/NumPy number (not a bool, string or array)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {_describe(value)}")
+        raise ValueError(f"{name} must be a real number, got {describe(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -52,7 +52,7 @@ def positive(name: str, value: Any) -> float:
 def flag(name: str, value: Any) -> bool:
     """A real bool: ``centered="False"`` would otherwise switch the option on."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {_describe(value)}")
+        raise ValueError(f"{name} must be True or False, got {describe(value)}")
     return value
 
 
@@ -65,7 +65,7 @@ def learning_rate(name: str, value: Any) -> float | mx.array | Callable[[mx.arra
         if value.size != 1 or value.ndim > 1 or value.dtype not in FLOATING_DTYPES:
             raise ValueError(
                 f"{name} must be a number, a schedule (callable of the step) or a scalar "
-                f"floating mx.array, got {_describe(value)}"
+                f"floating mx.array, got {describe(value)}"
             )
         number = value.item()
         if not (math.isfinite(number) and number >= 0):
@@ -74,7 +74,7 @@ def learning_rate(name: str, value: Any) -> float | mx.array | Callable[[mx.arra
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"{name} must be a number, a schedule (callable of the step) or a scalar "
-            f"floating mx.array, got {_describe(value)}"
+            f"floating mx.array, got {describe(value)}"
         )
     number = float(value)
     if not (math.isfinite(number) and number >= 0):
@@ -108,7 +108,7 @@ def optional_positive(name: str, value: Any) -> float | None:
 def integer_at_least(name: str, value: Any, low: int) -> int:
     """A Python/NumPy integer (not a bool, not a float such as 2.0) >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {_describe(value)}")
+        raise ValueError(f"{name} must be an integer >= {low}, got {describe(value)}")
     return int(value)
 
 
@@ -116,8 +116,8 @@ def name_patterns(name: str, value: Any) -> list[str]:
     """A list of regular-expression strings (a lone string is refused: it is almost always a
     missing pair of brackets, and would be read character by character)."""
     if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
-        raise ValueError(f"{name} must be a list of strings, got {_describe(value)}")
+        raise ValueError(f"{name} must be a list of strings, got {describe(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise ValueError(f"{name} must be a list of strings, got an item {_describe(item)}")
+            raise ValueError(f"{name} must be a list of strings, got an item {describe(item)}")
     return list(value)
