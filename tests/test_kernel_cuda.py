@@ -1,0 +1,95 @@
+"""The CUDA twin: the translation units MLX's CUDA backend would build around the shared body,
+compiled with nvcc. MLX's CPU build cannot construct ``mx.fast.cuda_kernel``, and no NVIDIA GPU
+is available here, so this checks that the source compiles, not what it computes (the Metal
+emulation covers the body's arithmetic, which is the same text)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_rmsprop.kernels.source import Variant, cuda_kernel_name, translation_unit
+from mlx_rmsprop.kernels.variants import dtype_combinations, every_option_set, pairwise_option_sets
+from mlx_rmsprop.options import UpdateOptions
+
+NVCC = shutil.which("nvcc")
+# Stand-in for MLX's mlx/backend/cuda/device/utils.cuh, which the generated source includes.
+CUDA_SHIM = Path(__file__).parent / "cuda_shim"
+
+
+def cuda_variants() -> list[Variant]:
+    """Every dtype combination with the pairwise option sets, and every buffer layout with
+    every flag on that it allows (the address-space class does not exist on CUDA)."""
+    variants = [
+        Variant(options, parameter, gradient, state)
+        for parameter, gradient, state in dtype_combinations()
+        for options in pairwise_option_sets()
+    ]
+    for keys in sorted({o.state_keys for o in every_option_set()}):
+        variants.append(
+            Variant(
+                UpdateOptions(
+                    centered="grad_avg" in keys,
+                    momentum="momentum_buffer" in keys,
+                    nesterov="momentum_buffer" in keys,
+                    ema="ema" in keys,
+                    eps_in_sqrt=True,
+                    lr_in_momentum=True,
+                    weight_decay="decoupled",
+                    maximize=True,
+                    bias_correction=True,
+                    scale_gradient=True,
+                    clip_value=True,
+                    gated=True,
+                ),
+                mx.bfloat16,
+                mx.float16,
+                mx.bfloat16,
+            )
+        )
+    return list(dict.fromkeys(variants))
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")
+def test_cuda_translation_units_compile_with_nvcc(tmp_path):
+    variants = cuda_variants()
+    names = [cuda_kernel_name(v) for v in variants]
+    assert len(set(names)) == len(variants)  # distinct sources have distinct names
+    source = tmp_path / "rmsprop_kernels.cu"
+    source.write_text("".join(translation_unit(v, "cuda") for v in variants))
+    ptx = tmp_path / "rmsprop_kernels.ptx"
+    # PTX for a virtual architecture, what NVRTC produces for MLX's "compute_XX" targets;
+    # every warning is an error.
+    command = [
+        NVCC,
+        "-std=c++17",
+        "--ptx",
+        "-arch=compute_80",
+        f"-I{CUDA_SHIM}",
+        "-Werror",
+        "all-warnings",
+        str(source),
+        "-o",
+        str(ptx),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-6000:]
+    entries = ptx.read_text()
+    assert entries.count(".entry ") == len(variants)
+    for name in names:
+        assert name in entries
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")
+def test_nvcc_check_can_fail(tmp_path):
+    # The compile check must reject a body that is not valid CUDA (here: a Metal-only name).
+    variant = Variant(UpdateOptions())
+    text = translation_unit(variant, "cuda").replace("sqrt(", "metal::sqrt(", 1)
+    source = tmp_path / "broken.cu"
+    source.write_text(text)
+    command = [NVCC, "-std=c++17", "--ptx", f"-I{CUDA_SHIM}", str(source), "-o", "/dev/null"]
+    assert subprocess.run(command, capture_output=True).returncode != 0
