@@ -263,7 +263,9 @@ def format_table(rows: list[Row]) -> str:
             ]
         )
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from metal_emulation.harness import (
     NUMPY_STORAGE,
     Emulator,
@@ -28,6 +27,8 @@ from metal_emulation.harness import (
     _to_numpy,
     compile_library,
 )
+from tolerances import assert_close
+
 from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs
 from mlx_rmsprop.kernels import source
 from mlx_rmsprop.kernels.launch import grid_for, kernel_shape, make_update, plan
@@ -40,7 +41,6 @@ from mlx_rmsprop.kernels.variants import (
 )
 from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.reference import rmsprop_reference
-from tolerances import assert_close
 
 BUILD_DIR = Path(tempfile.gettempdir()) / "mlx_rmsprop_emulation"
 LAYOUTS = sorted({options.state_keys for options in every_option_set()})
@@ -105,9 +105,7 @@ def test_every_option_set_float32(emulator, layout):
 )
 def test_every_dtype_combination_pairwise_options(emulator, dtypes, small):
     parameter, gradient, state = dtypes
-    for k, (options, shape) in enumerate(
-        itertools.product(pairwise_option_sets(), SHAPES[small])
-    ):
+    for k, (options, shape) in enumerate(itertools.product(pairwise_option_sets(), SHAPES[small])):
         variant = Variant(options, parameter, gradient, state, small)
         run_emulated(emulator, variant, shape, seed=k, steps=STEPS)
 
@@ -134,9 +132,7 @@ def test_plan_counts():
         ]
         pairs |= set(itertools.combinations(row, 2))
     # 11 factors: 2 of 3 values (momentum mode, weight decay), 9 of 2.
-    expected = sum(
-        a * b for a, b in itertools.combinations([2, 3, 2, 2, 3, 2, 2, 2, 2, 2, 2], 2)
-    )
+    expected = sum(a * b for a, b in itertools.combinations([2, 3, 2, 2, 3, 2, 2, 2, 2, 2, 2], 2))
     assert len(pairs) == expected
 
 
@@ -179,7 +175,7 @@ def test_unsupported_inputs_take_the_reference(
     gradient = mx.array([0.5, 0.25, -1.0], gradient_dtype)
     state = {
         key: mx.array([1.0, 1.0, 1.0], dtype)
-        for key, dtype in zip(options.state_keys, state_dtypes)
+        for key, dtype in zip(options.state_keys, state_dtypes, strict=True)
     }
     assert plan(options, scalars, parameter, gradient, state) is None
     actual = make_update(launch)(options, scalars, parameter, gradient, state)
@@ -270,6 +266,7 @@ def run_past_2_31_elements(build_dir: Path, data_dir: Path) -> None:
         for name, dtype in zip(
             variant.input_names[:-1] + variant.output_names,
             variant.input_dtypes[:-1] + variant.output_dtypes,
+            strict=True,
         )
     ]
     inputs = buffers[: len(variant.input_names) - 1]
@@ -277,7 +274,7 @@ def run_past_2_31_elements(build_dir: Path, data_dir: Path) -> None:
     indices = [y * ROW + x for x, y in LARGE_POSITIONS]
     inside = [i for i in indices if i < size]
     parameter, gradient, state = verification_inputs(variant, (len(inside),), seed=3)
-    for buffer, values in zip(inputs, [parameter, gradient, *state.values()]):
+    for buffer, values in zip(inputs, [parameter, gradient, *state.values()], strict=True):
         buffer[inside] = _to_numpy(values)
     scalars = step_scalars(1)
     positions = np.array([(x, y, 0) for x, y in LARGE_POSITIONS], np.uint32)
@@ -292,7 +289,7 @@ def run_past_2_31_elements(build_dir: Path, data_dir: Path) -> None:
     untouched = [i for i in range(size - 2, size + guard) if i not in inside]
     untouched += [2, 3, ROW - 2, ROW + 1, 2**31 - 2, 2**31 + 1, 2**32 - 2, 2**32 + 2]
     for buffer, expected, dtype in zip(
-        outputs, [expected_parameter, *expected_state.values()], variant.output_dtypes
+        outputs, [expected_parameter, *expected_state.values()], variant.output_dtypes, strict=True
     ):
         actual = _from_numpy(np.array(buffer[inside]), dtype)
         assert mx.array_equal(actual, expected, equal_nan=True).item(), "wrong values"

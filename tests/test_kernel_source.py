@@ -13,6 +13,7 @@ from functools import partial
 
 import mlx.core as mx
 import pytest
+from tolerances import RTOL
 
 from mlx_rmsprop import RMSprop
 from mlx_rmsprop.check import RTOL as CHECK_RTOL
@@ -23,7 +24,6 @@ from mlx_rmsprop.kernels.source import Variant, translation_unit
 from mlx_rmsprop.kernels.variants import every_option_set
 from mlx_rmsprop.options import Scalar, UpdateOptions
 from mlx_rmsprop.step import make_step_function
-from tolerances import RTOL
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -84,7 +84,7 @@ def test_assembled_source_equals_mlx_generated_source(capfd, case):
 
     def step(scalars, parameter, gradient, *buffers):
         new_parameter, new_state = verbose_update(
-            options, scalars, parameter, gradient, dict(zip(keys, buffers))
+            options, scalars, parameter, gradient, dict(zip(keys, buffers, strict=True))
         )
         return [new_parameter, *new_state.values()]
 
@@ -126,7 +126,10 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd):
 
     def step(learning_rate, step_count, *flat):
         buffers = flat[2 * count :]
-        states = [dict(zip(keys, buffers[k * len(keys) :])) for k in range(count)]
+        states = [
+            dict(zip(keys, buffers[k * len(keys) : (k + 1) * len(keys)], strict=True))
+            for k in range(count)
+        ]
         new_parameters, new_states = step_fn(
             learning_rate, step_count, list(flat[:count]), list(flat[count : 2 * count]), states
         )
@@ -211,8 +214,14 @@ def test_every_metal_kernel_stays_in_the_metal_subset():
 
 
 def test_metal_subset_check_can_fail():
-    for bad in ["double x = 1.0f;", "float y = 0.5;", "std::max(a, b);", "new float[3];",
-                "printf(\"%f\", x);", "float z = 1e-8;"]:
+    for bad in [
+        "double x = 1.0f;",
+        "float y = 0.5;",
+        "std::max(a, b);",
+        "new float[3];",
+        'printf("%f", x);',
+        "float z = 1e-8;",
+    ]:
         assert _metal_subset_violations(bad), bad
     assert not _metal_subset_violations(_code("float a = 0.5f * b; // double 0.5 in a comment"))
     assert not _metal_subset_violations(_code("float a = 1e-8f; /* printf */ int k = 2;"))
@@ -237,7 +246,7 @@ def test_cuda_and_metal_share_the_body():
     for keys in sorted({o.state_keys for o in every_option_set()}):
         metal_text = source.kernel_body("metal", keys).splitlines()
         cuda_text = source.kernel_body("cuda", keys).splitlines()
-        differing = [(m, c) for m, c in zip(metal_text, cuda_text) if m != c]
+        differing = [(m, c) for m, c in zip(metal_text, cuda_text, strict=True) if m != c]
         assert len(metal_text) == len(cuda_text)
         assert differing[0] == (source.INDEX_LINES["metal"], source.INDEX_LINES["cuda"])
         for metal_line, cuda_line in differing[1:]:

@@ -8,8 +8,8 @@ parameter, which then goes through the reference math. ``make_update`` wraps a b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 
@@ -53,8 +53,7 @@ def grid_for(size: int) -> tuple[int, int, int]:
     rows = -(-size // ROW_WIDTH)
     if rows > MAX_ROWS:
         raise ValueError(
-            f"the kernel handles at most {MAX_ROWS * ROW_WIDTH} elements per parameter, "
-            f"got {size}"
+            f"the kernel handles at most {MAX_ROWS * ROW_WIDTH} elements per parameter, got {size}"
         )
     return (ROW_WIDTH, rows, 1)
 
@@ -74,7 +73,7 @@ class KernelCall:
 
     def unpack(self, outputs: list[mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
         """``(new_parameter, new_state)`` from the kernel's outputs."""
-        return outputs[0], dict(zip(self.variant.options.state_keys, outputs[1:]))
+        return outputs[0], dict(zip(self.variant.options.state_keys, outputs[1:], strict=True))
 
 
 def plan(

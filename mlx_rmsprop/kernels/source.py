@@ -204,7 +204,7 @@ def _metal_template_value(value: mx.Dtype | bool) -> str:
 def metal_kernel_name(variant: Variant) -> str:
     template = "<" + ", ".join(_metal_template_value(v) for _, v in variant.template_args()) + ">"
     name = f"custom_kernel_{KERNEL_NAME}_" + _template_hash(template)
-    for dtype, small in zip(variant.input_dtypes, variant.input_sizes_small):
+    for dtype, small in zip(variant.input_dtypes, variant.input_sizes_small, strict=True):
         name += "_" + METAL_TYPES[dtype] + ("c" if small else "")
     for dtype in variant.output_dtypes:
         name += "_" + METAL_TYPES[dtype]
@@ -239,18 +239,18 @@ def metal_translation_unit(variant: Variant) -> str:
     index = 0
     infos = shape_infos(source, variant.input_names)
     for input_name, dtype, small, info in zip(
-        variant.input_names, variant.input_dtypes, variant.input_sizes_small, infos
+        variant.input_names, variant.input_dtypes, variant.input_sizes_small, infos, strict=True
     ):
         space = "constant" if small else "device"
         text += f"  const {space} {METAL_TYPES[dtype]}* {input_name} [[buffer({index})]],\n"
         index += 1
         for present, kind, suffix in zip(
-            info, ("int*", "int64_t*", "int&"), ("shape", "strides", "ndim")
+            info, ("int*", "int64_t*", "int&"), ("shape", "strides", "ndim"), strict=True
         ):
             if present:
                 text += f"  const constant {kind} {input_name}_{suffix} [[buffer({index})]],\n"
                 index += 1
-    outputs = list(zip(variant.output_names, variant.output_dtypes))
+    outputs = list(zip(variant.output_names, variant.output_dtypes, strict=True))
     last_comma_index = len(variant.input_names) + len(outputs) - 1
     for output_name, dtype in outputs:
         text += f"  device {METAL_TYPES[dtype]}* {output_name} [[buffer({index})]]"
@@ -261,9 +261,7 @@ def metal_translation_unit(variant: Variant) -> str:
         text += ",\n".join(attributes) + ") {\n"
     text += source + "\n}\n"
     instance = name + "<" + ", ".join(_metal_template_value(v) for _, v in template_args) + ">"
-    text += (
-        f'\ntemplate [[host_name("{name}")]] [[kernel]] decltype({instance}) {instance};\n'
-    )
+    text += f'\ntemplate [[host_name("{name}")]] [[kernel]] decltype({instance}) {instance};\n'
     return text
 
 
@@ -278,14 +276,19 @@ def cuda_translation_unit(variant: Variant) -> str:
     text = CUDA_PREAMBLE + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += f"__global__ void {cuda_kernel_name(variant)}(\n"
     infos = shape_infos(source, variant.input_names)
-    for input_name, dtype, info in zip(variant.input_names, variant.input_dtypes, infos):
+    for input_name, dtype, info in zip(
+        variant.input_names, variant.input_dtypes, infos, strict=True
+    ):
         text += f"    const {CUDA_TYPES[dtype]}* {input_name},\n"
         for present, kind, suffix in zip(
-            info, ("Shape", "Strides", "int"), ("shape", "strides", "ndim")
+            info, ("Shape", "Strides", "int"), ("shape", "strides", "ndim"), strict=True
         ):
             if present:
                 text += f"    const __grid_constant__ {kind} {input_name}_{suffix},\n"
-    outputs = [f"    {CUDA_TYPES[d]}* {n}" for n, d in zip(variant.output_names, variant.output_dtypes)]
+    outputs = [
+        f"    {CUDA_TYPES[d]}* {n}"
+        for n, d in zip(variant.output_names, variant.output_dtypes, strict=True)
+    ]
     text += ",\n".join(outputs) + ") {\n"
     for key, value in variant.template_args():
         if isinstance(value, mx.Dtype):

@@ -48,7 +48,8 @@ def every_option_set() -> tuple[UpdateOptions, ...]:
     """All valid ``UpdateOptions`` (the product of FACTORS)."""
     names = list(FACTORS)
     return tuple(
-        _options(dict(zip(names, values))) for values in itertools.product(*FACTORS.values())
+        _options(dict(zip(names, values, strict=True)))
+        for values in itertools.product(*FACTORS.values())
     )
 
 
@@ -72,7 +73,9 @@ def pairwise_option_sets() -> tuple[UpdateOptions, ...]:
             if name in row:
                 continue
 
-            def gain(value: object, name: str = name) -> int:
+            def gain(
+                value: object, name: str = name, row: dict = row, uncovered: set = uncovered
+            ) -> int:
                 return sum(
                     ((c, row[c]), (name, value)) in uncovered
                     or ((name, value), (c, row[c])) in uncovered
@@ -80,9 +83,7 @@ def pairwise_option_sets() -> tuple[UpdateOptions, ...]:
                 )
 
             row[name] = max(FACTORS[name], key=gain)
-        uncovered -= {
-            ((c, row[c]), (d, row[d])) for c, d in itertools.combinations(names, 2)
-        }
+        uncovered -= {((c, row[c]), (d, row[d])) for c, d in itertools.combinations(names, 2)}
         rows.append(_options(row))
     return tuple(rows)
 

@@ -172,7 +172,7 @@ class Emulator:
     def _build(chunks: list[list[str]], build_dir: Path) -> list[ctypes.CDLL]:
         build_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        for k, chunk in enumerate(chunks):
+        for chunk in chunks:
             text = '#include "metal_shim.h"\n' + RUN_GRID + "\n".join(chunk)
             # Content-addressed, so a rerun with nothing changed reuses the library.
             key = text + " ".join(CXXFLAGS) + (SHIM_DIR / "metal_shim.h").read_text()
@@ -238,5 +238,5 @@ class Emulator:
         self.run_buffers(variant, [*inputs, *outputs], call.inputs[0].shape, call.grid)
         return [
             _from_numpy(values, dtype).reshape(call.output_shape)
-            for values, dtype in zip(outputs, variant.output_dtypes)
+            for values, dtype in zip(outputs, variant.output_dtypes, strict=True)
         ]
