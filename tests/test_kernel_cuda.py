@@ -13,7 +13,12 @@ import mlx.core as mx
 import pytest
 
 from mlx_rmsprop.kernels.source import Variant, cuda_kernel_name, translation_unit
-from mlx_rmsprop.kernels.variants import dtype_combinations, every_option_set, pairwise_option_sets
+from mlx_rmsprop.kernels.variants import (
+    dtype_combinations,
+    every_flag_on,
+    every_option_set,
+    pairwise_option_sets,
+)
 from mlx_rmsprop.options import UpdateOptions
 
 NVCC = shutil.which("nvcc")
@@ -30,27 +35,7 @@ def cuda_variants() -> list[Variant]:
         for options in pairwise_option_sets()
     ]
     for keys in sorted({o.state_keys for o in every_option_set()}):
-        variants.append(
-            Variant(
-                UpdateOptions(
-                    centered="grad_avg" in keys,
-                    momentum="momentum_buffer" in keys,
-                    nesterov="momentum_buffer" in keys,
-                    ema="ema" in keys,
-                    eps_in_sqrt=True,
-                    lr_in_momentum=True,
-                    weight_decay="decoupled",
-                    maximize=True,
-                    bias_correction=True,
-                    scale_gradient=True,
-                    clip_value=True,
-                    gated=True,
-                ),
-                mx.bfloat16,
-                mx.float16,
-                mx.bfloat16,
-            )
-        )
+        variants.append(Variant(every_flag_on(keys), mx.bfloat16, mx.float16, mx.bfloat16))
     return list(dict.fromkeys(variants))
 
 

@@ -29,24 +29,27 @@ def test_kernel_paths_are_registered_and_preferred():
     assert backends.PATHS["metal"].compile_step and backends.PATHS["cuda"].compile_step
 
 
-@pytest.mark.skipif(not NO_METAL, reason="this machine has Metal")
-def test_fused_metal_without_metal_is_a_clear_error():
-    message = (
+MISSING_BACKEND = {
+    "metal": (
+        NO_METAL,
         r"fused='metal' cannot run on this machine: MLX's Metal backend is not available "
-        r"\(mx.metal.is_available\(\) is False\); the Metal kernel needs an Apple-silicon Mac"
-    )
-    with pytest.raises(RuntimeError, match=message):
-        RMSprop(0.1, fused="metal")
-
-
-@pytest.mark.skipif(not NO_CUDA, reason="this machine has MLX's CUDA backend")
-def test_fused_cuda_without_cuda_is_a_clear_error():
-    message = (
+        r"\(mx.metal.is_available\(\) is False\); the Metal kernel needs an Apple-silicon Mac",
+    ),
+    "cuda": (
+        NO_CUDA,
         r"fused='cuda' cannot run on this machine: MLX's CUDA backend is not available "
-        r"\(mx.cuda.is_available\(\) is False\)"
-    )
+        r"\(mx.cuda.is_available\(\) is False\); the CUDA kernel needs an NVIDIA GPU",
+    ),
+}
+
+
+@pytest.mark.parametrize("fused", MISSING_BACKEND)
+def test_fused_kernel_without_its_backend_is_a_clear_error(fused):
+    missing, message = MISSING_BACKEND[fused]
+    if not missing:
+        pytest.skip(f"this machine has MLX's {fused} backend")
     with pytest.raises(RuntimeError, match=message):
-        RMSprop(0.1, fused="cuda")
+        RMSprop(0.1, fused=fused)
 
 
 @pytest.mark.skipif(not (NO_METAL and NO_CUDA), reason="this machine has a GPU backend")

@@ -21,7 +21,7 @@ from mlx_rmsprop.check import step_scalars, verification_inputs
 from mlx_rmsprop.kernels import metal, source
 from mlx_rmsprop.kernels.launch import make_update, plan
 from mlx_rmsprop.kernels.source import Variant, translation_unit
-from mlx_rmsprop.kernels.variants import every_option_set
+from mlx_rmsprop.kernels.variants import every_flag_on, every_option_set
 from mlx_rmsprop.options import Scalar, UpdateOptions
 from mlx_rmsprop.step import make_step_function
 
@@ -43,19 +43,7 @@ CAPTURED = [
     # (options, parameter dtype, gradient dtype, state dtype, shape, non-contiguous)
     (UpdateOptions(), mx.float32, mx.float32, mx.float32, (33,), False),
     (
-        UpdateOptions(
-            centered=True,
-            momentum=True,
-            nesterov=True,
-            eps_in_sqrt=True,
-            lr_in_momentum=True,
-            weight_decay="decoupled",
-            bias_correction=True,
-            scale_gradient=True,
-            clip_value=True,
-            gated=True,
-            ema=True,
-        ),
+        every_flag_on(("v", "grad_avg", "momentum_buffer", "ema")),
         mx.bfloat16,
         mx.float16,
         mx.float32,

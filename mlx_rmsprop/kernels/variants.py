@@ -88,6 +88,26 @@ def pairwise_option_sets() -> tuple[UpdateOptions, ...]:
     return tuple(rows)
 
 
+def every_flag_on(state_keys: tuple[str, ...]) -> UpdateOptions:
+    """The option set with the buffer layout ``state_keys`` and every other option switched
+    on (decoupled weight decay, nesterov with momentum): the longest code for that layout."""
+    momentum = "momentum_buffer" in state_keys
+    return UpdateOptions(
+        centered="grad_avg" in state_keys,
+        momentum=momentum,
+        nesterov=momentum,
+        ema="ema" in state_keys,
+        eps_in_sqrt=True,
+        lr_in_momentum=True,
+        weight_decay="decoupled",
+        maximize=True,
+        bias_correction=True,
+        scale_gradient=True,
+        clip_value=True,
+        gated=True,
+    )
+
+
 def dtype_combinations() -> list[tuple[mx.Dtype, mx.Dtype, mx.Dtype]]:
     """(parameter, gradient, state) dtypes: every kernel dtype for parameter and gradient,
     state float32 or the parameter's dtype (what ``state_dtype`` can produce)."""
