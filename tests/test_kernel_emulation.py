@@ -12,6 +12,7 @@ evaluates the update in the reference's order, so under IEEE float32 (g++ with
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import math
 import tempfile
@@ -21,11 +22,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from metal_emulation.harness import (
+    CUDA_INCLUDE,
     NUMPY_STORAGE,
     Emulator,
     _from_numpy,
     _to_numpy,
     compile_library,
+    cuda_variants,
 )
 from tolerances import assert_close
 
@@ -46,9 +49,21 @@ BUILD_DIR = Path(tempfile.gettempdir()) / "mlx_rmsprop_emulation"
 LAYOUTS = sorted({options.state_keys for options in every_option_set()})
 
 
+NO_CUDA_HEADERS = not (CUDA_INCLUDE / "cuda_fp16.h").exists()
+NO_CUDA_REASON = f"CUDA's headers (cuda_fp16.h) are not installed under {CUDA_INCLUDE}"
+
+
 @pytest.fixture(scope="module")
 def emulator() -> Emulator:
     return Emulator(verification_plan(), BUILD_DIR)
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator() -> Emulator:
+    # CUDA has no address-space classes, but the launcher's plan still tells small from large.
+    variants = cuda_variants()
+    variants += [dataclasses.replace(v, small=True) for v in variants]
+    return Emulator(variants, BUILD_DIR, backend="cuda")
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
@@ -108,6 +123,18 @@ def test_every_dtype_combination_pairwise_options(emulator, dtypes, small):
     for k, (options, shape) in enumerate(itertools.product(pairwise_option_sets(), SHAPES[small])):
         variant = Variant(options, parameter, gradient, state, small)
         run_emulated(emulator, variant, shape, seed=k, steps=STEPS)
+
+
+@pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)
+def test_cuda_twin_run_on_the_cpu(cuda_emulator):
+    # The CUDA translation units, compiled by g++ with CUDA's own __half/__nv_bfloat16, run
+    # block by block as MLX's CUDA backend launches them: whole blocks of 256 threads, so the
+    # body's bounds guard is exercised on every size that is not a multiple of 256.
+    for k, variant in enumerate(cuda_variants()):
+        for small in (False, True):
+            pool = SHAPES[small]
+            shape = pool[k % len(pool)]
+            run_emulated(cuda_emulator, dataclasses.replace(variant, small=small), shape, k, STEPS)
 
 
 def test_plan_counts():
@@ -249,7 +276,7 @@ LARGE_POSITIONS = [
 ]
 
 
-def run_past_2_31_elements(build_dir: Path, data_dir: Path) -> None:
+def run_past_2_31_elements(build_dir: Path, data_dir: Path, backend: str = "metal") -> None:
     """Emulate the threads of LARGE_POSITIONS for a parameter of 2^32 + 36 elements and check
     what they wrote against the reference, and that nothing else was written."""
     size = math.prod(LARGE_SHAPE)
@@ -257,7 +284,7 @@ def run_past_2_31_elements(build_dir: Path, data_dir: Path) -> None:
         centered=True, momentum=True, ema=True, gated=True, weight_decay="decoupled"
     )
     variant = Variant(options, mx.float16, mx.bfloat16, mx.float32)
-    emulator = Emulator([variant], build_dir, chunks=1)
+    emulator = Emulator([variant], build_dir, chunks=1, backend=backend)
 
     # Sparse memory-mapped files: 150 GiB of address space, a few pages touched.
     guard = 4096
@@ -303,14 +330,20 @@ def test_grid_and_index_past_2_31_elements(tmp_path):
     run_past_2_31_elements(BUILD_DIR, tmp_path)
 
 
+@pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)
+def test_cuda_index_past_2_31_elements(tmp_path):
+    run_past_2_31_elements(BUILD_DIR, tmp_path, backend="cuda")
+
+
 @pytest.fixture
 def mutate_source(monkeypatch):
     """Replace part of the kernel text for one test (the emulation must then fail)."""
 
-    def mutate(old: str, new: str, index_line: bool = False) -> None:
+    def mutate(old: str, new: str, index_line: str | None = None) -> None:
         if index_line:
-            assert old in source.INDEX_LINES["metal"]
-            lines = dict(source.INDEX_LINES, metal=source.INDEX_LINES["metal"].replace(old, new))
+            line = source.INDEX_LINES[index_line]
+            assert old in line
+            lines = {**source.INDEX_LINES, index_line: line.replace(old, new)}
             monkeypatch.setattr(source, "INDEX_LINES", lines)
         else:
             body = source.body_text()
@@ -340,14 +373,22 @@ def test_emulation_catches_metal_max_min(tmp_path, mutate_source):
 
 
 @pytest.mark.parametrize(
-    "old, new, index_line",
+    "backend, old, new, index_line",
     [
-        ("const size_t i = size_t(thread_position_in_grid.y)", "const uint i = (", True),
-        ("size_t n = 1;", "uint n = 1;", False),
+        (
+            "metal",
+            "const size_t i = size_t(thread_position_in_grid.y)",
+            "const uint i = (",
+            "metal",
+        ),
+        ("metal", "size_t n = 1;", "uint n = 1;", None),
+        ("cuda", "(size_t(blockIdx.y) * gridDim.x + blockIdx.x)", "size_t(blockIdx.x)", "cuda"),
     ],
-    ids=["32-bit-index", "32-bit-count"],
+    ids=["metal-32-bit-index", "metal-32-bit-count", "cuda-rows-ignored"],
 )
-def test_emulation_catches_32_bit_indexing(tmp_path, mutate_source, old, new, index_line):
+def test_emulation_catches_wrong_indexing(tmp_path, mutate_source, backend, old, new, index_line):
+    if backend == "cuda" and NO_CUDA_HEADERS:
+        pytest.skip(NO_CUDA_REASON)
     mutate_source(old, new, index_line)
     with pytest.raises(AssertionError):
-        run_past_2_31_elements(tmp_path / "build", tmp_path)
+        run_past_2_31_elements(tmp_path / "build", tmp_path, backend)
