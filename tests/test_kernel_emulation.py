@@ -7,6 +7,10 @@ for each of the 15 dtype combinations x both address-space classes a pairwise co
 option sets; sizes 0-d, 1, odd, tails, 2-D/3-D, non-contiguous; three steps each. The kernel
 evaluates the update in the reference's order, so under IEEE float32 (g++ with
 -ffp-contract=off) the results must be identical bit for bit: rtol 0.
+
+The CUDA twin runs the same way (g++ with CUDA's own headers, whole blocks as MLX launches
+them) on the variants its nvcc check compiles, and both backends run the threads that matter
+for a parameter of 2^32 + 36 elements on sparse memory-mapped files.
 """
 
 from __future__ import annotations
