@@ -34,14 +34,30 @@ class Path:
     description: str
 
 
+def _load_metal() -> UpdateFn:
+    from .kernels import metal
+
+    return metal.load()
+
+
+def _load_cuda() -> UpdateFn:
+    from .kernels import cuda
+
+    return cuda.load()
+
+
+# The kernel paths compile the whole step too: each kernel call builds its generated source
+# string and Python sets up every launch; under mx.compile that happens once, at trace time.
 PATHS: dict[str, Path] = {
     "reference": Path("reference", lambda: rmsprop_reference, False, "plain MLX ops, not compiled"),
     "compiled": Path(
         "compiled", lambda: rmsprop_reference, True, "the reference math under mx.compile"
     ),
+    "metal": Path("metal", _load_metal, True, "one Metal kernel launch per parameter"),
+    "cuda": Path("cuda", _load_cuda, True, "one CUDA kernel launch per parameter"),
 }
 # `fused="auto"` takes the first of these that loads on this machine.
-AUTO_ORDER = ("compiled",)
+AUTO_ORDER = ("metal", "cuda", "compiled")
 # Values accepted by ``RMSprop(fused=...)``: False is the plain reference ops.
 FUSED_CHOICES = ("auto", False, *(name for name in PATHS if name != "reference"))
 

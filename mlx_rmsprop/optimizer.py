@@ -289,6 +289,19 @@ class RMSprop(Optimizer):
             "name": self.name,
         }
 
+    def kernel_source(self, dtype: mx.Dtype = mx.float32, backend: str = "metal") -> str:
+        """The complete kernel source MLX compiles for this optimizer's configuration and a
+        parameter of ``dtype`` (its gradient of the same dtype, the state as ``state_dtype``
+        makes it, 8 elements or more): MLX's generated signature, the template instantiation
+        and the update body. ``backend`` is ``"metal"`` or ``"cuda"``. Raises ``ValueError``
+        for a dtype the kernel does not compute with (float64 parameters take the reference
+        path)."""
+        from .kernels.source import Variant, translation_unit
+
+        return translation_unit(
+            Variant(self._options, dtype, dtype, self.buffer_dtype(dtype)), backend
+        )
+
     def buffer_dtype(self, parameter_dtype: mx.Dtype) -> mx.Dtype:
         """The dtype of the state buffers this optimizer creates for such a parameter."""
         if self._state_dtype is not None:

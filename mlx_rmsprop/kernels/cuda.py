@@ -1,0 +1,33 @@
+"""The CUDA launcher: ``mx.fast.cuda_kernel`` around the same body, for MLX's CUDA backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import mlx.core as mx
+
+from .launch import KernelCall, UpdateFn, launch_with, make_update
+from .source import kernel_arguments
+
+
+@cache
+def kernel_object(state_keys: tuple[str, ...]) -> Callable:
+    """Built once per buffer layout, as for Metal (MLX compiles each template instance with
+    NVRTC once and caches it on disk)."""
+    return mx.fast.cuda_kernel(**kernel_arguments("cuda", state_keys))
+
+
+def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
+    return launch_with(kernel_object(call.variant.options.state_keys), call, verbose)
+
+
+def load() -> UpdateFn:
+    """The update function for ``fused="cuda"``; raises ``RuntimeError`` without CUDA."""
+    if not mx.cuda.is_available():
+        raise RuntimeError(
+            "MLX's CUDA backend is not available (mx.cuda.is_available() is False); "
+            "the CUDA kernel needs an NVIDIA GPU and MLX's CUDA build (mlx[cuda12] or "
+            "mlx[cuda13])"
+        )
+    return make_update(launch)

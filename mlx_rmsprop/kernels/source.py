@@ -1,0 +1,314 @@
+"""The kernel's source text: the shared body wrapped the way MLX wraps a custom-kernel body.
+
+``kernel_body`` is what the launchers pass as ``source=`` to ``mx.fast.metal_kernel`` /
+``mx.fast.cuda_kernel``: a short backend-specific prologue (the index line and the type
+spelling of absent buffers) followed by the body in ``mlx_rmsprop/metal/rmsprop_update.inc``,
+identical for both backends. ``translation_unit`` then reproduces the complete text MLX
+generates around it (signature, template instantiation), so that the exact code a GPU compiles
+can be shown (``RMSprop.kernel_source``), compiled by the emulation tests and compared with
+MLX's own output (tests capture it through ``mx.export_function(..., verbose=True)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cache
+from importlib import resources
+
+import mlx.core as mx
+
+from ..options import NUM_SCALARS, Scalar, UpdateOptions
+
+BACKENDS = ("metal", "cuda")
+KERNEL_NAME = "rmsprop"
+BODY_RESOURCE = "rmsprop_update.inc"
+# Dtypes the kernel computes with; anything else (float64, complex) takes the reference math.
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+METAL_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t"}
+CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
+# MLX passes an input with fewer elements than this in Metal's `constant` address space.
+METAL_CONSTANT_BELOW = 8
+METAL_MAX_BUFFERS = 31
+# Metal thread attributes MLX declares when their name occurs anywhere in the body, in MLX's
+# order (a substring search, reproduced in `_metal_attributes`).
+METAL_ATTRIBUTES = (
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+)
+
+# The one line per backend that finds this thread's element. It must agree with
+# `launch.grid_for`: a 1-D grid of n threads below 2^31 elements, else rows of ROW_WIDTH.
+INDEX_LINES = {
+    "metal": "const size_t i = size_t(thread_position_in_grid.y) * threads_per_grid.x"
+    " + thread_position_in_grid.x;",
+    "cuda": "const size_t i = (size_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x"
+    " + threadIdx.x;",
+}
+# How an absent optional buffer is declared (input, output) so the body compiles without it.
+ABSENT_BUFFERS = {
+    "metal": ("const device S* {name} = nullptr;", "device S* new_{name} = nullptr;"),
+    "cuda": ("const S* {name} = nullptr;", "S* new_{name} = nullptr;"),
+}
+OPTIONAL_STATE = ("grad_avg", "momentum_buffer", "ema")
+
+
+def input_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
+    """Kernel inputs, named like the arguments of ``rmsprop_reference``."""
+    return ("parameter", "gradient", *state_keys, "scalars")
+
+
+def output_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"new_{name}" for name in ("parameter", *state_keys))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Everything that selects one compiled kernel: the options, the dtypes, and whether the
+    arrays are small enough for MLX to pass them in Metal's ``constant`` address space.
+
+    All state buffers share ``state_dtype`` (the optimizer creates them so; other states take
+    the reference path)."""
+
+    options: UpdateOptions
+    parameter_dtype: mx.Dtype = mx.float32
+    gradient_dtype: mx.Dtype = mx.float32
+    state_dtype: mx.Dtype = mx.float32
+    small: bool = False
+
+    def __post_init__(self) -> None:
+        for role in ("parameter", "gradient", "state"):
+            dtype = getattr(self, f"{role}_dtype")
+            if dtype not in KERNEL_DTYPES:
+                raise ValueError(
+                    f"the kernel computes float32, float16 and bfloat16 only, got {role} "
+                    f"dtype {dtype} (such parameters take the reference path instead)"
+                )
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return input_names(self.options.state_keys)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return output_names(self.options.state_keys)
+
+    @property
+    def input_dtypes(self) -> tuple[mx.Dtype, ...]:
+        states = (self.state_dtype,) * len(self.options.state_keys)
+        return (self.parameter_dtype, self.gradient_dtype, *states, mx.float32)
+
+    @property
+    def output_dtypes(self) -> tuple[mx.Dtype, ...]:
+        return (self.parameter_dtype, *(self.state_dtype,) * len(self.options.state_keys))
+
+    @property
+    def input_sizes_small(self) -> tuple[bool, ...]:
+        """Per input: passed in Metal's constant address space (fewer than 8 elements)."""
+        scalars_small = NUM_SCALARS < METAL_CONSTANT_BELOW
+        return (*(self.small,) * (len(self.input_names) - 1), scalars_small)
+
+    def template_args(self) -> list[tuple[str, mx.Dtype | bool]]:
+        """``template=`` for MLX: the dtypes, then one bool per code-selecting option."""
+        args: list[tuple[str, mx.Dtype | bool]] = [
+            ("P", self.parameter_dtype),
+            ("G", self.gradient_dtype),
+            ("S", self.state_dtype),
+        ]
+        for field in fields(UpdateOptions):
+            value = getattr(self.options, field.name)
+            if field.name == "weight_decay":
+                args.append(("COUPLED_WEIGHT_DECAY", value == "coupled"))
+                args.append(("DECOUPLED_WEIGHT_DECAY", value == "decoupled"))
+            elif isinstance(value, bool):
+                args.append((field.name.upper(), value))
+            else:
+                raise TypeError(f"no kernel template argument for UpdateOptions.{field.name}")
+        return args
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+@cache
+def body_text() -> str:
+    """The shared update body, read from the installed package."""
+    return resources.files("mlx_rmsprop.metal").joinpath(BODY_RESOURCE).read_text("utf-8")
+
+
+@cache
+def kernel_body(backend: str, state_keys: tuple[str, ...]) -> str:
+    """The ``source=`` argument of the kernel object: prologue + shared body.
+
+    It depends on the backend and on which state buffers exist (``UpdateOptions.state_keys``),
+    not on dtypes or on the other flags (those are template arguments), nor on any per-step
+    number: one kernel object serves every step of every optimizer with that layout."""
+    _check_backend(backend)
+    lines = [INDEX_LINES[backend]]
+    lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
+    absent_input, absent_output = ABSENT_BUFFERS[backend]
+    for name in OPTIONAL_STATE:
+        if name not in state_keys:
+            lines += [absent_input.format(name=name), absent_output.format(name=name)]
+    return "\n".join(lines) + "\n\n" + body_text()
+
+
+def kernel_arguments(backend: str, state_keys: tuple[str, ...]) -> dict[str, object]:
+    """The constructor arguments of the kernel object (``mx.fast.metal_kernel`` or
+    ``mx.fast.cuda_kernel``) for one buffer layout."""
+    return {
+        "name": KERNEL_NAME,
+        "input_names": list(input_names(state_keys)),
+        "output_names": list(output_names(state_keys)),
+        "source": kernel_body(backend, state_keys),
+        "ensure_row_contiguous": True,
+    }
+
+
+def shape_infos(source: str, input_names: tuple[str, ...]) -> list[tuple[bool, bool, bool]]:
+    """Which of ``<name>_shape``, ``_strides``, ``_ndim`` MLX adds: a substring search of the
+    body (both backends)."""
+    return [
+        tuple(f"{name}_{suffix}" in source for suffix in ("shape", "strides", "ndim"))
+        for name in input_names
+    ]
+
+
+def _metal_attributes(source: str) -> list[str]:
+    return [f"  {kind} {name} [[{name}]]" for name, kind in METAL_ATTRIBUTES if name in source]
+
+
+def _metal_template_value(value: mx.Dtype | bool) -> str:
+    return METAL_TYPES[value] if isinstance(value, mx.Dtype) else str(int(value))
+
+
+def metal_kernel_name(variant: Variant) -> str:
+    template = "<" + ", ".join(_metal_template_value(v) for _, v in variant.template_args()) + ">"
+    name = f"custom_kernel_{KERNEL_NAME}_" + _template_hash(template)
+    for dtype, small in zip(variant.input_dtypes, variant.input_sizes_small, strict=True):
+        name += "_" + METAL_TYPES[dtype] + ("c" if small else "")
+    for dtype in variant.output_dtypes:
+        name += "_" + METAL_TYPES[dtype]
+    return name
+
+
+def _template_hash(template: str) -> str:
+    return template.replace(", ", "_").replace("<", "_").replace(">", "_")[:-1]
+
+
+def cuda_kernel_name(variant: Variant) -> str:
+    suffix = ""
+    for _, value in variant.template_args():
+        if isinstance(value, mx.Dtype):
+            suffix += "_" + METAL_TYPES[value]
+        else:
+            suffix += "_t" if value else "_f"
+    return f"custom_kernel_{KERNEL_NAME}{suffix}"
+
+
+def metal_translation_unit(variant: Variant) -> str:
+    """The Metal source MLX generates for this variant (what it prints with ``verbose=True``;
+    at compile time MLX puts its own utility headers in front)."""
+    source = kernel_body("metal", variant.options.state_keys)
+    name = metal_kernel_name(variant)
+    template_args = variant.template_args()
+    kinds = ", ".join(
+        ("typename " if isinstance(v, mx.Dtype) else "bool ") + key for key, v in template_args
+    )
+    text = f"template <{kinds}>\n[[kernel]] void {name}(\n"
+    attributes = _metal_attributes(source)
+    index = 0
+    infos = shape_infos(source, variant.input_names)
+    for input_name, dtype, small, info in zip(
+        variant.input_names, variant.input_dtypes, variant.input_sizes_small, infos, strict=True
+    ):
+        space = "constant" if small else "device"
+        text += f"  const {space} {METAL_TYPES[dtype]}* {input_name} [[buffer({index})]],\n"
+        index += 1
+        for present, kind, suffix in zip(
+            info, ("int*", "int64_t*", "int&"), ("shape", "strides", "ndim"), strict=True
+        ):
+            if present:
+                text += f"  const constant {kind} {input_name}_{suffix} [[buffer({index})]],\n"
+                index += 1
+    outputs = list(zip(variant.output_names, variant.output_dtypes, strict=True))
+    last_comma_index = len(variant.input_names) + len(outputs) - 1
+    for output_name, dtype in outputs:
+        text += f"  device {METAL_TYPES[dtype]}* {output_name} [[buffer({index})]]"
+        # MLX's condition, reproduced as is (its index also counts shape buffers).
+        text += ",\n" if index < last_comma_index or attributes else ") {\n"
+        index += 1
+    if attributes:
+        text += ",\n".join(attributes) + ") {\n"
+    text += source + "\n}\n"
+    instance = name + "<" + ", ".join(_metal_template_value(v) for _, v in template_args) + ">"
+    text += f'\ntemplate [[host_name("{name}")]] [[kernel]] decltype({instance}) {instance};\n'
+    return text
+
+
+CUDA_PREAMBLE = (
+    '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+)
+
+
+def cuda_translation_unit(variant: Variant) -> str:
+    """The CUDA source MLX's CUDA backend builds around the same body (compiled with NVRTC)."""
+    source = kernel_body("cuda", variant.options.state_keys)
+    text = CUDA_PREAMBLE + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    text += f"__global__ void {cuda_kernel_name(variant)}(\n"
+    infos = shape_infos(source, variant.input_names)
+    for input_name, dtype, info in zip(
+        variant.input_names, variant.input_dtypes, infos, strict=True
+    ):
+        text += f"    const {CUDA_TYPES[dtype]}* {input_name},\n"
+        for present, kind, suffix in zip(
+            info, ("Shape", "Strides", "int"), ("shape", "strides", "ndim"), strict=True
+        ):
+            if present:
+                text += f"    const __grid_constant__ {kind} {input_name}_{suffix},\n"
+    outputs = [
+        f"    {CUDA_TYPES[d]}* {n}"
+        for n, d in zip(variant.output_names, variant.output_dtypes, strict=True)
+    ]
+    text += ",\n".join(outputs) + ") {\n"
+    for key, value in variant.template_args():
+        if isinstance(value, mx.Dtype):
+            text += f"  using {key} = {CUDA_TYPES[value]};\n"
+        else:
+            text += f"  constexpr bool {key} = {'true' if value else 'false'};\n"
+    text += "\n" + source + "\n}\n\n} // namespace mlx::core::cu\n"
+    return text
+
+
+def translation_unit(variant: Variant, backend: str = "metal") -> str:
+    """The complete source MLX compiles for ``variant`` on ``backend`` ("metal" or "cuda")."""
+    _check_backend(backend)
+    if backend == "metal":
+        return metal_translation_unit(variant)
+    return cuda_translation_unit(variant)
+
+
+def metal_buffer_count(variant: Variant) -> int:
+    """Buffer slots the Metal kernel binds: inputs, their shape/stride/ndim, outputs."""
+    source = kernel_body("metal", variant.options.state_keys)
+    extra = sum(sum(info) for info in shape_infos(source, variant.input_names))
+    return len(variant.input_names) + extra + len(variant.output_names)

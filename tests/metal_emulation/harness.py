@@ -1,0 +1,331 @@
+"""Compile the translation units MLX generates with g++ and run them on the CPU: every thread
+of the launched grid, or chosen thread positions, one call each.
+
+Metal: against ``metal_shim.h`` (this folder). CUDA: against CUDA's own headers plus the
+host stand-ins in ``tests/cuda_shim`` (MLX's device header, ``cuda_host.h``), where each call
+gets its block and thread coordinates the way MLX's CUDA backend launches whole blocks.
+
+The kernel text is used exactly as ``translation_unit(variant, backend)`` returns it (for
+Metal equal to MLX's own output, tested in test_kernel_source.py). The driver around each
+kernel is read off its generated signature, not from our assembler, so a parameter the
+assembler got wrong shows up as a compile error or a wrong result rather than being
+reproduced here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_rmsprop.kernels.launch import THREADGROUP, KernelCall
+from mlx_rmsprop.kernels.source import Variant, translation_unit
+from mlx_rmsprop.kernels.variants import (
+    dtype_combinations,
+    every_flag_on,
+    every_option_set,
+    pairwise_option_sets,
+)
+
+SHIM_DIR = Path(__file__).parent
+CUDA_SHIM_DIR = SHIM_DIR.parent / "cuda_shim"
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+# Include paths and the forced header per backend (CUDA: the stand-ins first, so that the
+# host cooperative_groups.h stub wins over CUDA's device-only one).
+BACKEND_FLAGS = {
+    "metal": [f"-I{SHIM_DIR}"],
+    "cuda": [
+        f"-I{CUDA_SHIM_DIR / 'host'}",
+        f"-I{CUDA_SHIM_DIR}",
+        f"-I{CUDA_INCLUDE}",
+        f"-I{CUDA_INCLUDE / 'cccl'}",
+        "-include",
+        "cuda_host.h",
+    ],
+}
+CXXFLAGS = [
+    "-std=c++17",
+    "-O0",
+    "-fPIC",
+    "-shared",
+    # IEEE float32 as written: no fused multiply-add, no reassociation.
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    # Metal attributes are unknown to g++; the prologue reads every scalar, used or not;
+    # CUDA's headers trip some of -Wextra on the host.
+    "-Wno-attributes",
+    "-Wno-unused-variable",
+    "-Wno-unused-but-set-variable",
+    "-Wno-unused-parameter",
+    "-Wno-unused-local-typedefs",  # MLX declares `using G = ...` even where G is unused
+    # An unsuffixed literal or double math would make the emulation compute in double.
+    "-Wdouble-promotion",
+    "-Wfloat-conversion",
+]
+SENTINEL_BYTE = 0x5A  # outputs start as this pattern: an element the kernel skips stands out
+
+_METAL_SIGNATURE = re.compile(r"\[\[kernel\]\] void (\w+)\(\n(.*?)\) \{\n", re.S)
+_METAL_PARAMETER = re.compile(
+    r"^\s*(?P<type>.*?)\s*(?P<name>\w+) \[\[(?P<attr>\w+)(?:\(\d+\))?\]\]$"
+)
+_METAL_INSTANCE = re.compile(r"decltype\((\w+<[^>]*>)\)")
+_CUDA_SIGNATURE = re.compile(r"__global__ void (\w+)\(\n(.*?)\) \{\n", re.S)
+_CUDA_PARAMETER = re.compile(r"^\s*(?P<type>.*?)\s*(?P<name>\w+)$")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    type: str
+    name: str
+    attribute: str  # Metal: "buffer" or the thread attribute; CUDA: "buffer"
+
+
+def parse_signature(unit: str, backend: str = "metal") -> tuple[str, str, list[Parameter]]:
+    """(kernel name, the function to call, parameters) of one generated unit."""
+    if backend == "cuda":
+        signature = _CUDA_SIGNATURE.search(unit)
+        assert signature, "not an MLX-generated CUDA kernel"
+        lines = signature.group(2).split(",\n")
+        matches = [_CUDA_PARAMETER.match(line) for line in lines]
+        assert all(matches), f"unexpected kernel parameters: {lines}"
+        parameters = [Parameter(m["type"], m["name"], "buffer") for m in matches]
+        name = signature.group(1)
+        return name, f"mlx::core::cu::{name}", parameters
+    signature = _METAL_SIGNATURE.search(unit)
+    instance = _METAL_INSTANCE.search(unit)
+    assert signature and instance, "not an MLX-generated Metal kernel"
+    parameters = []
+    for line in signature.group(2).split(",\n"):
+        match = _METAL_PARAMETER.match(line)
+        assert match, f"unexpected kernel parameter: {line!r}"
+        parameters.append(Parameter(match["type"], match["name"], match["attr"]))
+    return signature.group(1), instance.group(1), parameters
+
+
+def _driver(unit: str, variant: Variant, backend: str) -> str:
+    name, function, parameters = parse_signature(unit, backend)
+    buffers = [*variant.input_names, *variant.output_names]
+    arguments = []
+    for parameter in parameters:
+        if parameter.attribute == "thread_position_in_grid":
+            arguments.append("position")
+        elif parameter.attribute == "threads_per_grid":
+            arguments.append("grid")
+        elif parameter.attribute != "buffer":
+            raise AssertionError(f"the harness does not provide [[{parameter.attribute}]]")
+        elif parameter.name in buffers:
+            assert parameter.type.endswith("*"), parameter
+            arguments.append(f"({parameter.type})buffers[{buffers.index(parameter.name)}]")
+        elif parameter.name == "parameter_shape":
+            arguments.append("shape" if backend == "metal" else "shape_value")
+        elif parameter.name == "parameter_ndim":
+            arguments.append("ndim")
+        else:
+            raise AssertionError(f"the harness does not provide {parameter.name}")
+    call = f"{function}({', '.join(arguments)});"
+    if backend == "metal":
+        setup = ""
+    else:
+        # MLX's CUDA launch: blocks of min(threadgroup, grid) threads, ceil(grid / threadgroup)
+        # blocks per dimension; `position` counts threads over the whole blocks.
+        tx, ty, tz = THREADGROUP
+        setup = f"""
+  blockDim = dim3(grid.x < {tx}u ? grid.x : {tx}u, grid.y < {ty}u ? grid.y : {ty}u,
+                  grid.z < {tz}u ? grid.z : {tz}u);
+  gridDim = dim3((grid.x + {tx}u - 1) / {tx}u, (grid.y + {ty}u - 1) / {ty}u,
+                 (grid.z + {tz}u - 1) / {tz}u);
+  blockIdx = {{position.x / blockDim.x, position.y / blockDim.y, position.z / blockDim.z}};
+  threadIdx = {{position.x % blockDim.x, position.y % blockDim.y, position.z % blockDim.z}};
+  mlx::core::cu::Shape shape_value{{}};
+  for (int d = 0; d < ndim; ++d) shape_value[d] = shape[d];"""
+    # One call per thread; the loop over the grid is `run_grid`, shared by every kernel.
+    return f"""
+extern "C" void thread_{name}(void* const* buffers, const int* shape, const int& ndim,
+                              uint3 position, uint3 grid) {{{setup}
+  {call}
+}}
+"""
+
+
+def _to_numpy(array: mx.array) -> np.ndarray:
+    """Row-contiguous host copy with the kernel's element layout (bfloat16 as its bits)."""
+    if array.dtype == mx.bfloat16:
+        bits = np.array(array.astype(mx.float32)).view(np.uint32) >> 16
+        return np.ascontiguousarray(bits.astype(np.uint16))
+    return np.ascontiguousarray(np.array(array))
+
+
+def _from_numpy(values: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    if dtype == mx.bfloat16:
+        as_float = (values.astype(np.uint32) << 16).view(np.float32)
+        return mx.array(as_float).astype(mx.bfloat16)
+    return mx.array(values)
+
+
+RUN_GRID = """
+typedef void (*ThreadFunction)(void* const*, const int*, const int&, uint3, uint3);
+
+// Every thread launched (`extent` per dimension: the grid on Metal, whole blocks on CUDA) in
+// turn, or only the `count` positions given. `grid` is the grid MLX was asked for.
+extern "C" void run_grid(ThreadFunction thread, void* const* buffers, const int* shape,
+                         int ndim, const uint32_t* grid, const uint32_t* extent,
+                         const uint32_t* positions, uint64_t count) {
+  const uint3 requested = {grid[0], grid[1], grid[2]};
+  if (positions != nullptr) {
+    for (uint64_t k = 0; k < count; ++k) {
+      thread(buffers, shape, ndim, {positions[3 * k], positions[3 * k + 1], positions[3 * k + 2]},
+             requested);
+    }
+    return;
+  }
+  for (uint32_t z = 0; z < extent[2]; ++z)
+    for (uint32_t y = 0; y < extent[1]; ++y)
+      for (uint32_t x = 0; x < extent[0]; ++x) thread(buffers, shape, ndim, {x, y, z}, requested);
+}
+"""
+
+
+def launched_extent(grid: tuple[int, int, int], backend: str) -> tuple[int, int, int]:
+    """Threads launched per dimension: exactly the grid on Metal, whole blocks on CUDA."""
+    if backend == "metal":
+        return grid
+    return tuple(-(-g // t) * min(t, g) for g, t in zip(grid, THREADGROUP, strict=True))
+
+
+def compile_library(source: Path, library: Path, backend: str = "metal") -> None:
+    """g++ with the backend's shims; the library appears only once complete."""
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    command = ["g++", *CXXFLAGS, *BACKEND_FLAGS[backend], str(source), "-o", str(partial)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"g++ failed on {source}:\n{result.stderr[-6000:]}")
+    partial.replace(library)
+
+
+NUMPY_STORAGE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
+
+
+class Emulator:
+    """A shared library with one entry point per variant, built by one g++ call per chunk."""
+
+    def __init__(
+        self,
+        variants: list[Variant],
+        build_dir: Path,
+        chunks: int | None = None,
+        backend: str = "metal",
+    ):
+        self.backend = backend
+        chunks = chunks or os.cpu_count() or 1
+        units: dict[str, tuple[Variant, str]] = {}
+        self.entries: dict[Variant, str] = {}
+        for variant in variants:
+            unit = translation_unit(variant, backend)
+            name = parse_signature(unit, backend)[0]
+            self.entries[variant] = f"thread_{name}"
+            units.setdefault(name, (variant, unit))
+        sources: list[list[str]] = [[] for _ in range(chunks)]
+        for k, (variant, unit) in enumerate(units.values()):
+            sources[k % chunks].append(unit + _driver(unit, variant, backend))
+        self.libraries = self._build([s for s in sources if s], build_dir)
+        self.count = len(units)
+
+    def _build(self, chunks: list[list[str]], build_dir: Path) -> list[ctypes.CDLL]:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        prelude = '#include "metal_shim.h"\n' if self.backend == "metal" else ""
+        paths = []
+        for chunk in chunks:
+            text = prelude + RUN_GRID + "\n".join(chunk)
+            # Content-addressed, so a rerun with nothing changed reuses the library.
+            shims = (SHIM_DIR / "metal_shim.h", CUDA_SHIM_DIR / "host" / "cuda_host.h")
+            key = text + " ".join(CXXFLAGS) + "".join(path.read_text() for path in shims)
+            digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+            source = build_dir / f"{self.backend}_kernels_{digest}.cpp"
+            paths.append((source, source.with_suffix(".so")))
+            if not source.with_suffix(".so").exists():
+                source.write_text(text)
+
+        def compile_one(paths: tuple[Path, Path]) -> None:
+            if not paths[1].exists():
+                compile_library(*paths, self.backend)
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            list(pool.map(compile_one, paths))
+        return [ctypes.CDLL(str(library)) for _, library in paths]
+
+    def _thread_function(self, variant: Variant) -> tuple[ctypes.CDLL, ctypes.c_void_p]:
+        entry = self.entries[variant]
+        for library in self.libraries:
+            if hasattr(library, entry):
+                return library, ctypes.cast(getattr(library, entry), ctypes.c_void_p)
+        raise KeyError(entry)
+
+    def run_buffers(
+        self,
+        variant: Variant,
+        buffers: list[np.ndarray],
+        shape: tuple[int, ...],
+        grid: tuple[int, int, int],
+        positions: np.ndarray | None = None,
+    ) -> None:
+        """Run the kernel on host buffers (inputs then outputs, in the kernel's order)."""
+        pointers = (ctypes.c_void_p * len(buffers))(*(b.ctypes.data for b in buffers))
+        shape_array = np.array(shape, np.int32)
+        grid_array = np.array(grid, np.uint32)
+        extent_array = np.array(launched_extent(grid, self.backend), np.uint32)
+        if positions is not None:
+            positions = np.ascontiguousarray(positions, np.uint32)
+        library, thread = self._thread_function(variant)
+        library.run_grid.restype = None
+        library.run_grid(
+            thread,
+            pointers,
+            shape_array.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int(len(shape)),
+            grid_array.ctypes.data_as(ctypes.c_void_p),
+            extent_array.ctypes.data_as(ctypes.c_void_p),
+            None if positions is None else positions.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_uint64(0 if positions is None else len(positions)),
+        )
+
+    def run(self, call: KernelCall) -> list[mx.array]:
+        """What the GPU would return for ``call`` (the launcher's own plan): every thread of
+        its grid, on row-contiguous copies of its inputs (as MLX makes them)."""
+        variant = call.variant
+        inputs = [_to_numpy(array) for array in call.inputs]
+        size = int(np.prod(call.output_shape, dtype=np.int64))
+        outputs = [
+            np.full(size * np.dtype(NUMPY_STORAGE[d]).itemsize, SENTINEL_BYTE, np.uint8).view(
+                NUMPY_STORAGE[d]
+            )
+            for d in variant.output_dtypes
+        ]
+        self.run_buffers(variant, [*inputs, *outputs], call.inputs[0].shape, call.grid)
+        return [
+            _from_numpy(values, dtype).reshape(call.output_shape)
+            for values, dtype in zip(outputs, variant.output_dtypes, strict=True)
+        ]
+
+
+def cuda_variants() -> list[Variant]:
+    """Every dtype combination with the pairwise option sets, and every buffer layout with
+    every flag on that it allows (the address-space class does not exist on CUDA)."""
+    variants = [
+        Variant(options, parameter, gradient, state)
+        for parameter, gradient, state in dtype_combinations()
+        for options in pairwise_option_sets()
+    ]
+    for keys in sorted({o.state_keys for o in every_option_set()}):
+        variants.append(Variant(every_flag_on(keys), mx.bfloat16, mx.float16, mx.bfloat16))
+    return list(dict.fromkeys(variants))

@@ -1,0 +1,63 @@
+// Just enough of Metal, and of the utility headers MLX puts in front of every custom kernel,
+// for g++ to compile the exact kernel text MLX generates and run it on the CPU, one call per
+// thread. What this cannot catch is listed in the README ("How the kernel is verified").
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+// Address spaces: plain memory on the CPU. Attributes ([[kernel]], [[buffer(i)]],
+// [[thread_position_in_grid]], [[host_name(...)]]) are unknown to g++ and ignored
+// (-Wno-attributes).
+#define device
+#define constant
+#define threadgroup
+
+typedef unsigned int uint;
+
+struct uint3 {
+  uint x, y, z;
+};
+
+// half: IEEE binary16 with round-to-nearest-even conversions (GCC's _Float16), as Metal's.
+typedef _Float16 half;
+typedef half float16_t;
+
+// bfloat16_t: MLX's Metal preamble names it (a struct before Metal 3.1, Metal's `bfloat` after);
+// both convert from float with round-to-nearest-even, which is spelled out here. Conversions
+// are explicit so that a store that forgets its cast does not compile.
+struct bfloat16_t {
+  uint16_t bits;
+
+  bfloat16_t() = default;
+  explicit bfloat16_t(float value) {
+    uint32_t word;
+    std::memcpy(&word, &value, sizeof word);
+    if ((word & 0x7fffffffu) > 0x7f800000u) {
+      bits = uint16_t((word >> 16) | 0x0040u);  // NaN stays NaN (quiet), sign kept
+    } else {
+      // Add half an ulp of the result, minus one unless the kept part is odd: ties go to even.
+      bits = uint16_t((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
+    }
+  }
+  explicit operator float() const {
+    uint32_t word = uint32_t(bits) << 16;
+    float value;
+    std::memcpy(&value, &word, sizeof value);
+    return value;
+  }
+};
+
+// metal:: math for float, with Metal's semantics where they differ from C++'s: max/min return
+// the other operand when one is NaN (fmax/fmin), as Metal documents.
+namespace metal {
+inline float sqrt(float x) { return __builtin_sqrtf(x); }
+inline bool isnan(float x) { return __builtin_isnan(x); }
+inline bool isinf(float x) { return __builtin_isinf(x); }
+inline float abs(float x) { return __builtin_fabsf(x); }
+inline float max(float a, float b) { return __builtin_fmaxf(a, b); }
+inline float min(float a, float b) { return __builtin_fminf(a, b); }
+}  // namespace metal
+
+using namespace metal;

@@ -1,0 +1,250 @@
+"""The kernel's source text: what we assemble equals what MLX generates (captured on Linux through
+``mx.export_function(..., verbose=True)``), it stays inside Metal's language subset, and its
+structure keeps the promises of the body's header (one read and one write per element, per-step
+numbers only as data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from dataclasses import fields
+from functools import partial
+
+import mlx.core as mx
+import pytest
+from tolerances import RTOL
+
+from mlx_rmsprop import RMSprop, backends
+from mlx_rmsprop.check import RTOL as CHECK_RTOL
+from mlx_rmsprop.check import step_scalars, verification_inputs
+from mlx_rmsprop.kernels import metal, source
+from mlx_rmsprop.kernels.launch import make_update, plan
+from mlx_rmsprop.kernels.source import Variant, translation_unit
+from mlx_rmsprop.kernels.variants import every_flag_on, every_option_set
+from mlx_rmsprop.options import Scalar, UpdateOptions
+
+GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
+
+
+def capture(capfd, function, *args) -> list[str]:
+    """The Metal sources MLX generates while tracing ``function`` for export (nothing runs:
+    this machine has no Metal). MLX prints them from C++, so capture at the descriptor level."""
+    capfd.readouterr()
+    with tempfile.TemporaryDirectory() as directory:
+        mx.export_function(os.path.join(directory, "f.mlxfn"), function, *args)
+    return GENERATED.findall(capfd.readouterr().out)
+
+
+verbose_update = make_update(partial(metal.launch, verbose=True))
+
+CAPTURED = [
+    # (options, parameter dtype, gradient dtype, state dtype, shape, non-contiguous)
+    (UpdateOptions(), mx.float32, mx.float32, mx.float32, (33,), False),
+    (
+        every_flag_on(("v", "grad_avg", "momentum_buffer", "ema")),
+        mx.bfloat16,
+        mx.float16,
+        mx.float32,
+        (3, 5),
+        True,
+    ),
+    (UpdateOptions(centered=True, momentum=True), mx.float16, mx.float16, mx.float16, (3,), False),
+    (
+        UpdateOptions(maximize=True, weight_decay="coupled", bias_correction=True),
+        mx.bfloat16,
+        mx.float32,
+        mx.bfloat16,
+        (),
+        False,
+    ),
+    (UpdateOptions(ema=True, gated=True), mx.float32, mx.bfloat16, mx.float32, (2, 3, 7), True),
+]
+
+
+@pytest.mark.parametrize("case", CAPTURED, ids=lambda c: f"{c[1]}-{c[4]}")
+def test_assembled_source_equals_mlx_generated_source(capfd, case):
+    options, parameter_dtype, gradient_dtype, state_dtype, shape, transposed = case
+    variant = Variant(options, parameter_dtype, gradient_dtype, state_dtype)
+    parameter, gradient, state = verification_inputs(variant, shape, 0, transposed)
+    keys = options.state_keys
+
+    def step(scalars, parameter, gradient, *buffers):
+        new_parameter, new_state = verbose_update(
+            options, scalars, parameter, gradient, dict(zip(keys, buffers, strict=True))
+        )
+        return [new_parameter, *new_state.values()]
+
+    (captured,) = capture(capfd, step, step_scalars(1), parameter, gradient, *state.values())
+    call = plan(options, step_scalars(1), parameter, gradient, state)
+    assert call.variant.small == (len(parameter.reshape(-1)) < 8)
+    assert captured == translation_unit(call.variant, "metal")
+
+
+def test_learning_rate_schedule_never_changes_the_source(capfd):
+    options = UpdateOptions(momentum=True, bias_correction=True)
+    variant = Variant(options)
+    parameter, gradient, state = verification_inputs(variant, (40,), 0)
+
+    def step(scalars):
+        return verbose_update(options, scalars, parameter, gradient, state)[0]
+
+    sources = [capture(capfd, step, step_scalars(t))[0] for t in (1, 2, 7)]
+    assert sources[0] == sources[1] == sources[2]
+    # Kernel objects: one per buffer layout, however many steps and variants.
+    metal.kernel_object.cache_clear()
+    for t in (1, 2, 3):
+        capture(capfd, step, step_scalars(t))
+    info = metal.kernel_object.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, monkeypatch):
+    # The optimizer's own update, on the Metal path (its loader replaced, as this machine has
+    # no Metal, by the launcher with verbose=True), compiled whole as the kernel paths ask
+    # (compile_step=True): one launch for each float32/bfloat16 parameter, none for the
+    # float64 one (reference math), and the sources are the ones RMSprop.kernel_source reports.
+    metal_path = dataclasses.replace(backends.PATHS["metal"], load=lambda: verbose_update)
+    monkeypatch.setitem(backends.PATHS, "metal", metal_path)
+    optimizer = RMSprop.from_torch(lr=0.01, momentum=0.9, centered=True, fused="metal")
+    assert optimizer.path == "metal" and metal_path.compile_step
+
+    def step(weight, bias, scale):
+        parameters = {"weight": weight, "bias": bias, "scale": scale}
+        gradients = {name: mx.ones_like(value) for name, value in parameters.items()}
+        return list(optimizer.apply_gradients(gradients, parameters).values())
+
+    sources = capture(
+        capfd, step, mx.zeros((4, 5)), mx.zeros((3,), mx.bfloat16), mx.zeros((2,), mx.float64)
+    )
+    small_bfloat16 = Variant(optimizer._options, mx.bfloat16, mx.bfloat16, mx.float32, True)
+    assert sorted(sources) == sorted(
+        [optimizer.kernel_source(mx.float32), translation_unit(small_bfloat16)]
+    )
+
+
+def test_kernel_source_follows_the_optimizer_configuration():
+    keras = RMSprop.from_keras(learning_rate=0.01, momentum=0.5, centered=True, weight_decay=0.1)
+    text = keras.kernel_source(mx.float16)
+    assert "bool CENTERED" in text and "decltype(" in text
+    variant = Variant(keras._options, mx.float16, mx.float16, mx.float32)
+    assert text == translation_unit(variant, "metal")
+    assert keras.kernel_source(mx.float16, backend="cuda") == translation_unit(variant, "cuda")
+    state_in_half = RMSprop(0.1, state_dtype=mx.float16).kernel_source(mx.float16)
+    assert "device float16_t* new_v" in state_in_half
+
+
+def test_kernel_source_errors_name_the_argument():
+    optimizer = RMSprop(0.1)
+    with pytest.raises(ValueError, match="backend must be one of .*got 'vulkan'"):
+        optimizer.kernel_source(mx.float32, backend="vulkan")
+    with pytest.raises(ValueError, match="got parameter dtype mlx.core.float64 .*reference"):
+        optimizer.kernel_source(mx.float64)
+    with pytest.raises(ValueError, match="got state dtype mlx.core.float64"):
+        RMSprop(0.1, state_dtype=mx.float64).kernel_source(mx.float32)
+
+
+def _code(text: str) -> str:
+    """``text`` without its comments."""
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+
+
+# Each pattern is something Metal's language does not have (or a kernel must not do).
+NOT_METAL = {
+    "double": r"\bdouble\b",
+    "std::": r"\bstd::",
+    "dynamic allocation": r"\b(new|delete|malloc|calloc|realloc|free)\b",
+    "printf": r"\b(printf|fprintf|puts)\b",
+    "unsuffixed float literal (a double)": r"(?<![\w.])(\d+\.\d*|\.\d+|\d+[eE][-+]?\d+)(?![\w.])",
+    "goto": r"\bgoto\b",
+}
+# Every call in the kernel body: Metal built-ins and the control keywords, nothing user-defined
+# (so no recursion is possible).
+ALLOWED_CALLS = {"if", "constexpr", "for", "sqrt", "isnan", "size_t"}
+
+
+def _metal_subset_violations(code: str) -> list[str]:
+    return [what for what, pattern in NOT_METAL.items() if re.search(pattern, code)]
+
+
+def test_every_metal_kernel_stays_in_the_metal_subset():
+    # The body text depends only on the buffer layout: check each layout's body once, then
+    # the rest of every option set's translation unit (signature, template instantiation).
+    for keys in sorted({o.state_keys for o in every_option_set()}):
+        body = _code(source.kernel_body("metal", keys))
+        assert not _metal_subset_violations(body), keys
+        calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", body))
+        assert calls <= ALLOWED_CALLS, f"calls {calls - ALLOWED_CALLS} for {keys}"
+    for options in every_option_set():
+        variant = Variant(options, mx.bfloat16, mx.float16, mx.float32)
+        unit = translation_unit(variant, "metal")
+        # MLX's wrapper has no comments: what is left once the body is taken out is code.
+        wrapper = unit.replace(source.kernel_body("metal", options.state_keys), "")
+        assert not _metal_subset_violations(wrapper), options
+        buffers = [int(b) for b in re.findall(r"\[\[buffer\((\d+)\)\]\]", wrapper)]
+        assert buffers == list(range(len(buffers)))
+        assert len(buffers) == source.metal_buffer_count(variant) <= source.METAL_MAX_BUFFERS
+    # The largest layout: 7 inputs, the parameter's shape and ndim, 5 outputs.
+    assert max(source.metal_buffer_count(Variant(o)) for o in every_option_set()) == 14
+
+
+def test_metal_subset_check_can_fail():
+    for bad in [
+        "double x = 1.0f;",
+        "float y = 0.5;",
+        "std::max(a, b);",
+        "new float[3];",
+        'printf("%f", x);',
+        "float z = 1e-8;",
+    ]:
+        assert _metal_subset_violations(bad), bad
+    assert not _metal_subset_violations(_code("float a = 0.5f * b; // double 0.5 in a comment"))
+    assert not _metal_subset_violations(_code("float a = 1e-8f; /* printf */ int k = 2;"))
+
+
+def test_body_reads_each_input_once_and_writes_each_output_once():
+    body = _code(source.body_text())
+    for name in ("parameter", "gradient", "v", "grad_avg", "momentum_buffer", "ema"):
+        assert len(re.findall(rf"(?<![\w.]){name}\[", body)) == 1, name
+    for name in ("parameter", "v", "grad_avg", "momentum_buffer", "ema"):
+        assert len(re.findall(rf"\bnew_{name}\[", body)) == 1, name
+        assert len(re.findall(rf"\bnew_{name}\[i\] = static_cast<[PS]>\(", body)) == 1, name
+    # The scalars vector is read by the prologue only, one line per entry.
+    assert "scalars" not in body
+    prologue = source.kernel_body("metal", ("v",)).split(source.body_text())[0]
+    for entry in Scalar:
+        assert prologue.count(f"const float {entry.name.lower()} = scalars[{int(entry)}];") == 1
+
+
+def test_cuda_and_metal_share_the_body():
+    # Only the index line and the spelling of absent buffers differ between the backends.
+    for keys in sorted({o.state_keys for o in every_option_set()}):
+        metal_text = source.kernel_body("metal", keys).splitlines()
+        cuda_text = source.kernel_body("cuda", keys).splitlines()
+        differing = [(m, c) for m, c in zip(metal_text, cuda_text, strict=True) if m != c]
+        assert len(metal_text) == len(cuda_text)
+        assert differing[0] == (source.INDEX_LINES["metal"], source.INDEX_LINES["cuda"])
+        for metal_line, cuda_line in differing[1:]:
+            assert metal_line.replace("device ", "") == cuda_line
+        assert source.body_text() in source.kernel_body("cuda", keys)
+
+
+def test_every_update_option_is_a_template_argument():
+    default = Variant(UpdateOptions()).template_args()
+    for field in fields(UpdateOptions):
+        changed = {"weight_decay": "coupled"}.get(field.name, True)
+        if field.name == "nesterov":
+            options = UpdateOptions(momentum=True, nesterov=True)
+            baseline = Variant(UpdateOptions(momentum=True)).template_args()
+        else:
+            options = UpdateOptions(**{field.name: changed})
+            baseline = default
+        assert Variant(options).template_args() != baseline, field.name
+    decoupled = Variant(UpdateOptions(weight_decay="decoupled")).template_args()
+    assert ("DECOUPLED_WEIGHT_DECAY", True) in decoupled
+    assert ("COUPLED_WEIGHT_DECAY", False) in decoupled
+
+
+def test_check_tolerances_are_the_test_suites():
+    assert CHECK_RTOL == {dtype: RTOL[dtype] for dtype in ("float32", "float16", "bfloat16")}
