@@ -32,7 +32,7 @@ def build(total_steps: int) -> tuple[nn.Module, RMSprop]:
         nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)
     )
     schedule = optim.cosine_decay(3e-3, total_steps, end=1e-4)
-    return model, RMSprop(schedule, momentum=0.9, centered=True)
+    return model, RMSprop(schedule, momentum=0.9)
 
 
 def batch(step: int) -> tuple[mx.array, mx.array]:

@@ -52,6 +52,10 @@ def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     arrays = dict(tree_flatten(optimizer.state))
     mx.eval(arrays)
+    # safetensors in MLX has no float64: such arrays travel bit for bit as uint64.
+    float64_keys = sorted(key for key, value in arrays.items() if value.dtype == mx.float64)
+    for key in float64_keys:
+        arrays[key] = arrays[key].view(mx.uint64)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -60,6 +64,7 @@ def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
         "step": str(optimizer.step.item()),
         "learning_rate": repr(optimizer.learning_rate.item()),
         "crc32": json.dumps({key: _crc(value) for key, value in arrays.items()}, sort_keys=True),
+        "float64_as_uint64": json.dumps(float64_keys),
     }
     directory = path.parent if str(path.parent) else Path(".")
     handle, temporary = tempfile.mkstemp(
@@ -123,6 +128,16 @@ def _check_integrity(path: Path, arrays: dict, metadata: dict) -> dict | None:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is corrupt: array {key!r} fails its checksum"
             )
+    try:
+        float64_keys = json.loads(metadata.get("float64_as_uint64", "[]"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: {error}") from None
+    for key in float64_keys:
+        if key not in arrays or arrays[key].dtype != mx.uint64:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is damaged: {key!r} is not a stored float64 array"
+            )
+        arrays[key] = arrays[key].view(mx.float64)
     return config
 
 
