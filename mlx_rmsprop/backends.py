@@ -13,6 +13,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from . import native
 from .options import UpdateOptions
 from .reference import rmsprop_reference
 
@@ -41,9 +42,15 @@ PATHS: dict[str, Path] = {
     "compiled": Path(
         "compiled", lambda: rmsprop_reference, True, "the reference math under mx.compile"
     ),
+    "native": Path(
+        "native",
+        native.load,
+        False,
+        "one native C++ MLX primitive per parameter on the CPU: SIMD, all cores, in place",
+    ),
 }
 # `fused="auto"` takes the first of these that loads on this machine.
-AUTO_ORDER = ("compiled",)
+AUTO_ORDER = ("native", "compiled")
 # Values accepted by ``RMSprop(fused=...)``: False is the plain reference ops.
 FUSED_CHOICES = ("auto", False, *(name for name in PATHS if name != "reference"))
 

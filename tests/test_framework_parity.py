@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from framework_refs import load_cases, optimizer_for, replay
+from native_available import native_path
 from tolerances import EXACT_PEERS, assert_close
 
 CASES = load_cases() + load_cases("schedule_refs")
@@ -14,7 +15,7 @@ CASES = load_cases() + load_cases("schedule_refs")
 # float32 rounding makes it negative, so optax returns NaN. Its float64 twin is replayed; the
 # float32 one is checked separately below.
 ILL_CONDITIONED = {case.id for case in CASES if case.info.get("ill_conditioned") and case.dtype == "float32"}
-PATHS = [False, "compiled"]
+PATHS = [False, "compiled", native_path()]
 
 
 @pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
