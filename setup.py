@@ -93,7 +93,8 @@ class OptionalNativeBuild(build_ext):
         shutil.copyfile(built, target)
 
 
-setup(
-    ext_modules=[Extension("mlx_rmsprop._native._ext", sources=[])],
-    cmdclass={"build_ext": OptionalNativeBuild},
-)
+if __name__ == "__main__":
+    setup(
+        ext_modules=[Extension("mlx_rmsprop._native._ext", sources=[])],
+        cmdclass={"build_ext": OptionalNativeBuild},
+    )

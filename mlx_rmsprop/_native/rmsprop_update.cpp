@@ -351,6 +351,21 @@ void RMSpropUpdate::eval_cpu(
   auto& encoder = mx::cpu::get_command_encoder(stream());
   const int buffers = static_cast<int>(outputs.size());
 
+  // array::make_arrays gives every output its own copy of the input list, so each input is
+  // referenced once per output and array::is_donatable() never holds for a multi-output node.
+  // MLX drops those copies right after this call (array::detach); dropping the other outputs'
+  // copies first lets an input nobody else holds be donated, as for a single-output op.
+  // Tracers keep their graph (MLX also keeps their inputs from being donated).
+  const bool tracing = std::any_of(
+      outputs.begin(), outputs.end(), [](const mx::array& out) { return out.is_tracer(); });
+  if (!tracing) {
+    for (auto& out : outputs) {
+      if (&out.inputs() != &inputs) {
+        out.inputs().clear();
+      }
+    }
+  }
+
   // Donation first: taking any further reference to an input makes it non-donatable.
   for (int k = 0; k < buffers; ++k) {
     const mx::array& in = inputs[2 + k];
