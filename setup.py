@@ -26,7 +26,9 @@ NATIVE_DIR = Path(__file__).resolve().parent / "mlx_rmsprop" / "_native"
 def _native_sources():
     """``mlx_rmsprop/_native/__init__.py`` loaded by path (importing the package would import
     mlx_rmsprop and everything it imports)."""
-    spec = importlib.util.spec_from_file_location("_mlx_rmsprop_sources", NATIVE_DIR / "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        "_mlx_rmsprop_sources", NATIVE_DIR / "__init__.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -8,8 +8,8 @@ array.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 
@@ -36,9 +36,7 @@ class Path:
 
 
 PATHS: dict[str, Path] = {
-    "reference": Path(
-        "reference", lambda: rmsprop_reference, False, "plain MLX ops, not compiled"
-    ),
+    "reference": Path("reference", lambda: rmsprop_reference, False, "plain MLX ops, not compiled"),
     "compiled": Path(
         "compiled", lambda: rmsprop_reference, True, "the reference math under mx.compile"
     ),

@@ -45,7 +45,7 @@ def update(
     outputs = _loaded().update(
         scalars, gradient, parameter, [state[key] for key in keys], _flags(options)
     )
-    return outputs[0], dict(zip(keys, outputs[1:]))
+    return outputs[0], dict(zip(keys, outputs[1:], strict=True))
 
 
 def load() -> UpdateFn:
@@ -149,10 +149,14 @@ def _check_against_reference(extension: ModuleType) -> None:
         )
         mx.eval(outputs)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise RuntimeError(f"the native extension does not run with this mlx ({error}); {_REBUILD}")
+        raise RuntimeError(
+            f"the native extension does not run with this mlx ({error}); {_REBUILD}"
+        ) from None
     expected_parameter, expected_state = rmsprop_reference(
         options, scalars, parameter, gradient, state
     )
     expected = [expected_parameter, *(expected_state[key] for key in options.state_keys)]
-    if not all(mx.array_equal(a, b).item() for a, b in zip(outputs, expected)):
-        raise RuntimeError(f"the native extension's probe update differs from the reference; {_REBUILD}")
+    if not all(mx.array_equal(a, b).item() for a, b in zip(outputs, expected, strict=True)):
+        raise RuntimeError(
+            f"the native extension's probe update differs from the reference; {_REBUILD}"
+        )
