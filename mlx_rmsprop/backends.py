@@ -43,7 +43,7 @@ PATHS: dict[str, Path] = {
     "native": Path(
         "native",
         native.load,
-        False,
+        True,
         "one native C++ MLX primitive per parameter on the CPU: SIMD, all cores, in place",
     ),
 }
