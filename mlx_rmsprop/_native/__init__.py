@@ -15,6 +15,7 @@ SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_FILES = (
     "CMakeLists.txt",
     "bindings.cpp",
+    "half_convert.h",
     "rmsprop_update.cpp",
     "rmsprop_update.h",
     "update_kernel.h",

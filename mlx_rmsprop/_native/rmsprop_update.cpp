@@ -7,12 +7,14 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/types/half_types.h"
 #include "mlx/utils.h"
 
+#include "half_convert.h"
 #include "update_kernel.h"
 #include "worker_pool.h"
 
@@ -26,9 +28,11 @@ constexpr int kMaxBuffers = 5; // parameter, v, grad_avg, momentum_buffer, ema
 // outputs, in double) stays within a 48 KiB L1 data cache.
 constexpr int64_t kChunk = 512;
 
-// Split points between threads are multiples of this many elements, so no two threads write
-// into the same 64-byte cache line (2-byte dtypes: 128 bytes).
-constexpr int64_t kSplitAlign = 64;
+// Elements per part of a threaded update: large enough that claiming a part (one atomic
+// increment) is noise, small enough to balance two cores when one is shared; a multiple of 64
+// elements, so no two threads write into the same cache line.
+constexpr int64_t kPartElements = int64_t(1) << 15;
+static_assert(kParallelThreshold >= 2 * kPartElements, "a threaded update has several parts");
 
 bool is_floating(mx::Dtype dtype) {
   return dtype == mx::float16 || dtype == mx::bfloat16 || dtype == mx::float32 ||
@@ -81,21 +85,22 @@ void load_span(const T* src, C* dst, int64_t n) {
   }
 }
 
-// The conversions of MLX's astype: to float first for the half types, then to C.
+// The conversions of MLX's astype. Half types widen exactly, so the fast bit-pattern
+// conversions serve both compute types.
 template <typename C>
 void load_as(const void* src, mx::Dtype dtype, int64_t start, int64_t n, C* dst) {
   switch (dtype.val()) {
     case mx::Dtype::Val::float16: {
-      const auto* s = static_cast<const mx::float16_t*>(src) + start;
+      const auto* s = static_cast<const uint16_t*>(src) + start;
       for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(static_cast<float>(s[i]));
+        dst[i] = static_cast<C>(float_from_half_bits(s[i]));
       }
       break;
     }
     case mx::Dtype::Val::bfloat16: {
-      const auto* s = static_cast<const mx::bfloat16_t*>(src) + start;
+      const auto* s = static_cast<const uint16_t*>(src) + start;
       for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(static_cast<float>(s[i]));
+        dst[i] = static_cast<C>(float_from_bfloat16_bits(s[i]));
       }
       break;
     }
@@ -115,14 +120,30 @@ void store_span(const C* src, T* dst, int64_t n) {
   }
 }
 
+// Narrowing from float uses the fast conversions (MLX's bits). From double, MLX's own types
+// decide (on x86 they round to float first, then to the half type).
 template <typename C>
 void store_as(const C* src, void* dst, mx::Dtype dtype, int64_t start, int64_t n) {
   switch (dtype.val()) {
     case mx::Dtype::Val::float16:
-      store_span(src, static_cast<mx::float16_t*>(dst) + start, n);
+      if constexpr (std::is_same_v<C, float>) {
+        auto* d = static_cast<uint16_t*>(dst) + start;
+        for (int64_t i = 0; i < n; ++i) {
+          d[i] = half_bits_from_float(src[i]);
+        }
+      } else {
+        store_span(src, static_cast<mx::float16_t*>(dst) + start, n);
+      }
       break;
     case mx::Dtype::Val::bfloat16:
-      store_span(src, static_cast<mx::bfloat16_t*>(dst) + start, n);
+      if constexpr (std::is_same_v<C, float>) {
+        auto* d = static_cast<uint16_t*>(dst) + start;
+        for (int64_t i = 0; i < n; ++i) {
+          d[i] = bfloat16_bits_from_float(src[i]);
+        }
+      } else {
+        store_span(src, static_cast<mx::bfloat16_t*>(dst) + start, n);
+      }
       break;
     case mx::Dtype::Val::float32:
       store_span(src, static_cast<float*>(dst) + start, n);
@@ -220,17 +241,16 @@ void run_plan(const Plan& plan) {
   const CoreFn<C> core = select_core<C>(plan.flags);
 
   const int64_t size = plan.size;
-  WorkerPool& pool = WorkerPool::instance();
-  int parts = size < kParallelThreshold ? 1 : pool.threads();
-  if (parts == 1) {
+  if (size < kParallelThreshold) {
     update_range(plan, s, apply, core, 0, size);
     return;
   }
-  const int64_t per_part = (size / parts + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
-  pool.run(parts, [&](int part) {
-    const int64_t begin = std::min(size, part * per_part);
-    const int64_t end = part == parts - 1 ? size : std::min(size, begin + per_part);
-    update_range(plan, s, apply, core, begin, end);
+  // Fixed-size parts claimed one at a time: a thread whose core is busy with other work
+  // takes fewer parts instead of holding up the step with a half of it.
+  const int64_t parts = (size + kPartElements - 1) / kPartElements;
+  WorkerPool::instance().run(static_cast<int>(parts), [&](int part) {
+    const int64_t begin = part * kPartElements;
+    update_range(plan, s, apply, core, begin, std::min(size, begin + kPartElements));
   });
 }
 

@@ -67,17 +67,26 @@ struct StepScalars {
 // picks, so a NaN second operand is returned too (NaN propagates from either side).
 template <typename C>
 inline C mlx_maximum(C a, C b) {
-  return (a != a) ? a : (a > b ? a : b);
+  const C larger = a > b ? a : b;
+  return a != a ? a : larger;
 }
 template <typename C>
 inline C mlx_minimum(C a, C b) {
-  return (a != a) ? a : (a < b ? a : b);
+  const C smaller = a < b ? a : b;
+  return a != a ? a : smaller;
 }
+
+#if defined(__GNUC__)
+#define MLX_RMSPROP_NOINLINE __attribute__((noinline))
+#else
+#define MLX_RMSPROP_NOINLINE
+#endif
 
 // The gradient pipeline that precedes the moments, in place on `g`:
 // g <- -g; g <- g / s_div * s_cmul / s_cdiv; g <- min(max(g, -c), c); g <- g + lambda p.
+// Kept out of line: inlined into the chunk loop, GCC 12 no longer vectorises the clip loop.
 template <typename C>
-void prepare_gradient(
+MLX_RMSPROP_NOINLINE void prepare_gradient(
     int64_t n,
     uint32_t flags,
     const StepScalars<C>& s,

@@ -100,7 +100,7 @@ class WorkerPool {
     const std::function<void(int)>* part;
     int parts;
     std::atomic<int> next{0};
-    int finished = 0; // guarded by mutex_
+    std::atomic<int> finished{0};
     int attached = 0; // workers inside work(job), guarded by mutex_
   };
 
@@ -112,8 +112,8 @@ class WorkerPool {
         return;
       }
       (*job.part)(index);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (++job.finished == job.parts) {
+      if (job.finished.fetch_add(1) + 1 == job.parts) {
+        std::lock_guard<std::mutex> lock(mutex_);
         done_.notify_all();
       }
     }
