@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import logging
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_EXTENSION = "mlx_rmsprop._native._ext"
 _REBUILD = "reinstall mlx-rmsprop (pip install -e . in a checkout) to rebuild it"
 
 
@@ -84,8 +86,10 @@ def _probe() -> tuple[ModuleType | None, str | None]:
 
 def _import_checked() -> ModuleType:
     try:
-        from ._native import _ext as extension
-    except ModuleNotFoundError:
+        extension = importlib.import_module(_EXTENSION)
+    except ModuleNotFoundError as error:
+        if error.name != _EXTENSION:
+            raise
         raise RuntimeError(
             "the native extension is not built (building it at install time needs a C++ "
             "compiler and the Python headers; `pip install -v` shows why it failed)"
