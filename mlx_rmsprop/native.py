@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _EXTENSION = "mlx_rmsprop._native._ext"
-_REBUILD = "reinstall mlx-rmsprop (pip install -e . in a checkout) to rebuild it"
+_REBUILD = (
+    "reinstall mlx-rmsprop to rebuild it against the installed mlx (pip's isolated build "
+    "compiles against the newest mlx; `pip install --no-build-isolation` against the installed "
+    "one, with pyproject.toml's build requirements installed)"
+)
 
 
 def update(
@@ -100,7 +104,7 @@ def _import_checked() -> ModuleType:
     if extension.MLX_VERSION != mx.__version__:
         raise RuntimeError(
             f"the native extension was built against mlx {extension.MLX_VERSION} but mlx "
-            f"{mx.__version__} is installed (the C++ ABI must match); {_REBUILD}"
+            f"{mx.__version__} is installed (their C++ ABIs must match); {_REBUILD}"
         )
     digest = source_digest()
     if digest is not None and digest != extension.SOURCE_DIGEST:
