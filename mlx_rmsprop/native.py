@@ -55,8 +55,17 @@ def update(
 
 
 def load() -> UpdateFn:
-    """The update function, or ``RuntimeError`` saying why the native path cannot run here."""
+    """The update function, or ``RuntimeError`` saying why the native path cannot run here.
+
+    It runs on the CPU stream, so it is offered only while the CPU is the default device (on
+    a GPU, ``fused="auto"`` moves on to a path that runs there)."""
     _loaded()
+    device = mx.default_device()
+    if device.type != mx.cpu:
+        raise RuntimeError(
+            f"the default device is {device}; the native update runs on the CPU "
+            "(mx.set_default_device(mx.cpu) selects it)"
+        )
     return update
 
 

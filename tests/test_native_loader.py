@@ -111,6 +111,15 @@ def test_a_matching_extension_is_used(stand_in):
     assert native.status() == expected
 
 
+def test_gpu_default_device_moves_auto_to_another_path(stand_in, monkeypatch):
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    with pytest.raises(RuntimeError, match=re.escape("the default device is Device(gpu, 0)")):
+        native.load()
+    assert backends.resolve("auto")[0].name == "compiled"
+    # The extension itself is fine: only this device makes it step aside.
+    assert native.status().startswith("built and loaded")
+
+
 def test_missing_extension_falls_back(monkeypatch, reprobe, caplog, tmp_path):
     # As after an installation without a compiler: the sources are there, the module is not.
     monkeypatch.delitem(sys.modules, EXTENSION, raising=False)
