@@ -82,6 +82,17 @@ inline C mlx_minimum(C a, C b) {
 #define MLX_RMSPROP_NOINLINE
 #endif
 
+// Before a loop whose iteration i reads and writes only element i of its spans: an output that
+// aliases its input (an in-place update) then carries no dependence between iterations, and the
+// compiler may vectorise without proving the spans disjoint.
+#if defined(__clang__)
+#define MLX_RMSPROP_ELEMENTWISE _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define MLX_RMSPROP_ELEMENTWISE _Pragma("GCC ivdep")
+#else
+#define MLX_RMSPROP_ELEMENTWISE
+#endif
+
 // The gradient pipeline that precedes the moments, in place on `g`:
 // g <- -g; g <- g / s_div * s_cmul / s_cdiv; g <- min(max(g, -c), c); g <- g + lambda p.
 // Kept out of line: inlined into the chunk loop, GCC 12 no longer vectorises the clip loop.
@@ -152,13 +163,7 @@ void update_core(
   const C lr = s[kLr];
   const C mu = s[kMomentum];
   const C decay = s[kWeightDecay];
-  // Each output element depends only on the same element of the inputs, so an output that
-  // aliases its input (in-place update) carries no dependence between iterations.
-#if defined(__clang__)
-#pragma clang loop vectorize(assume_safety)
-#elif defined(__GNUC__)
-#pragma GCC ivdep
-#endif
+  MLX_RMSPROP_ELEMENTWISE
   for (int64_t i = 0; i < n; ++i) {
     const C gi = g[i];
     const C vi = alpha * v[i] + one_minus_alpha * (gi * gi);
@@ -281,11 +286,7 @@ void update_ema(
   if (advance) {
     const C m = s[kEmaMomentum];
     const C one_minus_m = s[kEmaOneMinusMomentum];
-#if defined(__clang__)
-#pragma clang loop vectorize(assume_safety)
-#elif defined(__GNUC__)
-#pragma GCC ivdep
-#endif
+    MLX_RMSPROP_ELEMENTWISE
     for (int64_t i = 0; i < n; ++i) {
       ema_out[i] = m * ema[i] + one_minus_m * p_new[i];
     }
