@@ -439,3 +439,27 @@ def test_bad_arguments_name_the_argument_and_value(case):
     with pytest.raises(ValueError) as error:
         _ext.update(*args)
     assert str(error.value).startswith("[rmsprop_update] " + message)
+
+
+def test_optimizer_steps_update_parameters_and_state_in_place():
+    # Through RMSprop: the whole step is one compiled call, and no leftover reference to the
+    # old parameters (or state) may keep MLX from donating them.
+    from mlx_rmsprop import RMSprop
+
+    optimizer = RMSprop(1e-3, momentum=0.9, fused="native")
+    parameters = {"layer": {"weight": mx.random.normal((64, 65)), "bias": mx.zeros((65,))}}
+    gradients = {"layer": {"weight": mx.ones((64, 65)), "bias": mx.ones((65,))}}
+    optimizer.init(parameters)
+    mx.eval(parameters, gradients, optimizer.state)
+    for _ in range(3):
+        layer, state = parameters["layer"], optimizer.state["layer"]
+        before = [_address(layer[key]) for key in ("weight", "bias")]
+        before += [_address(state["weight"][key]) for key in ("v", "momentum_buffer")]
+        del layer, state
+        parameters = optimizer.apply_gradients(gradients, parameters)
+        mx.eval(parameters, optimizer.state)
+        layer, state = parameters["layer"], optimizer.state["layer"]
+        after = [_address(layer[key]) for key in ("weight", "bias")]
+        after += [_address(state["weight"][key]) for key in ("v", "momentum_buffer")]
+        del layer, state
+        assert after == before
