@@ -3,7 +3,6 @@
 #include "rmsprop_update.h"
 
 #include <algorithm>
-#include <cstring>
 #include <sstream>
 #include <stdexcept>
 #include <string>
