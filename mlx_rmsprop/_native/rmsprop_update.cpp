@@ -435,7 +435,12 @@ void RMSpropUpdate::eval_cpu(
     plan.ema = next++;
   }
 
-  encoder.set_input_array(inputs[0]);
+  for (const auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    encoder.set_output_array(out);
+  }
   encoder.dispatch([plan, gathers = std::move(gathers)]() mutable {
     for (auto& [src, dst] : gathers) {
       gather(src, dst);
