@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import native
 from .options import UpdateOptions
 from .reference import rmsprop_reference
 
@@ -55,9 +56,15 @@ PATHS: dict[str, Path] = {
     ),
     "metal": Path("metal", _load_metal, True, "one Metal kernel launch per parameter"),
     "cuda": Path("cuda", _load_cuda, True, "one CUDA kernel launch per parameter"),
+    "native": Path(
+        "native",
+        native.load,
+        True,
+        "one native C++ MLX primitive per parameter on the CPU: SIMD, all cores, in place",
+    ),
 }
 # `fused="auto"` takes the first of these that loads on this machine.
-AUTO_ORDER = ("metal", "cuda", "compiled")
+AUTO_ORDER = ("metal", "cuda", "native", "compiled")
 # Values accepted by ``RMSprop(fused=...)``: False is the plain reference ops.
 FUSED_CHOICES = ("auto", False, *(name for name in PATHS if name != "reference"))
 

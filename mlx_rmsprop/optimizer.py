@@ -68,8 +68,9 @@ class RMSprop(Optimizer):
         state_dtype: dtype of the state buffers. ``None`` (default): float32 for float16,
             bfloat16 and float32 parameters, float64 for float64 ones. Arithmetic is always at
             least float32 whatever this is.
-        fused: ``"auto"`` (the fastest path on this device), ``"compiled"`` (the reference
-            math under ``mx.compile``) or ``False`` (plain uncompiled ops).
+        fused: ``"auto"`` (the fastest path on this device), ``"native"`` (one C++ MLX
+            operation per parameter on the CPU, built at install time), ``"compiled"`` (the
+            reference math under ``mx.compile``) or ``False`` (plain uncompiled ops).
         skip_nonfinite: when a step's gradients hold any NaN or Inf, leave every parameter and
             state buffer as it was and count the step in ``skipped_steps`` instead (default
             ``False``: NaN propagates, as in every framework).

@@ -87,6 +87,10 @@ def match_gradients(gradients: Any, parameters: Any) -> list[Leaf]:
             )
 
     walk(gradients, parameters, "")
+    # `walk` reaches itself through its closure; left alone, that cycle keeps `leaves` (and so
+    # every old parameter) alive until the garbage collector runs, and MLX cannot update those
+    # parameters in place (array donation needs the step's graph to hold the only reference).
+    walk = None
     return leaves
 
 
@@ -105,6 +109,7 @@ def state_leaves(gradients: Any, state: Any) -> list[dict]:
             found.append(node)
 
     walk(gradients, state, "")
+    walk = None  # the same cycle as in match_gradients
     return found
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from framework_refs import load_cases, optimizer_for, replay
+from native_available import native_path
 from tolerances import EXACT_PEERS, assert_close
 
 CASES = load_cases() + load_cases("schedule_refs") + load_cases("keras_pipeline_refs")
@@ -16,7 +17,7 @@ CASES = load_cases() + load_cases("schedule_refs") + load_cases("keras_pipeline_
 ILL_CONDITIONED = {
     case.id for case in CASES if case.info.get("ill_conditioned") and case.dtype == "float32"
 }
-PATHS = [False, "compiled"]
+PATHS = [False, "compiled", native_path()]
 NORM_ARGUMENTS = ("clipnorm", "global_clipnorm")
 
 

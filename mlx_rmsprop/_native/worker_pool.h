@@ -1,0 +1,154 @@
+// A fixed set of worker threads that split one large element loop across the cores.
+//
+// MLX runs a CPU stream's tasks on one thread; a large update left there is bound by one core.
+// The stream thread hands parts of the range to these workers and runs a part itself.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
+namespace mlx_rmsprop {
+
+// Cores this process may run on (the affinity mask on Linux, else all online cores).
+inline int usable_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    int count = CPU_COUNT(&set);
+    if (count > 0) {
+      return count;
+    }
+  }
+#endif
+  unsigned count = std::thread::hardware_concurrency();
+  return count == 0 ? 1 : static_cast<int>(count);
+}
+
+class WorkerPool {
+ public:
+  // The process-wide pool with one thread per usable core minus the caller's. Never
+  // destroyed: its threads wait until the process exits, so no exit-time join can hang.
+  static WorkerPool& instance() {
+    static WorkerPool* pool = new WorkerPool(usable_cores() - 1);
+    return *pool;
+  }
+
+  // Runs part(0) ... part(parts - 1) and returns when all are done. The caller runs parts
+  // too; when another caller already owns the workers (two streams at once) or the pool was
+  // inherited through fork() (its threads do not exist in the child), the caller runs all.
+  void run(int parts, const std::function<void(int)>& part) {
+    std::unique_lock<std::mutex> owner(owner_mutex_, std::try_to_lock);
+    if (!owner.owns_lock() || workers_.empty() || parts <= 1 || forked()) {
+      for (int i = 0; i < parts; ++i) {
+        part(i);
+      }
+      return;
+    }
+    Job job{&part, parts};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = &job;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work(job);
+    std::unique_lock<std::mutex> lock(mutex_);
+    // `job` lives on this stack: no worker may still hold it when this returns.
+    done_.wait(lock, [&] { return job.finished == job.parts && job.attached == 0; });
+    current_ = nullptr;
+  }
+
+  int threads() const {
+    return static_cast<int>(workers_.size()) + 1;
+  }
+
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
+ private:
+  explicit WorkerPool(int workers) : owner_pid_(process_id()) {
+    for (int i = 0; i < workers; ++i) {
+      workers_.emplace_back([this] { serve(); });
+    }
+  }
+
+  static int64_t process_id() {
+#if defined(__unix__) || defined(__APPLE__)
+    return static_cast<int64_t>(getpid());
+#else
+    return 0;
+#endif
+  }
+
+  bool forked() const {
+    return process_id() != owner_pid_;
+  }
+
+  struct Job {
+    const std::function<void(int)>* part;
+    int parts;
+    std::atomic<int> next{0};
+    std::atomic<int> finished{0};
+    int attached = 0; // workers inside work(job), guarded by mutex_
+  };
+
+  // Claims parts of `job` until none is left.
+  void work(Job& job) {
+    for (;;) {
+      int index = job.next.fetch_add(1);
+      if (index >= job.parts) {
+        return;
+      }
+      (*job.part)(index);
+      if (job.finished.fetch_add(1) + 1 == job.parts) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.notify_all();
+      }
+    }
+  }
+
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = current_;
+        if (job == nullptr) {
+          continue;
+        }
+        ++job->attached;
+      }
+      work(*job);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--job->attached == 0) {
+        done_.notify_all();
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex owner_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  Job* current_ = nullptr; // guarded by mutex_
+  uint64_t generation_ = 0;
+  const int64_t owner_pid_;
+};
+
+} // namespace mlx_rmsprop

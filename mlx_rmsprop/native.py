@@ -1,0 +1,179 @@
+"""The native CPU path: the whole update of one parameter as one MLX primitive written in C++
+(``mlx_rmsprop/_native``), vectorised, split across the cores for large tensors, and updating
+the parameter and state in place when MLX can donate their buffers.
+
+The module ``mlx_rmsprop._native._ext`` is built when the package is installed where a C++
+toolchain exists. It is used only after it proves to match this installation: built against
+the running mlx version (it links against libmlx's C++ ABI), from the sources beside it, with
+this package's option and scalar layout, and giving the reference's result on a probe update.
+Otherwise :func:`load` raises ``RuntimeError`` with the reason, logged once at debug level, and
+``fused="auto"`` takes the next path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from ._native import source_digest
+from .options import NUM_SCALARS, WEIGHT_DECAY_MODES, Scalar, UpdateOptions
+from .reference import rmsprop_reference
+
+if TYPE_CHECKING:
+    from .backends import UpdateFn
+
+logger = logging.getLogger(__name__)
+
+_EXTENSION = "mlx_rmsprop._native._ext"
+_REBUILD = (
+    "reinstall mlx-rmsprop to rebuild it against the installed mlx (pip's isolated build "
+    "compiles against the newest mlx; `pip install --no-build-isolation` against the installed "
+    "one, with pyproject.toml's build requirements installed)"
+)
+
+
+def update(
+    options: UpdateOptions,
+    scalars: mx.array,
+    parameter: mx.array,
+    gradient: mx.array,
+    state: dict[str, mx.array],
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """:func:`~mlx_rmsprop.reference.rmsprop_reference`'s update as one native node on the
+    CPU stream (same signature, same results)."""
+    keys = options.state_keys
+    outputs = _loaded().update(
+        scalars, gradient, parameter, [state[key] for key in keys], _flags(options)
+    )
+    return outputs[0], dict(zip(keys, outputs[1:], strict=True))
+
+
+def load() -> UpdateFn:
+    """The update function, or ``RuntimeError`` saying why the native path cannot run here.
+
+    It runs on the CPU stream, so it is offered only while the CPU is the default device (on
+    a GPU, ``fused="auto"`` moves on to a path that runs there)."""
+    _loaded()
+    device = mx.default_device()
+    if device.type != mx.cpu:
+        raise RuntimeError(
+            f"the default device is {device}; the native update runs on the CPU "
+            "(mx.set_default_device(mx.cpu) selects it)"
+        )
+    return update
+
+
+def status() -> str:
+    """One line: whether the native path runs here, and why not when it does not."""
+    extension, reason = _probe()
+    if extension is None:
+        return f"not available: {reason}"
+    return (
+        f"built and loaded (mlx {extension.MLX_VERSION}; {extension.worker_threads()} threads "
+        f"from {extension.PARALLEL_THRESHOLD} elements)"
+    )
+
+
+def _loaded() -> ModuleType:
+    extension, reason = _probe()
+    if extension is None:
+        raise RuntimeError(reason)
+    return extension
+
+
+@functools.cache
+def _probe() -> tuple[ModuleType | None, str | None]:
+    try:
+        extension, reason = _import_checked(), None
+    except RuntimeError as error:
+        extension, reason = None, str(error)
+        logger.debug("native CPU update unavailable: %s", reason)
+    return extension, reason
+
+
+def _import_checked() -> ModuleType:
+    try:
+        extension = importlib.import_module(_EXTENSION)
+    except ModuleNotFoundError as error:
+        if error.name != _EXTENSION:
+            raise
+        raise RuntimeError(
+            "the native extension is not built (building it at install time needs a C++ "
+            "compiler and the Python headers; `pip install -v` shows why it failed)"
+        ) from None
+    except ImportError as error:
+        raise RuntimeError(f"the native extension cannot be loaded ({error}); {_REBUILD}") from None
+
+    if extension.MLX_VERSION != mx.__version__:
+        raise RuntimeError(
+            f"the native extension was built against mlx {extension.MLX_VERSION} but mlx "
+            f"{mx.__version__} is installed (their C++ ABIs must match); {_REBUILD}"
+        )
+    digest = source_digest()
+    if digest is not None and digest != extension.SOURCE_DIGEST:
+        raise RuntimeError(f"the native extension was built from older sources; {_REBUILD}")
+    if tuple(extension.SCALAR_NAMES) != tuple(Scalar.__members__):
+        raise RuntimeError(f"the native extension has another scalar layout; {_REBUILD}")
+    if set(extension.FLAG_BITS) != set(_flag_names()):
+        raise RuntimeError(f"the native extension has another set of options; {_REBUILD}")
+    _check_against_reference(extension)
+    return extension
+
+
+def _flag_names() -> list[str]:
+    names = []
+    for field in dataclasses.fields(UpdateOptions):
+        if field.name == "weight_decay":
+            names += [f"weight_decay={mode}" for mode in WEIGHT_DECAY_MODES if mode != "none"]
+        else:
+            names.append(field.name)
+    return names
+
+
+@functools.cache
+def _flags(options: UpdateOptions) -> int:
+    bits = _loaded().FLAG_BITS
+    flags = 0
+    for field in dataclasses.fields(UpdateOptions):
+        value = getattr(options, field.name)
+        if field.name == "weight_decay":
+            flags |= bits[f"weight_decay={value}"] if value != "none" else 0
+        elif value:
+            flags |= bits[field.name]
+    return flags
+
+
+def _check_against_reference(extension: ModuleType) -> None:
+    """One small centered momentum update must equal the reference bit for bit: this catches a
+    module that cannot exchange arrays with this mlx (another nanobind ABI) or computes wrong."""
+    options = UpdateOptions(centered=True, momentum=True)
+    values = [0.01, 0.9, 0.1, 1e-8, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert len(values) == NUM_SCALARS
+    scalars = mx.array(values, mx.float32)
+    parameter = mx.array([0.5, -1.5, 2.0], mx.float32)
+    gradient = mx.array([0.25, 3.0, -0.125], mx.float32)
+    state = {key: mx.full((3,), 0.75, mx.float32) for key in options.state_keys}
+    try:
+        flags = sum(extension.FLAG_BITS[name] for name in ("centered", "momentum"))
+        outputs = extension.update(
+            scalars, gradient, parameter, [state[key] for key in options.state_keys], flags
+        )
+        mx.eval(outputs)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise RuntimeError(
+            f"the native extension does not run with this mlx ({error}); {_REBUILD}"
+        ) from None
+    expected_parameter, expected_state = rmsprop_reference(
+        options, scalars, parameter, gradient, state
+    )
+    expected = [expected_parameter, *(expected_state[key] for key in options.state_keys)]
+    if not all(mx.array_equal(a, b).item() for a, b in zip(outputs, expected, strict=True)):
+        raise RuntimeError(
+            f"the native extension's probe update differs from the reference; {_REBUILD}"
+        )
