@@ -1,0 +1,100 @@
+"""How a step is timed, and the memory bandwidth every GB/s figure is compared with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per step: median and the 20th/80th percentiles of ``samples``."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: tuple[float, ...]
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        p20, median, p80 = np.percentile(samples, [20, 50, 80])
+        return cls(float(median), float(p20), float(p80), tuple(samples))
+
+
+def time_steps(step: Callable[[], None], count: int) -> list[float]:
+    """Seconds of each of ``count`` calls of ``step``, which must return only once its results
+    exist (``mx.eval``, ``block_until_ready``, a device synchronisation)."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def mlx_step_memory(step: Callable[[], None], before_setup: int) -> tuple[int, int] | None:
+    """``(peak, resident)`` bytes of one MLX step of an implementation set up after MLX had
+    ``before_setup`` bytes active: ``resident`` is what its parameters, gradients and state
+    hold, ``peak`` that plus the most the step allocated on top. Other implementations' arrays
+    alive at the same time are not counted. ``None`` where MLX does not report memory."""
+    mx.synchronize()
+    mx.clear_cache()
+    active = mx.get_active_memory()
+    mx.reset_peak_memory()
+    step()
+    peak = mx.get_peak_memory()
+    if peak == 0:
+        return None
+    resident = active - before_setup
+    return resident + max(peak - active, 0), resident
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """A measured streaming bandwidth and exactly what was measured."""
+
+    gbps: float
+    method: str
+    array_bytes: int
+    passes: int
+
+
+def numpy_bandwidth(elements: int, passes: int = 10) -> Bandwidth:
+    """Host memory bandwidth: NumPy ``a += b`` on two float32 arrays of ``elements``, counting
+    three array sizes per pass (read a, read b, write a), best pass of ``passes``."""
+    a = np.ones(elements, np.float32)
+    b = np.ones(elements, np.float32)
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        np.add(a, b, out=a)
+        best = min(best, time.perf_counter() - start)
+    return Bandwidth(
+        3 * a.nbytes / best / 1e9, "numpy in-place a += b, float32", int(a.nbytes), passes
+    )
+
+
+def mlx_bandwidth(elements: int, passes: int = 10) -> Bandwidth:
+    """Bandwidth of MLX's default device: ``a = a + b`` on two float32 arrays of ``elements``
+    (the old ``a`` is donated, so the add streams in place), three array sizes per pass, best
+    pass of ``passes``."""
+    a = mx.ones((elements,), mx.float32)
+    b = mx.ones((elements,), mx.float32)
+    mx.eval(a, b)
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        a = a + b
+        mx.eval(a)
+        best = min(best, time.perf_counter() - start)
+    device = mx.default_device()
+    return Bandwidth(
+        3 * a.nbytes / best / 1e9,
+        f"mlx a = a + b on {device}, float32, old a donated",
+        int(a.nbytes),
+        passes,
+    )
