@@ -15,12 +15,14 @@ import math
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 
 from mlx_rmsprop import backends, bench
 from mlx_rmsprop.backends import Path
 from mlx_rmsprop.bench import implementations, report, workloads
 from mlx_rmsprop.bench.implementations import NOT_INSTALLED, OK
+from mlx_rmsprop.bench.timing import mlx_step_memory, repeat_count
 
 REPEATS = 4
 README = """# project
@@ -65,6 +67,8 @@ def tiny_run(tmp_path_factory):
         "2",
         "--warmup",
         "1",
+        "--row-seconds",
+        "0",
         "--bandwidth-size",
         "16",
         "--json",
@@ -110,6 +114,7 @@ def test_run_succeeds_and_records_machine_versions_and_settings(tiny_run):
         "repeats": REPEATS,
         "rounds": 2,
         "warmup": 1,
+        "row_seconds": 0.0,
         "peers": True,
         "bandwidth_exponent": 16,
         "seed": 0,
@@ -283,6 +288,32 @@ def test_bad_options_name_the_value(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)
     assert message in capsys.readouterr().err
+
+
+def test_repeats_shrink_to_the_time_budget_but_not_below_the_least():
+    assert repeat_count([0.01, 0.02], repeats=20, budget=1.0, least=5) == 20
+    assert repeat_count([0.2, 0.1], repeats=20, budget=1.0, least=5) == 10
+    assert repeat_count([0.5], repeats=20, budget=1.0, least=5) == 5
+    assert repeat_count([0.5], repeats=3, budget=1.0, least=5) == 3
+    assert repeat_count([0.5], repeats=20, budget=0.0, least=5) == 20
+
+
+def test_step_memory_of_a_step_that_allocates_nothing_is_its_resident_size():
+    mx.synchronize()
+    before_setup = mx.get_active_memory()
+    held = {"x": mx.ones((2**16,)), "y": mx.ones((2**16,))}
+    mx.eval(held)
+    add = mx.compile(lambda x, y: x + y)
+
+    def step():
+        # One output: MLX writes it into the donated buffer of x.
+        held["x"] = add(held["x"], held["y"])
+        mx.eval(held)
+
+    step()
+    peak, resident = mlx_step_memory(step, before_setup)
+    assert resident == 2 * 4 * 2**16
+    assert peak == resident
 
 
 def test_progress_goes_to_a_log_as_lines():

@@ -101,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--repeats", type=_positive, default=20, help="timed steps per row (default 20)")
     add(
+        "--row-seconds",
+        type=float,
+        default=1.0,
+        help="fewer timed steps (at least 5) for a row whose --repeats steps would take longer "
+        "than this, judged from its warm-up; 0: always --repeats (default 1.0)",
+    )
+    add(
         "--rounds",
         type=_positive,
         default=5,
@@ -108,7 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rounds, every implementation once per round, so that a burst of other load on the "
         "machine hits them all alike (default 5)",
     )
-    add("--warmup", type=_count, default=3, help="untimed steps first (default 3)")
+    add(
+        "--warmup",
+        type=_count,
+        default=2,
+        help="untimed steps before the timed ones: compilation, first allocations and lazily "
+        "created state happen there (default 2)",
+    )
     add("--no-peers", action="store_true", help="skip PyTorch and optax even if installed")
     add(
         "--device",
@@ -164,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         configurations=tuple(args.configurations),
         repeats=args.repeats,
         rounds=args.rounds,
+        row_seconds=args.row_seconds,
         warmup=args.warmup,
         peers=not args.no_peers,
         bandwidth_exponent=args.bandwidth_size[0],

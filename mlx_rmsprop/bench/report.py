@@ -112,7 +112,8 @@ def format_table(record: dict, targets: list[dict]) -> str:
         f"mlx_rmsprop bench, {record['started']}: {describe_machine(record)}",
         describe_versions(record),
         f"memory bandwidth: {describe_bandwidth(record)}",
-        f"median of {settings['repeats']} steps after {settings['warmup']} warm-up steps "
+        f"median of {_steps(settings)} after {settings['warmup']} warm-up steps, "
+        f"in {settings['rounds']} interleaved rounds "
         "(p20-p80 in ms); GB/s from the bytes an update must move; x: speed against MLX "
         "RMSprop under mx.compile on the same workload (its plain step)",
     ]
@@ -142,6 +143,15 @@ def format_table(record: dict, targets: list[dict]) -> str:
     lines += ["", "targets (ratios of this run's medians):"]
     lines += [f"  {_target_line(target)}" for target in targets]
     return "\n".join(lines)
+
+
+def _steps(settings: dict) -> str:
+    if settings["row_seconds"] <= 0:
+        return f"{settings['repeats']} steps"
+    return (
+        f"{settings['repeats']} steps (at least 5 where that would take over "
+        f"{settings['row_seconds']:g} s)"
+    )
 
 
 def _verdict(target: dict) -> str:
@@ -175,8 +185,8 @@ def markdown(record: dict, targets: list[dict]) -> str:
         f"{describe_versions(record)}. Memory bandwidth measured in the same run: "
         f"{describe_bandwidth(record)}. Regenerate with `{README_COMMAND}`.",
         "",
-        f"Each cell: median time of one optimizer step over {record['settings']['repeats']} "
-        "steps (gradients given, parameters and state evaluated, warm-up excluded) and its "
+        f"Each cell: median time of one optimizer step over {_steps(record['settings'])} "
+        "(gradients given, parameters and state evaluated, warm-up excluded) and its "
         "speed against MLX's `RMSprop` under `mx.compile` on the same workload (higher is "
         "faster; the built-in has only the plain configuration, so every configuration is "
         "compared with its plain step). Full figures (p20/p80, GB/s, fraction of bandwidth, "

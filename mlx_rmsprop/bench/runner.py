@@ -13,11 +13,22 @@ import mlx.core as mx
 from . import environment
 from .implementations import OK, Implementation, builtin, ours
 from .peers import peers
-from .timing import Bandwidth, Timing, mlx_bandwidth, mlx_step_memory, numpy_bandwidth, time_steps
+from .timing import (
+    Bandwidth,
+    Timing,
+    mlx_bandwidth,
+    mlx_step_memory,
+    numpy_bandwidth,
+    repeat_count,
+    time_steps,
+)
 from .workloads import CONFIGURATIONS, Configuration, Workload, generate, plan_workloads
 
 # Identifies the JSON layout; bump when a field changes meaning.
 SCHEMA_VERSION = 1
+# A row never has fewer timed steps than this (unless --repeats asks for fewer): enough for
+# its 20th and 80th percentiles to differ from its extremes.
+MIN_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class Settings:
     repeats: int
     rounds: int
     warmup: int
+    row_seconds: float
     peers: bool
     bandwidth_exponent: int
     seed: int
@@ -93,7 +105,7 @@ def _measure_group(
             mx.synchronize()
             before_setup = mx.get_active_memory()
             prepared = implementation.prepare(workload, *data, configuration)
-            time_steps(prepared.step, settings.warmup)
+            warmup = time_steps(prepared.step, settings.warmup)
             memory = mlx_step_memory(prepared.step, before_setup) if prepared.mlx_memory else None
         except Exception as error:  # one failing implementation must not hide the others
             rows[implementation.role] = _failed(row, error)
@@ -104,26 +116,24 @@ def _measure_group(
             "peak_memory_bytes": memory[0] if memory else None,
             "resident_bytes": memory[1] if memory else None,
         }
-        ready.append((implementation.role, prepared))
+        repeats = repeat_count(warmup, settings.repeats, settings.row_seconds, MIN_REPEATS)
+        ready.append((implementation.role, prepared, repeats))
 
-    samples: dict[str, list[float]] = {role: [] for role, _ in ready}
+    samples: dict[str, list[float]] = {role: [] for role, _, _ in ready}
     rounds = min(settings.rounds, settings.repeats)
     for round_index in range(rounds):
         advance(f"{workload.key()} {configuration.name}: round {round_index + 1}/{rounds}")
-        count = (
-            settings.repeats * (round_index + 1) // rounds
-            - settings.repeats * round_index // rounds
-        )
         shift = round_index % max(len(ready), 1)
-        for role, prepared in ready[shift:] + ready[:shift]:
-            if rows[role]["status"] != OK:
+        for role, prepared, repeats in ready[shift:] + ready[:shift]:
+            count = repeats * (round_index + 1) // rounds - repeats * round_index // rounds
+            if rows[role]["status"] != OK or count == 0:
                 continue
             try:
                 samples[role] += time_steps(prepared.step, count)
             except Exception as error:
                 rows[role] = _failed(rows[role], error)
 
-    for role, _ in ready:
+    for role, _, _ in ready:
         if rows[role]["status"] != OK:
             continue
         timing = Timing.of(samples[role])

@@ -44,13 +44,25 @@ def mlx_step_memory(step: Callable[[], None], before_setup: int) -> tuple[int, i
     mx.synchronize()
     mx.clear_cache()
     active = mx.get_active_memory()
+    if active == 0:
+        return None
     mx.reset_peak_memory()
     step()
-    peak = mx.get_peak_memory()
-    if peak == 0:
-        return None
+    # The reset sets the peak to 0 and only an allocation raises it again: a step that
+    # allocates nothing (every output written in place) peaks at what was already active.
+    peak = max(mx.get_peak_memory(), active)
     resident = active - before_setup
-    return resident + max(peak - active, 0), resident
+    return resident + peak - active, resident
+
+
+def repeat_count(warmup_samples: list[float], repeats: int, budget: float, least: int) -> int:
+    """Timed steps for one row: ``repeats``, or as many as fit in ``budget`` seconds at the
+    speed of the fastest warm-up step, but never fewer than ``least`` (nor than ``repeats``
+    when that is smaller)."""
+    if not warmup_samples or budget <= 0:
+        return repeats
+    fitting = int(budget / max(min(warmup_samples), 1e-9))
+    return min(repeats, max(fitting, least))
 
 
 @dataclass(frozen=True)
