@@ -77,11 +77,11 @@ def _ratio(value: float | None) -> str:
 def describe_machine(record: dict) -> str:
     machine = record["machine"]
     load = machine.get("load_average")
-    busy = f", load average {load:.1f} at start" if load is not None else ""
-    return (
-        f"{machine['mlx_device']} on {machine['cpu']} ({machine['cpu_count']} CPUs{busy}), "
-        f"{machine['os']}"
-    )
+    busy = f", load average {load:.1f} at the start" if load is not None else ""
+    device = "the GPU" if machine["gpu"] else "the CPU"
+    gpu_name = machine["device_info"].get("device_name", "") if machine["gpu"] else ""
+    where = f"{device} ({gpu_name})" if gpu_name else device
+    return f"MLX on {where}; {machine['cpu']}, {machine['cpu_count']} CPUs{busy}; {machine['os']}"
 
 
 def describe_versions(record: dict) -> str:
@@ -112,7 +112,7 @@ def format_table(record: dict, targets: list[dict]) -> str:
         f"mlx_rmsprop bench, {record['started']}: {describe_machine(record)}",
         describe_versions(record),
         f"memory bandwidth: {describe_bandwidth(record)}",
-        f"median of {_steps(settings)} after {settings['warmup']} warm-up steps, "
+        f"after {settings['warmup']} warm-up steps, median of {_steps(settings)}, taken "
         f"in {settings['rounds']} interleaved rounds "
         "(p20-p80 in ms); GB/s from the bytes an update must move; x: speed against MLX "
         "RMSprop under mx.compile on the same workload (its plain step)",
@@ -149,8 +149,8 @@ def _steps(settings: dict) -> str:
     if settings["row_seconds"] <= 0:
         return f"{settings['repeats']} steps"
     return (
-        f"{settings['repeats']} steps (at least 5 where that would take over "
-        f"{settings['row_seconds']:g} s)"
+        f"{settings['repeats']} steps, or at least 5 where {settings['repeats']} would take "
+        f"over {settings['row_seconds']:g} s"
     )
 
 
@@ -181,12 +181,12 @@ def markdown(record: dict, targets: list[dict]) -> str:
     columns: workloads), then the targets."""
     lines = [
         README_START,
-        f"Measured {record['started'][:10]} on {describe_machine(record)}; "
+        f"Measured {record['started'][:10]} with {describe_machine(record)}; "
         f"{describe_versions(record)}. Memory bandwidth measured in the same run: "
         f"{describe_bandwidth(record)}. Regenerate with `{README_COMMAND}`.",
         "",
-        f"Each cell: median time of one optimizer step over {_steps(record['settings'])} "
-        "(gradients given, parameters and state evaluated, warm-up excluded) and its "
+        f"Each cell: median time of one optimizer step (over {_steps(record['settings'])}; "
+        "gradients given, parameters and state evaluated, warm-up excluded) and its "
         "speed against MLX's `RMSprop` under `mx.compile` on the same workload (higher is "
         "faster; the built-in has only the plain configuration, so every configuration is "
         "compared with its plain step). Full figures (p20/p80, GB/s, fraction of bandwidth, "
