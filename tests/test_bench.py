@@ -316,6 +316,12 @@ def test_step_memory_of_a_step_that_allocates_nothing_is_its_resident_size():
     assert peak == resident
 
 
+@pytest.mark.skipif(mx.is_available(mx.gpu), reason="this machine has an MLX GPU")
+def test_asking_for_a_missing_gpu_is_refused(capsys):
+    assert bench.run(parse("--device", "gpu")) == 2
+    assert "--device gpu: MLX has no gpu on this machine" in capsys.readouterr().err
+
+
 def test_progress_goes_to_a_log_as_lines():
     stream = io.StringIO()
     progress = report.ProgressBar(stream, log_every=0)

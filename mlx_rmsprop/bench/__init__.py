@@ -162,11 +162,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark ``args`` describes; prints the table and writes the files.
-    Returns 1 when a row failed to run, else 0."""
+    Returns 2 when the requested device does not exist, 1 when a row failed, else 0."""
     import mlx.core as mx
 
     if args.device != "default":
-        mx.set_default_device(getattr(mx, args.device))
+        device = getattr(mx, args.device)
+        if not mx.is_available(device):
+            print(
+                f"--device {args.device}: MLX has no {args.device} on this machine", file=sys.stderr
+            )
+            return 2
+        mx.set_default_device(device)
     exponents = args.sizes
     if exponents is None:
         exponents = DEFAULT_EXPONENTS + ((GPU_EXTRA_EXPONENT,) if on_gpu() else ())
