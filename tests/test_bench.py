@@ -244,6 +244,14 @@ def test_readme_section_is_replaced_between_the_markers(tiny_run):
     assert "| MLX RMSprop, mx.compile | plain | " in section
 
 
+@pytest.mark.skipif(not report.matplotlib_available(), reason="matplotlib is not installed")
+def test_chart_of_gbps_against_size_is_a_png(tiny_run, tmp_path):
+    _, record, _, _ = tiny_run
+    chart = tmp_path / "bench.png"
+    assert report.write_chart(record, str(chart))
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
 def test_readme_without_markers_is_refused(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no section here\n")

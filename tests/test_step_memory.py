@@ -35,5 +35,6 @@ def test_a_step_holds_no_arrays_of_the_previous_step(fused):
     finally:
         gc.enable()
     # One 512x512 float32 array is 1 MiB: any retained copy of the parameters or a state buffer
-    # shows up as growth of at least that much.
-    assert after_more == [after_first] * 4
+    # shows up as growth of at least that much. Small per-step arrays (the scalars vector, the
+    # step count) may come and go: a few KiB.
+    assert all(abs(after - after_first) < 2**18 for after in after_more), (after_first, after_more)

@@ -11,6 +11,7 @@ import time
 from typing import TextIO
 
 from .implementations import OK
+from .timing import MIN_REPEATS
 
 README_START = "<!-- mlx_rmsprop bench: start -->"
 README_END = "<!-- mlx_rmsprop bench: end -->"
@@ -94,7 +95,7 @@ def describe_bandwidth(record: dict) -> str:
     measured = bandwidth["before"][bandwidth["source"]]
     return (
         f"{bandwidth['gbps']:.1f} GB/s ({measured['method']}, "
-        f"{measured['array_bytes'] / 2**20:.0f} MiB arrays, 3 arrays' bytes per pass, best of "
+        f"{_size(measured['array_bytes'])} arrays, 3 arrays' bytes per pass, best of "
         f"{measured['passes']} passes before and after the rows)"
     )
 
@@ -113,7 +114,7 @@ def format_table(record: dict, targets: list[dict]) -> str:
         describe_versions(record),
         f"memory bandwidth: {describe_bandwidth(record)}",
         f"after {settings['warmup']} warm-up steps, median of {_steps(settings)}, taken "
-        f"in {settings['rounds']} interleaved rounds "
+        f"in {_rounds(settings['rounds'])} "
         "(p20-p80 in ms); GB/s from the bytes an update must move; x: speed against MLX "
         "RMSprop under mx.compile on the same workload (its plain step)",
     ]
@@ -145,12 +146,21 @@ def format_table(record: dict, targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
+def _rounds(count: int) -> str:
+    return "1 round" if count == 1 else f"{count} interleaved rounds"
+
+
 def _steps(settings: dict) -> str:
-    if settings["row_seconds"] <= 0:
+    if settings["row_seconds"] <= 0 or settings["repeats"] <= MIN_REPEATS:
         return f"{settings['repeats']} steps"
+    repeats = settings["repeats"]
+    budget = settings["row_seconds"]
     return (
-        f"{settings['repeats']} steps, or at least 5 where {settings['repeats']} would take "
-        f"over {settings['row_seconds']:g} s"
+        f"{repeats} steps, or at least {MIN_REPEATS} where {repeats} would take over {budget:g} s"
     )
 
 

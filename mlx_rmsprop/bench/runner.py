@@ -26,9 +26,6 @@ from .workloads import CONFIGURATIONS, Configuration, Workload, generate, plan_w
 
 # Identifies the JSON layout; bump when a field changes meaning.
 SCHEMA_VERSION = 1
-# A row never has fewer timed steps than this (unless --repeats asks for fewer): enough for
-# its 20th and 80th percentiles to differ from its extremes.
-MIN_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def _measure_group(
             "peak_memory_bytes": memory[0] if memory else None,
             "resident_bytes": memory[1] if memory else None,
         }
-        repeats = repeat_count(warmup, settings.repeats, settings.row_seconds, MIN_REPEATS)
+        repeats = repeat_count(warmup, settings.repeats, settings.row_seconds)
         ready.append((implementation.role, prepared, repeats))
 
     samples: dict[str, list[float]] = {role: [] for role, _, _ in ready}

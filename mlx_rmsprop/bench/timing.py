@@ -55,7 +55,14 @@ def mlx_step_memory(step: Callable[[], None], before_setup: int) -> tuple[int, i
     return resident + peak - active, resident
 
 
-def repeat_count(warmup_samples: list[float], repeats: int, budget: float, least: int) -> int:
+# A row never has fewer timed steps than this (unless --repeats asks for fewer): enough for
+# its 20th and 80th percentiles to differ from its extremes.
+MIN_REPEATS = 5
+
+
+def repeat_count(
+    warmup_samples: list[float], repeats: int, budget: float, least: int = MIN_REPEATS
+) -> int:
     """Timed steps for one row: ``repeats``, or as many as fit in ``budget`` seconds at the
     speed of the fastest warm-up step, but never fewer than ``least`` (nor than ``repeats``
     when that is smaller)."""
