@@ -20,9 +20,9 @@ import pytest
 
 from mlx_rmsprop import backends, bench
 from mlx_rmsprop.backends import Path
-from mlx_rmsprop.bench import implementations, report, workloads
-from mlx_rmsprop.bench.implementations import NOT_INSTALLED, OK
-from mlx_rmsprop.bench.timing import mlx_step_memory, repeat_count
+from mlx_rmsprop.bench import implementations, report, runner, workloads
+from mlx_rmsprop.bench.implementations import NOT_INSTALLED, OK, Prepared
+from mlx_rmsprop.bench.timing import mlx_step_memory, repeat_count, time_steps
 
 REPEATS = 4
 README = """# project
@@ -307,8 +307,6 @@ def test_repeats_shrink_to_the_time_budget_but_not_below_the_least():
 
 
 def test_step_memory_of_a_step_that_allocates_nothing_is_its_resident_size():
-    mx.synchronize()
-    before_setup = mx.get_active_memory()
     held = {"x": mx.ones((2**16,)), "y": mx.ones((2**16,))}
     mx.eval(held)
     add = mx.compile(lambda x, y: x + y)
@@ -318,10 +316,37 @@ def test_step_memory_of_a_step_that_allocates_nothing_is_its_resident_size():
         held["x"] = add(held["x"], held["y"])
         mx.eval(held)
 
+    prepared = Prepared(step, lambda: None, bytes_moved=0, device="cpu", mlx_resident=2**19)
     step()
-    peak, resident = mlx_step_memory(step, before_setup)
-    assert resident == 2 * 4 * 2**16
-    assert peak == resident
+    assert mlx_step_memory(prepared) == (2**19, 2**19)
+
+
+def test_gradients_alternate_between_g_and_minus_g_converted_once():
+    data = workloads.generate(workloads.single_tensor(4, "float32"))
+    calls = []
+
+    def convert(arrays):
+        calls.append(arrays)
+        return [array.copy() for array in arrays]
+
+    first = data.gradient_pair(("numpy", "float32"), convert)
+    assert data.gradient_pair(("numpy", "float32"), convert) is first
+    assert len(calls) == 2
+    assert (first[1][0] == -first[0][0]).all() and first[0][0].any()
+
+
+def test_no_implementation_changes_the_shared_workload_data():
+    workload = workloads.single_tensor(6, "float32")
+    data = workloads.generate(workload)
+    parameters = [array.copy() for array in data.parameters]
+    gradients = [array.copy() for array in data.gradients]
+    configuration = workloads.CONFIGURATIONS["centered+momentum"]
+    for implementation in runner.implementations(include_peers=True):
+        if implementation.status == OK and implementation.supports(configuration):
+            prepared = implementation.prepare(workload, data, configuration)
+            time_steps(prepared, 3)
+    for before, after in zip(parameters + gradients, data.parameters + data.gradients, strict=True):
+        assert (before == after).all()
 
 
 @pytest.mark.skipif(mx.is_available(mx.gpu), reason="this machine has an MLX GPU")

@@ -17,7 +17,15 @@ import numpy as np
 
 from .. import backends
 from ..optimizer import RMSprop
-from .workloads import ALPHA, EPS, LEARNING_RATE, Configuration, Workload, bytes_moved
+from .workloads import (
+    ALPHA,
+    EPS,
+    LEARNING_RATE,
+    Configuration,
+    Workload,
+    WorkloadData,
+    bytes_moved,
+)
 
 OK = "ok"
 NOT_INSTALLED = "not installed"
@@ -25,16 +33,22 @@ NOT_INSTALLED = "not installed"
 
 @dataclass
 class Prepared:
-    """One implementation set up on one workload."""
+    """One implementation set up on one workload.
+
+    ``step`` applies one update and returns once the results exist; ``next_gradients``
+    switches to the other gradient set and is called between timed steps, outside the timer.
+    """
 
     step: Callable[[], None]
+    next_gradients: Callable[[], None]
     bytes_moved: int
     device: str
-    # Its arrays live in MLX's allocator, whose peak the benchmark reads.
-    mlx_memory: bool = False
+    # Bytes of its parameters, one gradient set and its state, where they live in MLX's
+    # allocator (whose peak the benchmark then reads); None otherwise.
+    mlx_resident: int | None = None
 
 
-Prepare = Callable[[Workload, list, list, Configuration], Prepared]
+Prepare = Callable[[Workload, WorkloadData, Configuration], Prepared]
 
 
 @dataclass(frozen=True)
@@ -59,24 +73,32 @@ class Implementation:
         return self.configurations is None or configuration.name in self.configurations
 
 
+def _mlx_arrays(arrays: list[np.ndarray], names: list[str], dtype: mx.Dtype) -> dict:
+    tree = {name: mx.array(array).astype(dtype) for name, array in zip(names, arrays, strict=True)}
+    mx.eval(tree)
+    return tree
+
+
 def _prepare_mlx(
     make_optimizer: Callable[[], mlx.optimizers.Optimizer],
     workload: Workload,
-    parameters: list[np.ndarray],
-    gradients: list[np.ndarray],
+    data: WorkloadData,
     compiled: bool,
 ) -> Prepared:
     dtype = getattr(mx, workload.dtype)
-    names = [f"t{index:03d}" for index in range(len(parameters))]
-    parameter_tree = {name: mx.array(parameters[i]).astype(dtype) for i, name in enumerate(names)}
-    gradient_tree = {name: mx.array(gradients[i]).astype(dtype) for i, name in enumerate(names)}
+    names = [f"t{index:03d}" for index in range(workload.tensors)]
+    parameter_tree = _mlx_arrays(data.parameters, names, dtype)
+    gradient_trees = data.gradient_pair(
+        ("mlx", workload.dtype), lambda arrays: _mlx_arrays(arrays, names, dtype)
+    )
     optimizer = make_optimizer()
     optimizer.init(parameter_tree)
-    mx.eval(parameter_tree, gradient_tree, optimizer.state)
+    mx.eval(optimizer.state)
     model = {"parameters": parameter_tree}
+    current = {"gradients": 0}
 
-    def apply() -> None:
-        model["parameters"] = optimizer.apply_gradients(gradient_tree, model["parameters"])
+    def apply(gradients: dict) -> None:
+        model["parameters"] = optimizer.apply_gradients(gradients, model["parameters"])
 
     if compiled:
         # The training-step pattern MLX documents: the whole step compiled, with the model and
@@ -85,30 +107,30 @@ def _prepare_mlx(
         apply = mx.compile(apply, inputs=captured, outputs=captured)
 
     def step() -> None:
-        apply()
+        apply(gradient_trees[current["gradients"]])
         mx.eval(model, optimizer.state)
 
+    def next_gradients() -> None:
+        current["gradients"] ^= 1
+
+    parameters = list(parameter_tree.values())
+    gradients = list(gradient_trees[0].values())
     state_buffers = [buffer for name in names for buffer in optimizer.state[name].values()]
     return Prepared(
         step=step,
-        bytes_moved=bytes_moved(
-            list(parameter_tree.values()), list(gradient_tree.values()), state_buffers
-        ),
+        next_gradients=next_gradients,
+        bytes_moved=bytes_moved(parameters, gradients, state_buffers),
         device=str(mx.default_device()),
-        mlx_memory=True,
+        mlx_resident=sum(array.nbytes for array in parameters + gradients + state_buffers),
     )
 
 
 def builtin(compiled: bool) -> Implementation:
     """``mlx.optimizers.RMSprop``, which has only the plain configuration."""
 
-    def prepare(workload, parameters, gradients, configuration) -> Prepared:
+    def prepare(workload, data, configuration) -> Prepared:
         return _prepare_mlx(
-            lambda: mlx.optimizers.RMSprop(LEARNING_RATE, ALPHA, EPS),
-            workload,
-            parameters,
-            gradients,
-            compiled,
+            lambda: mlx.optimizers.RMSprop(LEARNING_RATE, ALPHA, EPS), workload, data, compiled
         )
 
     return Implementation(
@@ -121,7 +143,7 @@ def builtin(compiled: bool) -> Implementation:
 
 
 def _ours(fused: str | bool, compiled: bool) -> Prepare:
-    def prepare(workload, parameters, gradients, configuration) -> Prepared:
+    def prepare(workload, data, configuration) -> Prepared:
         return _prepare_mlx(
             lambda: RMSprop(
                 LEARNING_RATE,
@@ -132,8 +154,7 @@ def _ours(fused: str | bool, compiled: bool) -> Prepare:
                 fused=fused,
             ),
             workload,
-            parameters,
-            gradients,
+            data,
             compiled,
         )
 

@@ -62,15 +62,23 @@ def torch_rmsprop(foreach: bool) -> Implementation:
         return Implementation(name, role, status)
     (torch,) = modules
 
-    def prepare(workload, parameters, gradients, configuration) -> Prepared:
+    def prepare(workload, data, configuration) -> Prepared:
         device = _torch_device(torch)
         dtype = getattr(torch, workload.dtype)
-        tensors = []
-        for parameter, gradient in zip(parameters, gradients, strict=True):
-            tensor = torch.from_numpy(parameter).to(device=device, dtype=dtype)
-            tensor.requires_grad_(True)
-            tensor.grad = torch.from_numpy(gradient).to(device=device, dtype=dtype)
-            tensors.append(tensor)
+
+        def convert(arrays):
+            # A copy: from_numpy alone would share memory, and the optimizer updates in place.
+            return [torch.tensor(array, device=device, dtype=dtype) for array in arrays]
+
+        tensors = [tensor.requires_grad_(True) for tensor in convert(data.parameters)]
+        gradient_sets = data.gradient_pair(("torch", device, workload.dtype), convert)
+        current = {"gradients": 0}
+
+        def next_gradients() -> None:
+            current["gradients"] ^= 1
+            for tensor, gradient in zip(tensors, gradient_sets[current["gradients"]], strict=True):
+                tensor.grad = gradient
+
         optimizer = torch.optim.RMSprop(
             tensors,
             lr=LEARNING_RATE,
@@ -88,6 +96,7 @@ def torch_rmsprop(foreach: bool) -> Implementation:
             elif device == "mps":
                 torch.mps.synchronize()
 
+        next_gradients()
         step()  # torch creates its state on the first step
         state_buffers = [
             buffer
@@ -97,7 +106,8 @@ def torch_rmsprop(foreach: bool) -> Implementation:
         ]
         return Prepared(
             step=step,
-            bytes_moved=bytes_moved(tensors, [t.grad for t in tensors], state_buffers),
+            next_gradients=next_gradients,
+            bytes_moved=bytes_moved(tensors, gradient_sets[0], state_buffers),
             device=f"{device} ({torch.get_num_threads()} threads)" if device == "cpu" else device,
         )
 
@@ -113,8 +123,13 @@ def optax_rmsprop() -> Implementation:
         return Implementation(name, "optax", status)
     jax, optax = modules
 
-    def prepare(workload, parameters, gradients, configuration) -> Prepared:
+    def prepare(workload, data, configuration) -> Prepared:
         dtype = getattr(jax.numpy, workload.dtype)
+
+        def convert(arrays):
+            # A copy: on the CPU asarray may alias the NumPy buffer, which donation would reuse.
+            return [jax.numpy.array(array, dtype=dtype, copy=True) for array in arrays]
+
         transform = optax.rmsprop(
             LEARNING_RATE,
             decay=ALPHA,
@@ -122,19 +137,23 @@ def optax_rmsprop() -> Implementation:
             centered=configuration.centered,
             momentum=configuration.momentum or None,
         )
-        params = [jax.numpy.asarray(p, dtype=dtype) for p in parameters]
-        grads = [jax.numpy.asarray(g, dtype=dtype) for g in gradients]
+        params = convert(data.parameters)
+        gradient_sets = data.gradient_pair(("jax", workload.dtype), convert)
 
         def update(params, grads, state):
             updates, state = transform.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
         update = jax.jit(update, donate_argnums=(0, 2))
-        held = {"params": params, "state": transform.init(params)}
+        held = {"params": params, "state": transform.init(params), "gradients": 0}
 
         def step() -> None:
+            grads = gradient_sets[held["gradients"]]
             held["params"], held["state"] = update(held["params"], grads, held["state"])
             jax.block_until_ready((held["params"], held["state"]))
+
+        def next_gradients() -> None:
+            held["gradients"] ^= 1
 
         with warnings.catch_warnings():
             # Where a backend cannot donate, jax warns once and copies: still a valid timing.
@@ -143,7 +162,8 @@ def optax_rmsprop() -> Implementation:
         state_buffers = [leaf for leaf in jax.tree_util.tree_leaves(held["state"]) if leaf.ndim > 0]
         return Prepared(
             step=step,
-            bytes_moved=bytes_moved(held["params"], grads, state_buffers),
+            next_gradients=next_gradients,
+            bytes_moved=bytes_moved(held["params"], gradient_sets[0], state_buffers),
             device=str(jax.devices()[0].platform),
         )
 

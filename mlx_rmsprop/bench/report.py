@@ -196,7 +196,8 @@ def markdown(record: dict, targets: list[dict]) -> str:
         f"{describe_bandwidth(record)}. Regenerate with `{README_COMMAND}`.",
         "",
         f"Each cell: median time of one optimizer step (over {_steps(record['settings'])}; "
-        "gradients given, parameters and state evaluated, warm-up excluded) and its "
+        "gradients given, alternating between g and -g, parameters and state evaluated, "
+        "warm-up excluded) and its "
         "speed against MLX's `RMSprop` under `mx.compile` on the same workload (higher is "
         "faster; the built-in has only the plain configuration, so every configuration is "
         "compared with its plain step). Full figures (p20/p80, GB/s, fraction of bandwidth, "

@@ -60,6 +60,7 @@ def _release() -> None:
 
 
 def _row(workload: Workload, configuration: str | None, implementation: Implementation) -> dict:
+    """A result row; measured figures are added to it as they are taken."""
     return {
         "workload": workload.label,
         "kind": workload.kind,
@@ -78,34 +79,30 @@ def _failed(row: dict, error: Exception) -> dict:
     return row | {"status": f"failed: {type(error).__name__}: {error}"}
 
 
-def _measure_group(
+def _measure_workload(
     workload: Workload,
-    configuration: Configuration,
-    candidates: list[Implementation],
-    data: tuple[list, list],
+    members: list[tuple[Configuration, Implementation]],
     settings: Settings,
     advance: Callable[[str], None],
 ) -> list[dict]:
-    """Every implementation on one workload and configuration, timed in interleaved rounds.
+    """Every implementation and configuration on one workload, timed in interleaved rounds.
 
-    All of them are set up first; then each round times every implementation for its share
-    of ``repeats`` steps, starting one implementation later each round. Load from elsewhere on
-    the machine then falls on all of them alike instead of on whichever ran during it.
+    All of them are set up first; then each round times every one for its share of its steps,
+    starting one later each round. Load from elsewhere on the machine then falls on all of
+    them alike, and every ratio within the workload compares times taken side by side.
     """
-    rows: dict[str, dict] = {}
+    data = generate(workload, settings.seed)
+    rows: list[dict] = []
     ready = []
-    for implementation in candidates:
-        advance(f"{workload.key()} {configuration.name}: setting up {implementation.name}")
+    for configuration, implementation in members:
+        advance(f"{workload.key()}: setting up {implementation.name}, {configuration.name}")
         row = _row(workload, configuration.name, implementation)
-        rows[implementation.role] = row
         try:
-            mx.synchronize()
-            before_setup = mx.get_active_memory()
-            prepared = implementation.prepare(workload, *data, configuration)
-            warmup = time_steps(prepared.step, settings.warmup)
-            memory = mlx_step_memory(prepared.step, before_setup) if prepared.mlx_memory else None
+            prepared = implementation.prepare(workload, data, configuration)
+            warmup = time_steps(prepared, settings.warmup)
+            memory = mlx_step_memory(prepared)
         except Exception as error:  # one failing implementation must not hide the others
-            rows[implementation.role] = _failed(row, error)
+            rows.append(_failed(row, error))
             continue
         row |= {
             "device": prepared.device,
@@ -113,37 +110,37 @@ def _measure_group(
             "peak_memory_bytes": memory[0] if memory else None,
             "resident_bytes": memory[1] if memory else None,
         }
+        rows.append(row)
         repeats = repeat_count(warmup, settings.repeats, settings.row_seconds)
-        ready.append((implementation.role, prepared, repeats))
+        ready.append((row, prepared, repeats, []))
 
-    samples: dict[str, list[float]] = {role: [] for role, _, _ in ready}
     rounds = min(settings.rounds, settings.repeats)
     for round_index in range(rounds):
-        advance(f"{workload.key()} {configuration.name}: round {round_index + 1}/{rounds}")
+        advance(f"{workload.key()}: round {round_index + 1}/{rounds}")
         shift = round_index % max(len(ready), 1)
-        for role, prepared, repeats in ready[shift:] + ready[:shift]:
+        for row, prepared, repeats, samples in ready[shift:] + ready[:shift]:
             count = repeats * (round_index + 1) // rounds - repeats * round_index // rounds
-            if rows[role]["status"] != OK or count == 0:
+            if row["status"] != OK or count == 0:
                 continue
             try:
-                samples[role] += time_steps(prepared.step, count)
+                samples += time_steps(prepared, count)
             except Exception as error:
-                rows[role] = _failed(rows[role], error)
+                row |= _failed(row, error)
 
-    for role, _, _ in ready:
-        if rows[role]["status"] != OK:
+    for row, _, _, samples in ready:
+        if row["status"] != OK:
             continue
-        timing = Timing.of(samples[role])
-        rows[role] |= {
+        timing = Timing.of(samples)
+        row |= {
             "median_s": timing.median,
             "p20_s": timing.p20,
             "p80_s": timing.p80,
             "samples_s": list(timing.samples),
-            "gbps": rows[role]["bytes_moved"] / timing.median / 1e9,
+            "gbps": row["bytes_moved"] / timing.median / 1e9,
         }
-    del ready
+    del ready, data
     _release()
-    return list(rows.values())
+    return rows
 
 
 def _bandwidth(exponent: int) -> dict:
@@ -179,12 +176,14 @@ def run_benchmark(settings: Settings, progress: Progress) -> dict:
     configurations = [CONFIGURATIONS[name] for name in settings.configurations]
     runnable = [impl for impl in candidates if impl.status == OK]
     groups = [
-        (workload, configuration, [impl for impl in runnable if impl.supports(configuration)])
+        (
+            workload,
+            [(c, impl) for c in configurations for impl in runnable if impl.supports(c)],
+        )
         for workload in workloads
-        for configuration in configurations
     ]
     rounds = min(settings.rounds, settings.repeats)
-    total = sum(len(members) + rounds for _, _, members in groups) + 2
+    total = sum(len(members) + rounds for _, members in groups) + 2
     done = 0
 
     def advance(label: str) -> None:
@@ -195,17 +194,9 @@ def run_benchmark(settings: Settings, progress: Progress) -> dict:
     advance("memory bandwidth")
     bandwidth_before = _bandwidth(settings.bandwidth_exponent)
     rows: list[dict] = []
-    data_for, data = None, None
-    for workload, configuration, members in groups:
-        if data_for != workload:
-            data_for, data = None, None
-            _release()
-            data_for, data = workload, generate(workload, settings.seed)
-        rows += _measure_group(workload, configuration, members, data, settings, advance)
-        if configuration == configurations[-1]:
-            rows += [_row(workload, None, impl) for impl in candidates if impl.status != OK]
-    data_for, data = None, None
-    _release()
+    for workload, members in groups:
+        rows += _measure_workload(workload, members, settings, advance)
+        rows += [_row(workload, None, impl) for impl in candidates if impl.status != OK]
     advance("memory bandwidth")
     bandwidth_after = _bandwidth(settings.bandwidth_exponent)
     progress(total, total, "done")

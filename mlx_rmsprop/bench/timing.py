@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from .implementations import Prepared
 
 
 @dataclass(frozen=True)
@@ -25,34 +26,38 @@ class Timing:
         return cls(float(median), float(p20), float(p80), tuple(samples))
 
 
-def time_steps(step: Callable[[], None], count: int) -> list[float]:
-    """Seconds of each of ``count`` calls of ``step``, which must return only once its results
-    exist (``mx.eval``, ``block_until_ready``, a device synchronisation)."""
+def time_steps(prepared: Prepared, count: int) -> list[float]:
+    """Seconds of each of ``count`` steps of ``prepared``, whose ``step`` returns only once its
+    results exist (``mx.eval``, ``block_until_ready``, a device synchronisation). The switch
+    to the other gradient set happens before each step, outside the timed region."""
     samples = []
     for _ in range(count):
+        prepared.next_gradients()
         start = time.perf_counter()
-        step()
+        prepared.step()
         samples.append(time.perf_counter() - start)
     return samples
 
 
-def mlx_step_memory(step: Callable[[], None], before_setup: int) -> tuple[int, int] | None:
-    """``(peak, resident)`` bytes of one MLX step of an implementation set up after MLX had
-    ``before_setup`` bytes active: ``resident`` is what its parameters, gradients and state
-    hold, ``peak`` that plus the most the step allocated on top. Other implementations' arrays
-    alive at the same time are not counted. ``None`` where MLX does not report memory."""
+def mlx_step_memory(prepared: Prepared) -> tuple[int, int] | None:
+    """``(peak, resident)`` bytes of one MLX step: ``resident`` is what its parameters, one
+    gradient set and its state hold, ``peak`` that plus the most the step allocated on top of
+    what was active when it started. ``None`` for arrays outside MLX's allocator, or where MLX
+    does not report memory."""
+    if prepared.mlx_resident is None:
+        return None
     mx.synchronize()
     mx.clear_cache()
     active = mx.get_active_memory()
     if active == 0:
         return None
+    prepared.next_gradients()
     mx.reset_peak_memory()
-    step()
+    prepared.step()
     # The reset sets the peak to 0 and only an allocation raises it again: a step that
     # allocates nothing (every output written in place) peaks at what was already active.
     peak = max(mx.get_peak_memory(), active)
-    resident = active - before_setup
-    return resident + peak - active, resident
+    return prepared.mlx_resident + peak - active, prepared.mlx_resident
 
 
 # A row never has fewer timed steps than this (unless --repeats asks for fewer): enough for

@@ -6,7 +6,9 @@ from the same numbers; each adapter converts it to its own arrays and dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -111,13 +113,36 @@ def plan_workloads(kinds: list[str], exponents: list[int], dtypes: list[str]) ->
     return planned
 
 
-def generate(workload: Workload, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+@dataclass
+class WorkloadData:
+    """The float32 NumPy parameters and gradients of a workload, and the gradients each
+    framework converted from them.
+
+    Every implementation steps with gradients that alternate between ``g`` and ``-g`` (switched
+    between timed steps): a constant gradient drives the centered variance to rounding noise
+    and the updates towards ``lr / eps``, which real training never sees. Gradients are
+    read-only, so one converted pair per framework and dtype serves every row of the workload.
+    """
+
+    parameters: list[np.ndarray]
+    gradients: list[np.ndarray]
+    converted: dict = field(default_factory=dict)
+
+    def gradient_pair(self, key: tuple, convert: Callable[[list[np.ndarray]], Any]) -> tuple:
+        """``(convert(g), convert(-g))``, made once per ``key`` (framework, dtype)."""
+        if key not in self.converted:
+            negated = [-gradient for gradient in self.gradients]
+            self.converted[key] = (convert(self.gradients), convert(negated))
+        return self.converted[key]
+
+
+def generate(workload: Workload, seed: int = 0) -> WorkloadData:
     """Float32 parameters (scale 0.02, as initialised weights) and gradients (scale 1e-2, far
     from float32's subnormals after squaring) for ``workload``."""
     rng = np.random.default_rng(seed)
     parameters = [0.02 * rng.standard_normal(shape, dtype=np.float32) for shape in workload.shapes]
     gradients = [1e-2 * rng.standard_normal(shape, dtype=np.float32) for shape in workload.shapes]
-    return parameters, gradients
+    return WorkloadData(parameters, gradients)
 
 
 def bytes_moved(parameters: list, gradients: list, state_buffers: list) -> int:
