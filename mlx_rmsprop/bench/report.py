@@ -1,0 +1,300 @@
+"""What a run shows: a progress bar while it runs, the terminal table, the JSON file, the README
+section and (with matplotlib installed) a chart of GB/s against size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from typing import TextIO
+
+from .implementations import OK
+from .timing import MIN_REPEATS
+
+README_START = "<!-- mlx_rmsprop bench: start -->"
+README_END = "<!-- mlx_rmsprop bench: end -->"
+README_COMMAND = "python -m mlx_rmsprop bench --readme README.md"
+
+
+class ProgressBar:
+    """``[#####-----] 12/80 1m05s label`` redrawn in place on a terminal; where the stream is
+    not a terminal (a CI log) a plain line every ``log_every`` seconds; nothing when disabled."""
+
+    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True, log_every: float = 10):
+        self.stream = stream
+        self.enabled = enabled
+        self.interactive = enabled and stream.isatty()
+        self.log_every = log_every
+        self.started = time.perf_counter()
+        self.logged = -float("inf")
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        elapsed = _duration(now - self.started)
+        if not self.interactive:
+            if now - self.logged >= self.log_every or done >= total:
+                print(f"[{done}/{total}] {elapsed} {label}", file=self.stream, flush=True)
+                self.logged = now
+            return
+        width = 24
+        filled = width * done // max(total, 1)
+        line = f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {elapsed} {label}"
+        columns = shutil.get_terminal_size((100, 20)).columns
+        self.stream.write("\r" + line[: columns - 1].ljust(columns - 1))
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def format_time(seconds: float) -> str:
+    """Milliseconds with three significant digits (``44.4 ms``, ``0.512 ms``)."""
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f} ms"
+    if ms >= 10:
+        return f"{ms:.1f} ms"
+    if ms >= 1:
+        return f"{ms:.2f} ms"
+    return f"{ms:.3f} ms"
+
+
+def _spread(row: dict) -> str:
+    return f"{row['p20_s'] * 1e3:.3g}-{row['p80_s'] * 1e3:.3g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def describe_machine(record: dict) -> str:
+    machine = record["machine"]
+    load = machine.get("load_average")
+    busy = f", load average {load:.1f} at the start" if load is not None else ""
+    device = "the GPU" if machine["gpu"] else "the CPU"
+    gpu_name = machine["device_info"].get("device_name", "") if machine["gpu"] else ""
+    where = f"{device} ({gpu_name})" if gpu_name else device
+    return f"MLX on {where}; {machine['cpu']}, {machine['cpu_count']} CPUs{busy}; {machine['os']}"
+
+
+def describe_versions(record: dict) -> str:
+    names = ("mlx", "mlx_rmsprop", "numpy", "torch", "jax", "optax", "python")
+    return ", ".join(f"{name} {record['versions'][name]}" for name in names)
+
+
+def describe_bandwidth(record: dict) -> str:
+    bandwidth = record["bandwidth"]
+    measured = bandwidth["before"][bandwidth["source"]]
+    return (
+        f"{bandwidth['gbps']:.1f} GB/s ({measured['method']}, "
+        f"{_size(measured['array_bytes'])} arrays, 3 arrays' bytes per pass, best of "
+        f"{measured['passes']} passes before and after the rows)"
+    )
+
+
+def _groups(record: dict) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in record["results"]:
+        groups.setdefault((row["dtype"], row["workload"]), []).append(row)
+    return groups
+
+
+def format_table(record: dict, targets: list[dict]) -> str:
+    settings = record["settings"]
+    lines = [
+        f"mlx_rmsprop bench, {record['started']}: {describe_machine(record)}",
+        describe_versions(record),
+        f"memory bandwidth: {describe_bandwidth(record)}",
+        f"after {settings['warmup']} warm-up steps, median of {_steps(settings)}, taken "
+        f"in {_rounds(settings['rounds'])} "
+        "(p20-p80 in ms); GB/s from the bytes an update must move; x: speed against MLX "
+        "RMSprop under mx.compile on the same workload (its plain step)",
+    ]
+    header = (
+        f"  {'implementation':<36} {'configuration':<18} {'median':>10} {'p20-p80':>14} "
+        f"{'GB/s':>7} {'%BW':>5} {'peak MB':>8} {'x':>6}"
+    )
+    for (dtype, workload), rows in _groups(record).items():
+        first = rows[0]
+        lines += [
+            "",
+            f"{dtype} {workload}: {first['elements']:,} elements in {first['tensors']} tensors",
+            header,
+        ]
+        for row in rows:
+            name = f"  {row['implementation']:<36} "
+            if row["status"] != OK:
+                lines.append(name + row["status"])
+                continue
+            peak = row["peak_memory_bytes"]
+            lines.append(
+                name + f"{row['configuration']:<18} {format_time(row['median_s']):>10} "
+                f"{_spread(row):>14} {row['gbps']:>7.2f} {row['bandwidth_fraction']:>5.0%} "
+                f"{peak / 1e6 if peak else float('nan'):>8.1f} "
+                f"{_ratio(row['speed_vs_mlx_compiled']):>6}"
+            )
+    lines += ["", "targets (ratios of this run's medians):"]
+    lines += [f"  {_target_line(target)}" for target in targets]
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
+def _rounds(count: int) -> str:
+    return "1 round" if count == 1 else f"{count} interleaved rounds"
+
+
+def _steps(settings: dict) -> str:
+    if settings["row_seconds"] <= 0 or settings["repeats"] <= MIN_REPEATS:
+        return f"{settings['repeats']} steps"
+    repeats = settings["repeats"]
+    budget = settings["row_seconds"]
+    return (
+        f"{repeats} steps, or at least {MIN_REPEATS} where {repeats} would take over {budget:g} s"
+    )
+
+
+def _verdict(target: dict) -> str:
+    if target["met"] is None:
+        return "not measured"
+    return "met" if target["met"] else "MISSED"
+
+
+def _target_line(target: dict) -> str:
+    measured = "-" if target["measured"] is None else f"{target['measured']:.2f}"
+    note = f"; {target['note']}" if target["note"] else ""
+    return f"{_verdict(target):<12} {target['target']}: {measured} (bar {_bar(target)}{note})"
+
+
+def _bar(target: dict) -> str:
+    return "-" if target["bar"] is None else f"{target['bar']:.2f}"
+
+
+def write_json(record: dict, targets: list[dict], path: str) -> None:
+    with open(path, "w") as file:
+        json.dump(record | {"targets": targets}, file, indent=2)
+        file.write("\n")
+
+
+def markdown(record: dict, targets: list[dict]) -> str:
+    """The README section: one table per dtype (rows: implementation and configuration,
+    columns: workloads), then the targets."""
+    lines = [
+        README_START,
+        f"Measured {record['started'][:10]} with {describe_machine(record)}; "
+        f"{describe_versions(record)}. Memory bandwidth measured in the same run: "
+        f"{describe_bandwidth(record)}. Regenerate with `{README_COMMAND}`.",
+        "",
+        f"Each cell: median time of one optimizer step (over {_steps(record['settings'])}; "
+        "gradients given, alternating between g and -g, parameters and state evaluated, "
+        "warm-up excluded) and its "
+        "speed against MLX's `RMSprop` under `mx.compile` on the same workload (higher is "
+        "faster; the built-in has only the plain configuration, so every configuration is "
+        "compared with its plain step). Full figures (p20/p80, GB/s, fraction of bandwidth, "
+        "peak memory) are in the JSON the command writes.",
+    ]
+    groups = _groups(record)
+    for dtype in record["settings"]["dtypes"]:
+        workloads = [workload for (d, workload) in groups if d == dtype]
+        if not workloads:
+            continue
+        cells: dict[tuple[str, str], dict[str, str]] = {}
+        for workload in workloads:
+            for row in groups[(dtype, workload)]:
+                key = (row["implementation"], row["configuration"] or "")
+                if row["status"] == OK:
+                    text = (
+                        f"{format_time(row['median_s'])} ({_ratio(row['speed_vs_mlx_compiled'])})"
+                    )
+                else:
+                    text = row["status"]
+                cells.setdefault(key, {})[workload] = text
+        lines += [
+            "",
+            f"**{dtype}**",
+            "",
+            "| implementation | configuration | " + " | ".join(workloads) + " |",
+            "|---|---|" + "---|" * len(workloads),
+        ]
+        for (name, configuration), by_workload in cells.items():
+            values = " | ".join(by_workload.get(workload, "") for workload in workloads)
+            lines.append(f"| {name} | {configuration} | {values} |")
+    lines += ["", "| target | measured | bar | |", "|---|---|---|---|"]
+    for target in targets:
+        measured = "-" if target["measured"] is None else f"{target['measured']:.2f}"
+        verdict = _verdict(target) if target["met"] is not None else target["note"]
+        lines.append(f"| {target['target']} | {measured} | {_bar(target)} | {verdict} |")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(path: str, section: str) -> None:
+    """Replace the text between the bench markers of ``path`` (markers included)."""
+    with open(path) as file:
+        text = file.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(
+            f"{path} has no '{README_START}' ... '{README_END}' section to replace; add the two "
+            "markers where the benchmark table belongs"
+        )
+    with open(path, "w") as file:
+        file.write(text[:start] + section + text[end + len(README_END) :])
+
+
+def matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_chart(record: dict, path: str) -> bool:
+    """GB/s against tensor size for the single-tensor workloads (plain configuration), one
+    panel per dtype, with the measured bandwidth as a line. ``False`` when there is nothing to
+    draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        row
+        for row in record["results"]
+        if row["status"] == OK and row["kind"] == "single" and row["configuration"] == "plain"
+    ]
+    dtypes = [
+        dtype for dtype in record["settings"]["dtypes"] if any(r["dtype"] == dtype for r in rows)
+    ]
+    if not dtypes:
+        return False
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for axis, dtype in zip(axes[0], dtypes, strict=True):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            if row["dtype"] == dtype:
+                lines.setdefault(row["implementation"], []).append((row["elements"], row["gbps"]))
+        for name, points in lines.items():
+            points.sort()
+            axis.plot(*zip(*points, strict=True), marker="o", label=name)
+        axis.axhline(
+            record["bandwidth"]["gbps"], color="black", linestyle="--", label="measured bandwidth"
+        )
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("elements")
+        axis.set_ylabel("GB/s (bytes an update must move / median step)")
+        axis.set_title(f"{dtype}, plain RMSprop, {record['machine']['mlx_device']}")
+        axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
