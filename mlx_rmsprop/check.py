@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from . import backends
+from . import backends, native
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 from .kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
 from .options import NUM_SCALARS, Scalar
@@ -280,6 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"mlx_rmsprop check: MLX {mx.__version__}, {platform.platform()}")
+    print(f"Native CPU path: {native.status()}")
     available = backends.availability()
     gpu_paths = [name for name in GPU_PATHS if available.get(name) is None]
     if gpu_paths:

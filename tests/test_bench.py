@@ -268,6 +268,7 @@ def test_a_path_registered_later_appears_without_changes(monkeypatch):
     paths["metal"] = Path("metal", cannot_load, False, "a kernel")
     paths["native"] = Path("native", paths["reference"].load, False, "a C++ op")
     monkeypatch.setattr(backends, "PATHS", paths)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("compiled",))
     found = {impl.role: impl for impl in implementations.ours()}
     assert found["path:metal"].status == "unavailable: needs a Metal GPU"
     assert found["path:native"].status == OK

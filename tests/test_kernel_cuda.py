@@ -11,10 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from metal_emulation.harness import cuda_variants
 
 from mlx_rmsprop.kernels.source import Variant, cuda_kernel_name, translation_unit
 from mlx_rmsprop.options import UpdateOptions
+
+from metal_emulation.harness import cuda_variants
 
 NVCC = shutil.which("nvcc")
 # Stand-in for MLX's mlx/backend/cuda/device/utils.cuh, which the generated source includes.

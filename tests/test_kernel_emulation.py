@@ -25,16 +25,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from metal_emulation.harness import (
-    CUDA_INCLUDE,
-    NUMPY_STORAGE,
-    Emulator,
-    _from_numpy,
-    _to_numpy,
-    compile_library,
-    cuda_variants,
-)
-from tolerances import assert_close
 
 from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs
 from mlx_rmsprop.kernels import source
@@ -48,6 +38,17 @@ from mlx_rmsprop.kernels.variants import (
 )
 from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.reference import rmsprop_reference
+
+from metal_emulation.harness import (
+    CUDA_INCLUDE,
+    NUMPY_STORAGE,
+    Emulator,
+    _from_numpy,
+    _to_numpy,
+    compile_library,
+    cuda_variants,
+)
+from tolerances import assert_close
 
 BUILD_DIR = Path(tempfile.gettempdir()) / "mlx_rmsprop_emulation"
 LAYOUTS = sorted({options.state_keys for options in every_option_set()})

@@ -8,7 +8,7 @@ import argparse
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop import RMSprop, backends, check
+from mlx_rmsprop import RMSprop, backends, check, native
 from mlx_rmsprop.kernels.launch import (
     MAX_GRID_DIM,
     MAX_ROWS,
@@ -23,7 +23,7 @@ NO_CUDA = not mx.cuda.is_available()
 
 
 def test_kernel_paths_are_registered_and_preferred():
-    assert backends.AUTO_ORDER == ("metal", "cuda", "compiled")
+    assert backends.AUTO_ORDER == ("metal", "cuda", "native", "compiled")
     assert {"metal", "cuda"} <= set(backends.FUSED_CHOICES)
     # Both kernel paths compile the whole step (kernels work inside mx.compile).
     assert backends.PATHS["metal"].compile_step and backends.PATHS["cuda"].compile_step
@@ -53,9 +53,9 @@ def test_fused_kernel_without_its_backend_is_a_clear_error(fused):
 
 
 @pytest.mark.skipif(not (NO_METAL and NO_CUDA), reason="this machine has a GPU backend")
-def test_auto_falls_back_to_the_compiled_path_without_a_gpu():
-    assert RMSprop(0.1).path == "compiled"
+def test_auto_falls_back_to_a_cpu_path_without_a_gpu():
     reasons = backends.availability()
+    assert RMSprop(0.1).path == ("native" if reasons["native"] is None else "compiled")
     assert reasons["compiled"] is None
     assert "mx.metal.is_available() is False" in reasons["metal"]
     assert "mx.cuda.is_available() is False" in reasons["cuda"]
@@ -107,10 +107,15 @@ def test_check_command_without_a_gpu_says_what_it_verified(capsys):
     assert status == 0, out
     assert "No GPU kernel can run here (metal: MLX's Metal backend is not available" in out
     assert "The Metal and CUDA kernels were NOT run on this machine." in out
-    assert "Verified instead: path(s) compiled against the reference, 3 variants" in out
-    table = [line.split() for line in out.splitlines() if line.startswith("compiled ")]
-    assert table == [["compiled", "float32", "float32", "float32", ">=8", "3", "0", *table[0][7:]]]
-    assert "PASS: 3 variant runs, 0 failed" in out
+    cpu_paths = ["compiled"] + (["native"] if backends.availability()["native"] is None else [])
+    assert f"Native CPU path: {native.status()}" in out
+    assert (
+        f"Verified instead: path(s) {', '.join(cpu_paths)} against the reference, 3 variants" in out
+    )
+    for path in cpu_paths:
+        table = [line.split() for line in out.splitlines() if line.startswith(f"{path} ")]
+        assert table == [[path, "float32", "float32", "float32", ">=8", "3", "0", *table[0][7:]]]
+    assert f"PASS: {3 * len(cpu_paths)} variant runs, 0 failed" in out
 
 
 def test_check_reports_a_failing_path(capsys, monkeypatch):

@@ -14,7 +14,6 @@ from functools import partial
 
 import mlx.core as mx
 import pytest
-from tolerances import RTOL
 
 from mlx_rmsprop import RMSprop, backends
 from mlx_rmsprop.check import RTOL as CHECK_RTOL
@@ -24,6 +23,8 @@ from mlx_rmsprop.kernels.launch import make_update, plan
 from mlx_rmsprop.kernels.source import Variant, translation_unit
 from mlx_rmsprop.kernels.variants import every_flag_on, every_option_set
 from mlx_rmsprop.options import Scalar, UpdateOptions
+
+from tolerances import RTOL
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from native_available import requires_native
 
 import mlx_rmsprop._native
 from mlx_rmsprop import RMSprop, backends, native
 from mlx_rmsprop._native import source_digest
 from mlx_rmsprop.options import Scalar, UpdateOptions
 from mlx_rmsprop.reference import rmsprop_reference
+
+from native_available import requires_native
 
 EXTENSION = "mlx_rmsprop._native._ext"
 FLAG_NAMES = [

@@ -10,11 +10,12 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
-from native_available import requires_native
 
 from mlx_rmsprop import native
 from mlx_rmsprop.options import WEIGHT_DECAY_MODES, Scalar, UpdateOptions
 from mlx_rmsprop.reference import rmsprop_reference
+
+from native_available import requires_native
 
 pytestmark = requires_native
 
