@@ -16,7 +16,7 @@ from . import backends, presets, validation
 from .options import Scalar, UpdateOptions
 from .pipeline import pipeline_config as _pipeline_config
 from .step import ACCUMULATOR, constant_scalars, make_step_function
-from .trees import check_state, match_gradients, rebuild, state_leaves
+from .trees import check_state, gather, match_gradients, rebuild
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
 
@@ -324,28 +324,32 @@ class RMSprop(Optimizer):
         """Apply one step to every parameter that has a gradient and return the updated
         parameters, shaped like ``gradients``. Every gradient, parameter and state buffer is
         checked (path, shape, dtype) before anything changes."""
-        leaves = match_gradients(gradients, parameters)
         # Schedules run first and are checked before anything changes.
         scheduled = {name: scheduler(self.step) for name, scheduler in self._schedulers.items()}
         if "learning_rate" in scheduled:
             scheduled["learning_rate"] = self._checked_schedule_value(scheduled["learning_rate"])
         if not self._initialized:
+            leaves = match_gradients(gradients, parameters)  # before init creates any state
             self.init(rebuild(gradients, iter([leaf.parameter for leaf in leaves])))
-        states = state_leaves(gradients, self.state)
-        for leaf, state in zip(leaves, states, strict=True):
-            check_state(leaf.path, leaf.parameter, state, self._state_keys)
+        excluding = self._decay_exclusion is not None
+        found = gather(gradients, parameters, self.state, self._state_keys, with_paths=excluding)
         if self._pipeline.skip_nonfinite and "skipped_steps" not in self.state:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)  # a state loaded from elsewhere
         self.state.update(scheduled)
 
-        step_function = self._step_function(tuple(self._excluded(leaf.path) for leaf in leaves))
-        new_parameters, new_states, counters = step_function(
-            self._counters(self.step),
-            [leaf.parameter for leaf in leaves],
-            [leaf.gradient for leaf in leaves],
-            [{key: state[key] for key in self._state_keys} for state in states],
+        excluded = (
+            tuple(self._excluded(path) for path in found.paths)
+            if excluding
+            else (False,) * len(found.parameters)
         )
-        for state, new_state in zip(states, new_states, strict=True):
+        new_parameters, new_states, counters = self._step_function(excluded)(
+            self._counters(self.step),
+            found.parameters,
+            found.gradients,
+            # In the configuration's key order: mx.compile matches inputs by position.
+            [{key: state[key] for key in self._state_keys} for state in found.states],
+        )
+        for state, new_state in zip(found.states, new_states, strict=True):
             state.update(new_state)
         self.state.update(counters)
         return rebuild(gradients, iter(new_parameters))
