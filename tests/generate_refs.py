@@ -143,6 +143,16 @@ SCHEDULE_CASES = [
 RUNNERS = {"torch": run_torch, "optax": run_optax, "keras": run_keras, "mlx": run_mlx}
 
 
+def record_run(arrays: dict, case_id: str, state: dict, lrs: np.ndarray) -> dict[str, str]:
+    """Store a run's learning rates and final state; return {state name: array key}."""
+    arrays[f"{case_id}__lrs"] = lrs
+    state_keys = {}
+    for name, value in state.items():
+        arrays[f"{case_id}__state__{name}"] = value
+        state_keys[name] = f"{case_id}__state__{name}"
+    return state_keys
+
+
 def versions() -> dict:
     found = {"numpy": np.__version__, "python": platform.python_version()}
     for name in ("torch", "jax", "optax", "keras", "mlx"):
@@ -167,11 +177,7 @@ def generate_schedules() -> None:
             case_id = f"{peer}__sched_{label}__{problem}__{dtype}"
             params, state, lrs = RUNNERS[peer](config, dtype, x0, grads)
             arrays[f"{case_id}__params"] = params
-            arrays[f"{case_id}__lrs"] = lrs
-            state_keys = {}
-            for name, value in state.items():
-                arrays[f"{case_id}__state__{name}"] = value
-                state_keys[name] = f"{case_id}__state__{name}"
+            state_keys = record_run(arrays, case_id, state, lrs)
             cases.append(
                 {
                     "id": case_id,
@@ -320,11 +326,7 @@ def generate_keras_pipeline() -> None:
             )
             for name, trajectory in params.items():
                 arrays[f"{case_id}__params__{name}"] = trajectory
-            arrays[f"{case_id}__lrs"] = lrs
-            state_keys = {}
-            for name, value in state.items():
-                arrays[f"{case_id}__state__{name}"] = value
-                state_keys[name] = f"{case_id}__state__{name}"
+            state_keys = record_run(arrays, case_id, state, lrs)
             cases.append(
                 {
                     "id": case_id,

@@ -40,6 +40,16 @@ CONFIGS = st.fixed_dictionaries({k: st.sampled_from(v) for k, v in OPTION_VALUES
 )
 
 
+# What each randomised test draws.
+DRAWS = {
+    "config": CONFIGS,
+    "pipeline": PIPELINE,
+    "dtype": st.sampled_from(list(DTYPES)),
+    "shape": SHAPES,
+    "seed": st.integers(0, 2**16),
+}
+
+
 def run(config, dtype, shape, fused, seed, steps=4):
     rng = np.random.default_rng(seed)
     optimizer = RMSprop(0.02, alpha=0.9, fused=fused, **config)
@@ -60,13 +70,7 @@ def flat(optimizer, params):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    config=CONFIGS,
-    pipeline=PIPELINE,
-    dtype=st.sampled_from(list(DTYPES)),
-    shape=SHAPES,
-    seed=st.integers(0, 2**16),
-)
+@given(**DRAWS)
 def test_every_path_agrees_with_the_reference(config, pipeline, dtype, shape, seed):
     expected = flat(*run({**config, **pipeline}, DTYPES[dtype], shape, False, seed))
     for path in RUNNABLE:
@@ -84,13 +88,7 @@ def test_every_path_agrees_with_the_reference(config, pipeline, dtype, shape, se
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    config=CONFIGS,
-    pipeline=PIPELINE,
-    dtype=st.sampled_from(list(DTYPES)),
-    shape=SHAPES,
-    seed=st.integers(0, 2**16),
-)
+@given(**DRAWS)
 def test_save_and_load_round_trip_exactly(tmp_path_factory, config, pipeline, dtype, shape, seed):
     optimizer, params = run({**config, **pipeline}, DTYPES[dtype], shape, False, seed, steps=3)
     path = save_state(optimizer, tmp_path_factory.mktemp("ckpt") / "state.safetensors")
