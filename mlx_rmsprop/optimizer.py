@@ -171,6 +171,7 @@ class RMSprop(Optimizer):
             raise ValueError(f"name must be a string, got {name!r}")
         self.name = name
         self._decay_exclusion: re.Pattern | None = None
+        self._excluded_paths: dict[str, bool] = {}
 
         if self._weight_decay == 0:
             decay_mode = "none"
@@ -427,7 +428,13 @@ class RMSprop(Optimizer):
         return self._step_functions[decay_excluded]
 
     def _excluded(self, path: str) -> bool:
-        return self._decay_exclusion is not None and bool(self._decay_exclusion.search(path))
+        # Looked up every step for every parameter: search each path once (the patterns are
+        # fixed before the first update).
+        if path not in self._excluded_paths:
+            self._excluded_paths[path] = self._decay_exclusion is not None and bool(
+                self._decay_exclusion.search(path)
+            )
+        return self._excluded_paths[path]
 
     def exclude_from_weight_decay(
         self, var_list: Any = None, var_names: list[str] | None = None
@@ -459,6 +466,7 @@ class RMSprop(Optimizer):
                     f"var_names: {pattern!r} is not a regular expression: {error}"
                 ) from None
         self._decay_exclusion = re.compile("|".join(patterns)) if patterns else None
+        self._excluded_paths.clear()
 
     def finalize_variable_values(self, target: nn.Module | dict) -> Any:
         """Swap the EMA in at the end of training (Keras' ``finalize_variable_values``).
