@@ -1,4 +1,6 @@
-"""The benchmark tool on tiny sizes: its JSON, its table, its README section and its options.
+"""The benchmark harness (``benchmarks/`` at the clone's root) on tiny sizes: its JSON, its
+table, the generated section of docs/benchmarks.md, its options and the thin
+``python -m mlx_rmsprop bench`` entry point.
 
 Only the structure and the arithmetic of the figures are checked (bytes counted with the real
 dtypes, GB/s and ratios derived from the medians): timings themselves are never asserted.
@@ -18,16 +20,16 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop import backends, bench
+import benchmarks as bench
+from benchmarks import environment, implementations, report, runner, workloads
+from benchmarks.implementations import NOT_INSTALLED, OK, Prepared
+from benchmarks.timing import mlx_step_memory, repeat_count, time_steps
+from mlx_rmsprop import __main__ as cli
+from mlx_rmsprop import backends
 from mlx_rmsprop.backends import Path
-from mlx_rmsprop.bench import implementations, report, runner, workloads
-from mlx_rmsprop.bench.implementations import NOT_INSTALLED, OK, Prepared
-from mlx_rmsprop.bench.timing import mlx_step_memory, repeat_count, time_steps
 
 REPEATS = 4
-README = """# project
-
-## Benchmarks
+DOC = """# Benchmarks
 
 Text before the table stays.
 
@@ -48,10 +50,10 @@ def parse(*argv: str) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One run on 2^8 and 2^10 elements and the 200-tensor workload, both dtypes, plain and
-    centered+momentum, with the README section rewritten."""
+    centered+momentum, into the output folder ``results``, with the doc section rewritten."""
     directory = tmp_path_factory.mktemp("bench")
-    readme = directory / "README.md"
-    readme.write_text(README.format(start=report.README_START, end=report.README_END))
+    doc = directory / "benchmarks.md"
+    doc.write_text(DOC.format(start=report.DOC_START, end=report.DOC_END))
     args = parse(
         "--workloads",
         "single,small",
@@ -71,18 +73,18 @@ def tiny_run(tmp_path_factory):
         "0",
         "--bandwidth-size",
         "16",
-        "--json",
-        str(directory / "bench.json"),
-        "--readme",
-        str(readme),
+        "--out",
+        str(directory / "results"),
+        "--doc",
+        str(doc),
         "--no-chart",
         "--quiet",
     )
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         status = bench.run(args)
-    record = json.loads((directory / "bench.json").read_text())
-    return status, record, output.getvalue(), readme.read_text()
+    record = json.loads((directory / "results" / bench.JSON_NAME).read_text())
+    return status, record, output.getvalue(), doc.read_text()
 
 
 def measured(record, **where):
@@ -96,7 +98,7 @@ def measured(record, **where):
 def test_run_succeeds_and_records_machine_versions_and_settings(tiny_run):
     status, record, _, _ = tiny_run
     assert status == 0
-    assert record["schema"] == 1
+    assert record["schema"] == 2
     machine = record["machine"]
     assert machine["mlx_device"] and machine["cpu"] and machine["os"]
     assert machine["gpu"] is False or machine["gpu"] is True
@@ -192,7 +194,10 @@ def test_figures_follow_from_the_samples(tiny_run):
         assert len(samples) == REPEATS and min(samples) > 0
         assert row["p20_s"] <= row["median_s"] <= row["p80_s"]
         assert math.isclose(row["gbps"], row["bytes_moved"] / row["median_s"] / 1e9)
-        assert math.isclose(row["bandwidth_fraction"], row["gbps"] / bandwidth)
+        if row["cache_resident"]:
+            assert row["bandwidth_fraction"] is None
+        else:
+            assert math.isclose(row["bandwidth_fraction"], row["gbps"] / bandwidth)
         (baseline,) = measured(
             record,
             role="mlx-compiled",
@@ -220,6 +225,11 @@ def test_targets_are_reported_not_asserted(tiny_run):
     if not record["machine"]["gpu"]:
         assert all(target["met"] is None and "no GPU here" in target["note"] for target in gpu)
     assert "targets (ratios of this run's medians):" in output
+    # A narrowed run summarises the targets it could not measure in one line.
+    skipped = sum(target["met"] is None for target in record["targets"])
+    assert skipped >= 10
+    assert output.count("not measured") == 1
+    assert f"not measured: {skipped} of {len(targets)} targets" in output
 
 
 def test_terminal_table_lists_every_row(tiny_run):
@@ -230,16 +240,16 @@ def test_terminal_table_lists_every_row(tiny_run):
         assert row["implementation"] in output
 
 
-def test_readme_section_is_replaced_between_the_markers(tiny_run):
-    _, record, _, readme = tiny_run
-    assert "old table" not in readme
-    assert readme.startswith("# project\n\n## Benchmarks\n\nText before the table stays.\n")
-    assert readme.endswith("\n\nText after the table stays.\n")
-    assert readme.count(report.README_START) == readme.count(report.README_END) == 1
-    section = readme[readme.index(report.README_START) : readme.index(report.README_END)]
+def test_doc_section_is_replaced_between_the_markers(tiny_run):
+    _, record, _, doc = tiny_run
+    assert "old table" not in doc
+    assert doc.startswith("# Benchmarks\n\nText before the table stays.\n")
+    assert doc.endswith("\n\nText after the table stays.\n")
+    assert doc.count(report.DOC_START) == doc.count(report.DOC_END) == 1
+    section = doc[doc.index(report.DOC_START) : doc.index(report.DOC_END)]
     assert record["started"][:10] in section
     assert f"mlx {record['versions']['mlx']}" in section
-    assert report.README_COMMAND in section
+    assert report.DOC_COMMAND in section
     assert "| implementation | configuration | 2^8 | 2^10 | 200x2^10 |" in section
     assert "| MLX RMSprop, mx.compile | plain | " in section
 
@@ -252,12 +262,12 @@ def test_chart_of_gbps_against_size_is_a_png(tiny_run, tmp_path):
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 
-def test_readme_without_markers_is_refused(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no section here\n")
+def test_doc_without_markers_is_refused(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# no section here\n")
     with pytest.raises(ValueError, match="has no '<!-- mlx_rmsprop bench: start -->'"):
-        report.update_readme(str(readme), "table")
-    assert readme.read_text() == "# no section here\n"
+        report.update_doc(str(doc), "table")
+    assert doc.read_text() == "# no section here\n"
 
 
 def test_a_path_registered_later_appears_without_changes(monkeypatch):
@@ -376,3 +386,107 @@ def test_command_line_entry_point_knows_bench():
         check=True,
     )
     assert "--configurations" in result.stdout
+
+
+def test_files_go_to_the_output_folder_and_each_path_is_printed(tiny_run):
+    _, _, output, _ = tiny_run
+    assert parse().out == "bench-results"
+    (line,) = [line for line in output.splitlines() if line.startswith("wrote the JSON")]
+    written = line.rsplit(": ", 1)[1]
+    assert written.endswith(f"/results/{bench.JSON_NAME}")
+    assert json.loads(open(written).read())["schema"] == 2
+    assert written.startswith("/")
+
+
+def test_an_implementation_that_ran_nowhere_is_one_line(tiny_run):
+    _, record, output, doc = tiny_run
+    section = doc[doc.index(report.DOC_START) : doc.index(report.DOC_END)]
+    absent = report.not_run(record)
+    # On a machine without Metal or CUDA, at least those two kernel paths ran nowhere.
+    if not mx.is_available(mx.gpu):
+        assert {"mlx_rmsprop fused='metal'", "mlx_rmsprop fused='cuda'"} <= set(absent)
+    table_rows = [line for line in section.splitlines() if line.startswith("|")]
+    terminal_rows = [line for line in output.splitlines() if line.startswith("  ")]
+    for name, status in absent.items():
+        assert section.count(f"- {name}: {status}") == 1
+        assert not any(status in line for line in table_rows)
+        assert sum(status in line for line in terminal_rows) == sum(
+            other == status for other in absent.values()
+        )
+
+
+def test_sizes_that_fit_in_the_last_level_cache_get_no_bandwidth_fraction(tiny_run):
+    _, record, output, _ = tiny_run
+    cache = record["machine"]["last_level_cache"]
+    assert cache["bytes"] > 0 and cache["source"] in ("sysfs", "sysctl", "fallback")
+    rows = [row for row in record["results"] if row["status"] == OK]
+    for row in rows:
+        assert row["cache_resident"] == (
+            not record["machine"]["gpu"] and row["bytes_moved"] <= cache["bytes"]
+        )
+    if any(row["cache_resident"] for row in rows):
+        assert " cache " in output
+
+
+def test_cache_resident_marking_compares_bytes_moved_with_the_cache():
+    rows = [
+        {
+            "workload": w,
+            "dtype": "float32",
+            "role": role,
+            "status": OK,
+            "median_s": 1e-3,
+            "bytes_moved": size,
+            "gbps": size / 1e-3 / 1e9,
+        }
+        for w, size in (("small", 2**20), ("large", 2**26))
+        for role in ("mlx-compiled", "path:native")
+    ]
+    runner._add_ratios(rows, bandwidth_gbps=10.0, cache_bytes=32 * 2**20)
+    assert [row["cache_resident"] for row in rows] == [True, True, False, False]
+    assert rows[0]["bandwidth_fraction"] is None
+    assert math.isclose(rows[2]["bandwidth_fraction"], 2**26 / 1e-3 / 1e9 / 10.0)
+    runner._add_ratios(rows, bandwidth_gbps=10.0, cache_bytes=None)  # on a GPU: never
+    assert not any(row["cache_resident"] for row in rows)
+
+
+def test_last_level_cache_is_read_from_sysfs_with_a_fallback(tmp_path, monkeypatch):
+    for index, (level, kind, size) in enumerate(
+        [
+            (1, "Data", "32K"),
+            (1, "Instruction", "32K"),
+            (2, "Unified", "512K"),
+            (3, "Unified", "8M"),
+        ]
+    ):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(f"{level}\n")
+        (entry / "type").write_text(f"{kind}\n")
+        (entry / "size").write_text(f"{size}\n")
+    assert environment._sysfs_cache_bytes(str(tmp_path)) == 8 * 2**20
+    assert environment._sysfs_cache_bytes(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(environment.sys, "platform", "linux")
+    monkeypatch.setattr(environment, "_sysfs_cache_bytes", lambda: None)
+    assert environment.last_level_cache() == {
+        "bytes": environment.FALLBACK_CACHE_BYTES,
+        "source": "fallback",
+    }
+
+
+def test_a_recorded_run_rewrites_the_doc_without_measuring(tiny_run, tmp_path, capsys):
+    _, record, _, doc = tiny_run
+    recorded = tmp_path / "run.json"
+    recorded.write_text(json.dumps(record))
+    again = tmp_path / "benchmarks.md"
+    again.write_text(DOC.format(start=report.DOC_START, end=report.DOC_END))
+    assert bench.run(parse("--from-json", str(recorded), "--doc", str(again))) == 0
+    assert again.read_text() == doc
+    assert bench.run(parse("--from-json", str(tmp_path / "none.json"))) == 2
+    assert "cannot read a recorded run" in capsys.readouterr().err
+
+
+def test_bench_outside_a_clone_says_where_benchmarks_run(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "clone_root", lambda: None)
+    assert cli.main(["bench", "--sizes", "10"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err

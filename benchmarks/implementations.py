@@ -15,8 +15,9 @@ import mlx.core as mx
 import mlx.optimizers
 import numpy as np
 
-from .. import backends
-from ..optimizer import RMSprop
+from mlx_rmsprop import backends
+from mlx_rmsprop.optimizer import RMSprop
+
 from .workloads import (
     ALPHA,
     EPS,

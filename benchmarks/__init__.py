@@ -1,5 +1,9 @@
-"""``python -m mlx_rmsprop bench``: time one optimizer step of MLX's built-in RMSprop, ours on
-every path this device runs, PyTorch and optax, side by side in one run.
+"""The benchmark harness (``python -m benchmarks`` from a clone; ``python -m mlx_rmsprop bench``
+runs it too): time one optimizer step of MLX's built-in RMSprop, ours on every path this device
+runs, PyTorch and optax, side by side in one run.
+
+It lives outside the installed package: it is the project's measurement of itself (its targets
+and the generator of ``docs/benchmarks.md``), not something a user's training code imports.
 
 One step = the optimizer's update of every parameter from given gradients, with the new
 parameters and state evaluated (``mx.eval``) inside the timed region; warm-up steps are not
@@ -13,6 +17,8 @@ the built-in under ``mx.compile``.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from . import report
@@ -25,6 +31,8 @@ WORKLOAD_KINDS = ("single", "tree", "small")
 DEFAULT_EXPONENTS = (10, 14, 18, 22, 24)
 GPU_EXTRA_EXPONENT = 26
 DEFAULT_CONFIGURATIONS = ("plain", "centered+momentum")
+DEFAULT_OUT = "bench-results"
+JSON_NAME = "mlx_rmsprop_bench.json"
 
 
 def _choices(allowed: tuple[str, ...], option: str):
@@ -130,10 +138,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MLX device to run on (default: MLX's default device)",
     )
     add(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help="folder for the JSON and the chart, created if missing (default %(default)s/)",
+    )
+    add(
         "--json",
-        default="mlx_rmsprop_bench.json",
+        default=None,
         metavar="PATH",
-        help="where to write every figure, setting and version (default %(default)s)",
+        help=f"where to write every figure, setting and version (default --out/{JSON_NAME})",
     )
     add(
         "--chart",
@@ -143,10 +157,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--no-chart", action="store_true", help="write no chart")
     add(
-        "--readme",
+        "--doc",
         default=None,
         metavar="PATH",
-        help="also replace the benchmark section of this README with the results",
+        help="also replace the generated section of this Markdown file (docs/benchmarks.md) "
+        "with the results",
+    )
+    add(
+        "--from-json",
+        default=None,
+        metavar="PATH",
+        help="measure nothing: show (and with --doc, write) the results of a recorded run",
     )
     add(
         "--bandwidth-size",
@@ -165,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     Returns 2 when the requested device does not exist, 1 when a row failed, else 0."""
     import mlx.core as mx
 
+    if args.from_json:
+        return _from_recorded(args)
     if args.device != "default":
         device = getattr(mx, args.device)
         if not mx.is_available(device):
@@ -192,18 +215,22 @@ def run(args: argparse.Namespace) -> int:
     record = run_benchmark(settings, report.ProgressBar(enabled=not args.quiet))
     targets = evaluate(record)
     print(report.format_table(record, targets))
-    report.write_json(record, targets, args.json)
-    written = [args.json]
+    json_path = args.json or os.path.join(args.out, JSON_NAME)
+    _make_parent(json_path)
+    report.write_json(record, targets, json_path)
+    print(f"wrote the JSON (every sample, setting and version): {os.path.abspath(json_path)}")
     if not args.no_chart:
-        chart = args.chart or args.json.removesuffix(".json") + ".png"
+        chart = args.chart or json_path.removesuffix(".json") + ".png"
         if not report.matplotlib_available():
             print(f"no chart: matplotlib is not installed ({chart} not written)")
-        elif report.write_chart(record, chart):
-            written.append(chart)
-    if args.readme:
-        report.update_readme(args.readme, report.markdown(record, targets))
-        written.append(args.readme)
-    print("wrote " + ", ".join(written))
+        else:
+            _make_parent(chart)
+            if report.write_chart(record, chart):
+                print(f"wrote the chart (GB/s against size): {os.path.abspath(chart)}")
+            else:
+                print("no chart: this run has no single-tensor plain rows to draw")
+    if args.doc:
+        _write_doc(args.doc, record, targets)
     failed = [row for row in record["results"] if row["status"].startswith("failed")]
     for row in failed:
         print(
@@ -213,4 +240,40 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["add_arguments", "run"]
+def _make_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+
+
+def _write_doc(path: str, record: dict, targets: list[dict]) -> None:
+    report.update_doc(path, report.markdown(record, targets))
+    print(f"wrote the generated table into {os.path.abspath(path)}")
+
+
+def _from_recorded(args: argparse.Namespace) -> int:
+    """Show a recorded run's table and targets; with ``--doc``, rewrite that file from it."""
+    try:
+        with open(args.from_json) as file:
+            record = json.load(file)
+    except (OSError, ValueError) as error:
+        print(f"--from-json {args.from_json}: cannot read a recorded run: {error}", file=sys.stderr)
+        return 2
+    targets = record.pop("targets", None) or evaluate(record)
+    print(report.format_table(record, targets))
+    if args.doc:
+        _write_doc(args.doc, record, targets)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="time one RMSprop step against MLX, PyTorch and optax",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["add_arguments", "main", "run"]

@@ -1,5 +1,6 @@
-"""What a run shows: a progress bar while it runs, the terminal table, the JSON file, the README
-section and (with matplotlib installed) a chart of GB/s against size."""
+"""What a run shows: a progress bar while it runs, the terminal table, the JSON file, the
+generated section of ``docs/benchmarks.md`` and (with matplotlib installed) a chart of GB/s
+against size."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import TextIO
 from .implementations import OK
 from .timing import MIN_REPEATS
 
-README_START = "<!-- mlx_rmsprop bench: start -->"
-README_END = "<!-- mlx_rmsprop bench: end -->"
-README_COMMAND = "python -m mlx_rmsprop bench --readme README.md"
+DOC_START = "<!-- mlx_rmsprop bench: start -->"
+DOC_END = "<!-- mlx_rmsprop bench: end -->"
+DOC_COMMAND = "python -m benchmarks --doc docs/benchmarks.md"
 
 
 class ProgressBar:
@@ -107,6 +108,29 @@ def _groups(record: dict) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def not_run(record: dict) -> dict[str, str]:
+    """Implementation name -> why it ran nowhere in this run (not installed, unavailable here).
+    Their per-workload rows all carry this one status, so it is shown once."""
+    return {
+        impl["name"]: impl["status"] for impl in record["implementations"] if impl["status"] != OK
+    }
+
+
+def describe_cache(record: dict) -> str:
+    cache = record["machine"].get("last_level_cache")
+    if record["machine"]["gpu"] or not cache:
+        return "no cache-resident marking on a GPU"
+    source = "not reported by the OS; assumed" if cache["source"] == "fallback" else cache["source"]
+    return f"last-level cache {_size(cache['bytes'])} ({source})"
+
+
+def _fraction(row: dict) -> str:
+    if row.get("cache_resident"):
+        return "cache"
+    fraction = row.get("bandwidth_fraction")
+    return "-" if fraction is None else f"{fraction:.0%}"
+
+
 def format_table(record: dict, targets: list[dict]) -> str:
     settings = record["settings"]
     lines = [
@@ -115,9 +139,15 @@ def format_table(record: dict, targets: list[dict]) -> str:
         f"memory bandwidth: {describe_bandwidth(record)}",
         f"after {settings['warmup']} warm-up steps, median of {_steps(settings)}, taken "
         f"in {_rounds(settings['rounds'])} "
-        "(p20-p80 in ms); GB/s from the bytes an update must move; x: speed against MLX "
+        "(p20-p80 in ms); GB/s from the bytes an update must move; %BW: that as a fraction "
+        "of the memory bandwidth, or 'cache' where the bytes moved fit in the "
+        f"{describe_cache(record)}; x: speed against MLX "
         "RMSprop under mx.compile on the same workload (its plain step)",
     ]
+    absent = not_run(record)
+    if absent:
+        lines += ["", "not run here:"]
+        lines += [f"  {name}: {status}" for name, status in absent.items()]
     header = (
         f"  {'implementation':<36} {'configuration':<18} {'median':>10} {'p20-p80':>14} "
         f"{'GB/s':>7} {'%BW':>5} {'peak MB':>8} {'x':>6}"
@@ -132,18 +162,32 @@ def format_table(record: dict, targets: list[dict]) -> str:
         for row in rows:
             name = f"  {row['implementation']:<36} "
             if row["status"] != OK:
-                lines.append(name + row["status"])
+                if row["configuration"] is not None:  # failed here; not-run rows are above
+                    lines.append(name + f"{row['configuration']:<18} {row['status']}")
                 continue
             peak = row["peak_memory_bytes"]
             lines.append(
                 name + f"{row['configuration']:<18} {format_time(row['median_s']):>10} "
-                f"{_spread(row):>14} {row['gbps']:>7.2f} {row['bandwidth_fraction']:>5.0%} "
+                f"{_spread(row):>14} {row['gbps']:>7.2f} {_fraction(row):>5} "
                 f"{peak / 1e6 if peak else float('nan'):>8.1f} "
                 f"{_ratio(row['speed_vs_mlx_compiled']):>6}"
             )
     lines += ["", "targets (ratios of this run's medians):"]
-    lines += [f"  {_target_line(target)}" for target in targets]
+    lines += [f"  {_target_line(target)}" for target in targets if target["met"] is not None]
+    skipped = [target for target in targets if target["met"] is None]
+    if skipped:
+        lines.append(f"  {_skipped_summary(skipped, len(targets))}; the JSON gives each reason")
     return "\n".join(lines)
+
+
+def _skipped_summary(skipped: list[dict], total: int) -> str:
+    gpu = sum(target["target"].startswith("GPU") for target in skipped)
+    kinds = []
+    if len(skipped) > gpu:
+        kinds.append(f"{len(skipped) - gpu} whose workload or device was not in this run")
+    if gpu:
+        kinds.append(f"{gpu} GPU")
+    return f"not measured: {len(skipped)} of {total} targets ({', '.join(kinds)})"
 
 
 def _size(nbytes: int) -> str:
@@ -187,13 +231,14 @@ def write_json(record: dict, targets: list[dict], path: str) -> None:
 
 
 def markdown(record: dict, targets: list[dict]) -> str:
-    """The README section: one table per dtype (rows: implementation and configuration,
-    columns: workloads), then the targets."""
+    """The generated section of ``docs/benchmarks.md``: one table per dtype (rows:
+    implementation and configuration, columns: workloads), one line per implementation that
+    ran nowhere, then the targets."""
     lines = [
-        README_START,
+        DOC_START,
         f"Measured {record['started'][:10]} with {describe_machine(record)}; "
         f"{describe_versions(record)}. Memory bandwidth measured in the same run: "
-        f"{describe_bandwidth(record)}. Regenerate with `{README_COMMAND}`.",
+        f"{describe_bandwidth(record)}. Regenerate with `{DOC_COMMAND}`.",
         "",
         f"Each cell: median time of one optimizer step (over {_steps(record['settings'])}; "
         "gradients given, alternating between g and -g, parameters and state evaluated, "
@@ -203,6 +248,7 @@ def markdown(record: dict, targets: list[dict]) -> str:
         "compared with its plain step). Full figures (p20/p80, GB/s, fraction of bandwidth, "
         "peak memory) are in the JSON the command writes.",
     ]
+    absent = not_run(record)
     groups = _groups(record)
     for dtype in record["settings"]["dtypes"]:
         workloads = [workload for (d, workload) in groups if d == dtype]
@@ -211,6 +257,8 @@ def markdown(record: dict, targets: list[dict]) -> str:
         cells: dict[tuple[str, str], dict[str, str]] = {}
         for workload in workloads:
             for row in groups[(dtype, workload)]:
+                if row["configuration"] is None and row["implementation"] in absent:
+                    continue
                 key = (row["implementation"], row["configuration"] or "")
                 if row["status"] == OK:
                     text = (
@@ -229,27 +277,38 @@ def markdown(record: dict, targets: list[dict]) -> str:
         for (name, configuration), by_workload in cells.items():
             values = " | ".join(by_workload.get(workload, "") for workload in workloads)
             lines.append(f"| {name} | {configuration} | {values} |")
-    lines += ["", "| target | measured | bar | |", "|---|---|---|---|"]
+    if absent:
+        lines += ["", "Not run here (every size):", ""]
+        lines += [f"- {name}: {status}" for name, status in absent.items()]
+    if any(target["met"] is not None for target in targets):
+        lines += ["", "| target | measured | bar | |", "|---|---|---|---|"]
     for target in targets:
-        measured = "-" if target["measured"] is None else f"{target['measured']:.2f}"
-        verdict = _verdict(target) if target["met"] is not None else target["note"]
-        lines.append(f"| {target['target']} | {measured} | {_bar(target)} | {verdict} |")
-    lines.append(README_END)
+        if target["met"] is not None:
+            measured = f"{target['measured']:.2f}"
+            lines.append(
+                f"| {target['target']} | {measured} | {_bar(target)} | {_verdict(target)} |"
+            )
+    skipped = [target for target in targets if target["met"] is None]
+    if skipped:
+        reasons = sorted({target["note"] for target in skipped})
+        names = "; ".join(target["target"] for target in skipped)
+        lines += ["", f"Not measured in this run: {names} ({'; '.join(reasons)})."]
+    lines.append(DOC_END)
     return "\n".join(lines)
 
 
-def update_readme(path: str, section: str) -> None:
+def update_doc(path: str, section: str) -> None:
     """Replace the text between the bench markers of ``path`` (markers included)."""
     with open(path) as file:
         text = file.read()
-    start, end = text.find(README_START), text.find(README_END)
+    start, end = text.find(DOC_START), text.find(DOC_END)
     if start < 0 or end < start:
         raise ValueError(
-            f"{path} has no '{README_START}' ... '{README_END}' section to replace; add the two "
+            f"{path} has no '{DOC_START}' ... '{DOC_END}' section to replace; add the two "
             "markers where the benchmark table belongs"
         )
     with open(path, "w") as file:
-        file.write(text[:start] + section + text[end + len(README_END) :])
+        file.write(text[:start] + section + text[end + len(DOC_END) :])
 
 
 def matplotlib_available() -> bool:

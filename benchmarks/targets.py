@@ -1,8 +1,8 @@
 """The project's speed and memory targets, read off a run's ratios.
 
 These are reported, never asserted: a run on a busy or different machine gives other numbers,
-and the README states what was measured where. Every comparison is between rows of the same
-run, on the same workload, with ``fused="auto"`` standing for ours.
+and docs/benchmarks.md states what was measured where. Every comparison is between rows of the
+same run, on the same workload, with ``fused="auto"`` standing for ours.
 """
 
 from __future__ import annotations
