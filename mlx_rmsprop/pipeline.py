@@ -73,8 +73,9 @@ def pipeline_config(
         "global_clipnorm": global_clipnorm,
     }
     if sum(value is not None for value in clip_arguments.values()) > 1:
+        # Keras' wording, which code ported from Keras matches.
         raise ValueError(
-            "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
             + ", ".join(f"{key}={value!r}" for key, value in clip_arguments.items())
         )
     use_ema = validation.flag("use_ema", use_ema)

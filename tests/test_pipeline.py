@@ -155,8 +155,8 @@ def test_exclude_from_weight_decay_rules():
 PIPELINE_ERRORS = [
     (
         {"clipnorm": 1.0, "clipvalue": 0.5},
-        "Only one of clipnorm, clipvalue and global_clipnorm can be set, got clipnorm=1.0, "
-        "clipvalue=0.5, global_clipnorm=None",
+        "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
+        "clipnorm=1.0, clipvalue=0.5, global_clipnorm=None",
     ),
     ({"clipnorm": 0.0}, "clipnorm must be >0, got 0.0"),
     ({"global_clipnorm": -1.0}, "global_clipnorm must be >0, got -1.0"),

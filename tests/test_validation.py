@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_rmsprop import RMSprop
@@ -201,3 +202,21 @@ def test_valid_edges_are_accepted():
     RMSprop(lambda step: 0.1, nesterov=True, momentum=0.5)
     # The smallest values that stay positive in float32, and the largest that stay finite.
     RMSprop(0.1, eps=1.5e-45, alpha=0.9999999, bias_correction=True, weight_decay=3.4e38)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1, np.float32(0.5), np.float64(0.5), np.int64(1), 0.5, mx.array(0.5)],
+    ids=["int", "numpy.float32", "numpy.float64", "numpy.int64", "float", "mx.array"],
+)
+def test_a_schedule_may_return_any_real_scalar_the_constructor_accepts(value):
+    scheduled = RMSprop(lambda step: value, momentum=0.5)
+    constant = RMSprop(float(np.asarray(value)), momentum=0.5)
+    params = {"w": mx.array([1.0, -2.0])}
+    grads = {"w": mx.array([0.3, 0.4])}
+    for _ in range(2):
+        got = scheduled.apply_gradients(grads, params)
+        expected = constant.apply_gradients(grads, params)
+        params = got
+        np.testing.assert_array_equal(np.array(got["w"]), np.array(expected["w"]))
+    assert scheduled.learning_rate.dtype == mx.float32
