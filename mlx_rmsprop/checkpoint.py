@@ -131,8 +131,7 @@ def _json(path: Path, metadata: dict, key: str, kind: type, default: str | None 
     except (json.JSONDecodeError, RecursionError) as error:
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has damaged metadata: {key!r} is not valid JSON "
-            f"({reason})"
+            f"checkpoint {str(path)!r} has damaged metadata: {key!r} is not valid JSON ({reason})"
         ) from None
     if not isinstance(value, kind):
         raise CheckpointError(

@@ -392,14 +392,42 @@ def builtin_state_file(path: Path, **replace) -> tuple[Path, dict]:
 
 
 BAD_COUNTERS = [
-    ("learning_rate", mx.array(float("nan")), "'learning_rate' must be one finite floating value >= 0, got nan"),
-    ("learning_rate", mx.array(-0.1), "'learning_rate' must be one finite floating value >= 0, got -0.10000000149011612"),
-    ("learning_rate", mx.array([0.1, 0.2]), "'learning_rate' must be one finite floating value >= 0, got an array of shape (2,)"),
-    ("learning_rate", mx.array(1, mx.int32), "'learning_rate' must be one finite floating value >= 0, got 1 (mlx.core.int32"),
-    ("learning_rate", None, "'learning_rate' must be one finite floating value >= 0, got nothing (it is missing)"),
+    (
+        "learning_rate",
+        mx.array(float("nan")),
+        "'learning_rate' must be one finite floating value >= 0, got nan",
+    ),
+    (
+        "learning_rate",
+        mx.array(-0.1),
+        "'learning_rate' must be one finite floating value >= 0, got -0.10000000149011612",
+    ),
+    (
+        "learning_rate",
+        mx.array([0.1, 0.2]),
+        "'learning_rate' must be one finite floating value >= 0, got an array of shape (2,)",
+    ),
+    (
+        "learning_rate",
+        mx.array(1, mx.int32),
+        "'learning_rate' must be one finite floating value >= 0, got 1 (mlx.core.int32",
+    ),
+    (
+        "learning_rate",
+        None,
+        "'learning_rate' must be one finite floating value >= 0, got nothing (it is missing)",
+    ),
     ("step", mx.array(1.0), "'step' must be a 0-d integer array >= 0, got 1.0 (mlx.core.float32"),
-    ("step", mx.array(-1, mx.int32), "'step' must be a 0-d integer array >= 0, got -1 (mlx.core.int32"),
-    ("step", mx.array([1, 2], mx.uint64), "'step' must be a 0-d integer array >= 0, got an array of shape (2,)"),
+    (
+        "step",
+        mx.array(-1, mx.int32),
+        "'step' must be a 0-d integer array >= 0, got -1 (mlx.core.int32",
+    ),
+    (
+        "step",
+        mx.array([1, 2], mx.uint64),
+        "'step' must be a 0-d integer array >= 0, got an array of shape (2,)",
+    ),
     ("step", None, "'step' must be a 0-d integer array >= 0 (not an optimizer state), got nothing"),
 ]
 
@@ -432,16 +460,28 @@ def rewrite_metadata(path: Path, **replace: str | None) -> None:
 DEEP = "[" * 100_000 + "]" * 100_000
 BAD_METADATA = [
     ("crc32 list", {"crc32": "[1, 2]"}, "'crc32' must be a JSON object, got '[1, 2]'"),
-    ("crc32 string value", {"crc32": '{"step": "x"}'}, "the checksum of 'step' must be an integer, got 'x'"),
+    (
+        "crc32 string value",
+        {"crc32": '{"step": "x"}'},
+        "the checksum of 'step' must be an integer, got 'x'",
+    ),
     ("crc32 deep", {"crc32": DEEP}, "'crc32' is not valid JSON (nested too deeply)"),
     ("crc32 missing", {"crc32": None}, "has damaged metadata: no 'crc32'"),
     ("config null", {"config": "null"}, "'config' must be a JSON object, got 'null'"),
     ("config list", {"config": "[1]"}, "'config' must be a JSON object, got '[1]'"),
     ("config deep", {"config": DEEP}, "'config' is not valid JSON (nested too deeply)"),
     ("config not json", {"config": "{"}, "'config' is not valid JSON (Expecting property name"),
-    ("float64 object", {"float64_as_uint64": '{"a": 1}'}, "'float64_as_uint64' must be a JSON array"),
+    (
+        "float64 object",
+        {"float64_as_uint64": '{"a": 1}'},
+        "'float64_as_uint64' must be a JSON array",
+    ),
     ("float64 number item", {"float64_as_uint64": "[1]"}, "1 is not a stored float64 array"),
-    ("float64 deep", {"float64_as_uint64": DEEP}, "'float64_as_uint64' is not valid JSON (nested too deeply)"),
+    (
+        "float64 deep",
+        {"float64_as_uint64": DEEP},
+        "'float64_as_uint64' is not valid JSON (nested too deeply)",
+    ),
     (
         "exclusions not a list",
         {"config": json.dumps({"exclude_from_weight_decay": "bias"})},
@@ -567,9 +607,7 @@ def test_a_compiled_step_sees_a_loaded_state_in_either_order(order, fused, tmp_p
 
     def compiled():
         state = target.state
-        return mx.compile(
-            lambda g, p: target.apply_gradients(g, p), inputs=state, outputs=state
-        )
+        return mx.compile(lambda g, p: target.apply_gradients(g, p), inputs=state, outputs=state)
 
     if order == "compile then load":
         step = compiled()
@@ -655,3 +693,24 @@ def test_saving_while_another_thread_steps_records_one_consistent_step(tmp_path)
                 np.array(arrays[f"{key}.v"]), trajectory[step], err_msg=f"{path.name} {key}"
             )
     assert steps_seen[0] == 0 and steps_seen[-1] == steps
+
+
+def test_copies_and_unpickled_optimizers_get_a_fresh_unheld_lock():
+    import copy
+    import pickle
+
+    optimizer = RMSprop(0.05, momentum=0.9)
+    with optimizer.update_lock:  # held while copying: the copies must not inherit it
+        copies = [copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))]
+    for other in copies:
+        assert other.update_lock is not optimizer.update_lock
+        acquired = threading.Event()
+
+        def take(lock=other.update_lock, acquired=acquired):
+            with lock:
+                acquired.set()
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join()
+        assert acquired.is_set()

@@ -346,7 +346,9 @@ def test_norm_of_finite_gradients_whose_squares_overflow_clips_them(clip, fused)
     else:
         clipped = {"w": np.array(gradient["w"], np.float64) / norm, "b": np.array(gradient["b"])}
     plain = RMSprop(0.1, momentum=0.9, fused=fused)
-    expected = plain.apply_gradients({k: mx.array(v, mx.float32) for k, v in clipped.items()}, params)
+    expected = plain.apply_gradients(
+        {k: mx.array(v, mx.float32) for k, v in clipped.items()}, params
+    )
     mx.eval(expected, plain.state)
     assert optimizer.skipped_steps.item() == 0 and optimizer.step.item() == 1
     for key in ("w", "b"):
