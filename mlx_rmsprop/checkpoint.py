@@ -241,16 +241,24 @@ def load_state(
     Everything is checked before anything changes; on any error the optimizer keeps its
     previous state and a :class:`CheckpointError` (a ``ValueError``) says what differs:
 
-    - a file that cannot be read, is truncated, fails a checksum, or has an unknown format;
+    - a file that cannot be read, is truncated, fails a checksum, has an unknown format or
+      malformed metadata;
+    - counters the constructor would refuse (``step`` not a 0-d integer >= 0,
+      ``learning_rate`` not one finite floating value >= 0, or missing);
     - per-parameter buffers other than the ones this configuration keeps (e.g. a centered
       optimizer's file into a plain one);
     - with ``strict`` (default), any hyperparameter other than the learning rate that differs
-      from the saved configuration (``strict=False`` keeps this optimizer's values);
+      from the saved configuration, weight-decay exclusion patterns included
+      (``strict=False`` keeps this optimizer's values, and takes the saved patterns when
+      this optimizer has none);
     - with ``parameters``: every parameter must have state of its exact shape and nothing
       else; buffers are converted to the dtype this optimizer would create only when that
       loses nothing (float16 -> float32, ...), else the load is refused.
       Without ``parameters`` the saved tree is compared with the optimizer's current one when
       it has one, and taken as it is otherwise.
+
+    The loaded tree replaces the contents of ``optimizer.state`` in place, so a function
+    compiled earlier with ``inputs=optimizer.state`` sees it.
     """
     path = Path(path)
     arrays, metadata = _read(path)

@@ -91,9 +91,11 @@ class RMSprop(Optimizer):
         fused: ``"auto"`` (the fastest path on this device), ``"native"`` (one C++ MLX
             operation per parameter on the CPU, built at install time), ``"compiled"`` (the
             reference math under ``mx.compile``) or ``False`` (plain uncompiled ops).
-        skip_nonfinite: when a step's gradients hold any NaN or Inf, leave every parameter and
-            state buffer as it was and count the step in ``skipped_steps`` instead (default
-            ``False``: NaN propagates, as in every framework).
+        skip_nonfinite: when a step's gradients hold any NaN or Inf, or a value computed on
+            the way to the update does (the gradient with the loss scale divided out, an
+            accumulated sum, a clip factor), leave every parameter and state buffer as it was
+            and count the step in ``skipped_steps`` instead (default ``False``: NaN
+            propagates, as in every framework).
 
     Keras' training pipeline, applied in Keras' order (loss scale, accumulation, clipping,
     weight decay, the update, EMA), with Keras' names and defaults:
