@@ -3,13 +3,11 @@
 ``plan`` turns the arguments of an update into a :class:`KernelCall` (the inputs, template
 arguments, grid and output description MLX needs) or ``None`` when the kernel cannot take this
 parameter, which then goes through the reference math. ``make_update`` wraps a backend's
-``launch(call)`` into an update function with the signature of ``rmsprop_reference``, whose
-vjp is the reference's (``with_reference_vjp``).
+``launch(call)`` into an update function with the signature of ``rmsprop_reference``.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,58 +134,9 @@ UpdateFn = Callable[
 ]
 
 
-def with_reference_vjp(update: UpdateFn) -> UpdateFn:
-    """``update`` whose vjp (``mx.grad``, ``mx.vjp``) is that of ``rmsprop_reference``: MLX's
-    custom kernels define none, and the reference computes the same values. The forward pass
-    still runs ``update``, plus one ``mx.custom_function`` node per call.
-
-    jvp and vmap cannot be delegated this way: MLX 0.32 still applies them to the nodes inside
-    a ``custom_function``'s forward pass, where the kernel raises (docs/transforms.md)."""
-
-    @functools.cache
-    def transformable(options: UpdateOptions) -> Callable:
-        keys = options.state_keys
-
-        def on_arrays(function: UpdateFn) -> Callable:
-            # custom_function differentiates positional arrays: (scalars, parameter, gradient,
-            # *state buffers in state_keys order) -> (parameter, *state buffers).
-            def run(*arrays: mx.array) -> tuple[mx.array, ...]:
-                scalars, parameter, gradient, *buffers = arrays
-                state = dict(zip(keys, buffers, strict=True))
-                new_parameter, new_state = function(options, scalars, parameter, gradient, state)
-                return (new_parameter, *(new_state[key] for key in keys))
-
-            return run
-
-        reference = on_arrays(rmsprop_reference)
-        fused = mx.custom_function(on_arrays(update))
-
-        @fused.vjp
-        def reference_vjp(primals, cotangents, outputs):
-            return tuple(mx.vjp(reference, list(primals), list(cotangents))[1])
-
-        return fused
-
-    def transformable_update(
-        options: UpdateOptions,
-        scalars: mx.array,
-        parameter: mx.array,
-        gradient: mx.array,
-        state: dict[str, mx.array],
-    ) -> tuple[mx.array, dict[str, mx.array]]:
-        keys = options.state_keys
-        outputs = transformable(options)(
-            scalars, parameter, gradient, *(state[key] for key in keys)
-        )
-        return outputs[0], dict(zip(keys, outputs[1:], strict=True))
-
-    return transformable_update
-
-
 def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
     """An update function (signature of ``rmsprop_reference``) running ``launch`` once per
-    parameter: no launch for an empty parameter, the reference math where ``plan`` declines.
-    Its vjp is the reference's (:func:`with_reference_vjp`)."""
+    parameter: no launch for an empty parameter, the reference math where ``plan`` declines."""
 
     def update(
         options: UpdateOptions,
@@ -203,4 +152,4 @@ def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
             return rmsprop_reference(options, scalars, parameter, gradient, state)
         return call.unpack(launch(call))
 
-    return with_reference_vjp(update)
+    return update
