@@ -61,12 +61,18 @@ def flat(tree):
     return dict(tree_flatten(tree))
 
 
+def bits(array):
+    """The bit patterns of ``array`` (so -0.0 differs from 0.0 and NaN compares equal)."""
+    return array.view({1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[array.itemsize])
+
+
 def assert_bitwise(actual, expected):
     actual, expected = flat(actual), flat(expected)
     assert sorted(actual) == sorted(expected)
     for key, value in expected.items():
         assert actual[key].dtype == value.dtype, key
-        assert np.array_equal(np.array(actual[key]), np.array(value), equal_nan=True), key
+        assert actual[key].shape == value.shape, key
+        assert mx.array_equal(bits(actual[key]), bits(value)).item(), key
 
 
 def halving(step):
@@ -184,6 +190,27 @@ def test_grad_through_steps_equals_plain_ops(fused, config):
     actual = mx.grad(loss_of(fused, config), argnums=argnums)(params, grads, LEARNING_RATE)
     assert_bitwise(actual, expected)
     assert all(np.isfinite(np.array(leaf)).all() for leaf in flat(actual).values())
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float64])
+@pytest.mark.parametrize("fused", TRANSFORM_PATHS)
+def test_grad_in_other_dtypes_equals_plain_ops(fused, dtype):
+    # Half-precision parameters convert to and from float32 arithmetic; float64 computes in
+    # float64 (float64 state, float64 scalars).
+    def cast(tree):
+        return tree_map(lambda a: a.astype(dtype), tree)
+
+    params, grads = cast(parameters()), [cast(g) for g in gradient_sequence(2)]
+    learning_rate = LEARNING_RATE.astype(mx.float64) if dtype == mx.float64 else LEARNING_RATE
+    argnums = (0, 1, 2)
+    expected = mx.grad(loss_of(False, "centered-momentum"), argnums=argnums)(
+        params, grads, learning_rate
+    )
+    actual = mx.grad(loss_of(fused, "centered-momentum"), argnums=argnums)(
+        params, grads, learning_rate
+    )
+    assert_bitwise(actual, expected)
+    assert flat(actual)["0.w"].dtype == dtype
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
