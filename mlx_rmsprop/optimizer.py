@@ -241,11 +241,7 @@ class RMSprop(Optimizer):
                 Scalar.EMA_GATE: 1.0,
             }
         )
-        path, self._update = backends.resolve(self._fused)
-        self._path = path.name
-        self._compile_step = path.compile_step
-        # One step function per weight-decay exclusion pattern over the parameters.
-        self._step_functions: dict[tuple[bool, ...], Callable] = {}
+        self._init_runtime()
         self._maybe_schedule("learning_rate", learning_rate)
         if callable(learning_rate):
             # Its value at step 0 is the state's learning rate until the first update (and
@@ -255,6 +251,28 @@ class RMSprop(Optimizer):
             )
         if self._pipeline.skip_nonfinite:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)
+
+    # Attributes that copy.deepcopy and pickle leave out and _init_runtime rebuilds: functions
+    # (compiled graphs, kernel launchers) that cannot be pickled and follow from the
+    # configuration and this machine alone.
+    _RUNTIME_ATTRIBUTES = ("_path", "_update", "_compile_step", "_step_functions")
+
+    def _init_runtime(self) -> None:
+        path, self._update = backends.resolve(self._fused)
+        self._path = path.name
+        self._compile_step = path.compile_step
+        # One step function per weight-decay exclusion pattern over the parameters.
+        self._step_functions: dict[tuple[bool, ...], Callable] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._RUNTIME_ATTRIBUTES:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
 
     # Hyperparameters are read-only: the state layout and the compiled update depend on them.
     alpha = property(lambda self: self._alpha, doc="Smoothing constant :math:`\\alpha`.")
