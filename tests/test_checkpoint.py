@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -539,3 +540,71 @@ def test_state_paths_that_make_a_list_also_a_dict_are_refused(tmp_path):
     ):
         load_state(fresh, path)
     assert sorted(fresh.state) == ["learning_rate", "step"]
+
+
+class WithStrings(nn.Module):
+    """Strings in the module's tree, as mlx-lm's ``layer_types``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_types = ["full_attention", "sliding_attention"]
+        self.layers = [nn.Linear(4, 4), nn.Linear(4, 2)]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def tiny_llama():
+    llama = pytest.importorskip("mlx_lm.models.llama")
+    return llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=16,
+            num_hidden_layers=2,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-5,
+            vocab_size=32,
+            layer_types=["full_attention", "sliding_attention"],
+            sliding_window=4,
+        )
+    )
+
+
+def module_steps(model, optimizer, count):
+    if isinstance(model, WithStrings):
+        batch = mx.array(np.random.default_rng(2).standard_normal((8, 4)), mx.float32)
+        loss = lambda m, x: (m(x) ** 2).mean()  # noqa: E731
+    else:
+        batch = mx.array([[1, 5, 2, 7, 3, 9, 4, 11]])
+        loss = lambda m, x: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean()  # noqa: E731
+    loss_and_grad = nn.value_and_grad(model, loss)
+    for _ in range(count):
+        _, grads = loss_and_grad(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize("reference", ["trainable_parameters", "module"])
+@pytest.mark.parametrize("make", [WithStrings, tiny_llama], ids=["module", "mlx-lm-llama"])
+def test_module_with_string_attributes_resumes_exactly(make, reference, fused, tmp_path):
+    mx.random.seed(4)
+    model = make()
+    optimizer = RMSprop(0.01, momentum=0.9, fused=fused)
+    module_steps(model, optimizer, 2)
+    save_state(optimizer, tmp_path / "ckpt.safetensors")
+    at_save = model.parameters()
+    module_steps(model, optimizer, 2)
+    expected = tree_flatten(model.parameters())
+
+    model.update(at_save)
+    resumed = RMSprop(0.01, momentum=0.9, fused=fused)
+    parameters = model.trainable_parameters() if reference == "trainable_parameters" else model
+    load_state(resumed, tmp_path / "ckpt.safetensors", parameters)
+    module_steps(model, resumed, 2)
+    for (key, want), (_, have) in zip(expected, tree_flatten(model.parameters()), strict=True):
+        np.testing.assert_array_equal(np.array(have), np.array(want), err_msg=key)

@@ -277,3 +277,43 @@ def test_a_new_parameter_gets_no_state_when_the_step_is_refused():
         )
     assert "new" not in optimizer.state
     assert snapshot(optimizer).keys() == before.keys()
+
+
+def tiny_llama():
+    """A two-layer model from mlx-lm's own llama classes, whose ``layer_types`` are strings in
+    the module and ``{}`` in its parameters and gradients (no download: built from a config)."""
+    llama = pytest.importorskip("mlx_lm.models.llama")
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=16,
+        num_hidden_layers=2,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rms_norm_eps=1e-5,
+        vocab_size=32,
+        layer_types=["full_attention", "sliding_attention"],
+        sliding_window=4,
+    )
+    mx.random.seed(3)
+    return llama.Model(args)
+
+
+def train_llama(model, optimizer, steps=3):
+    tokens = mx.array([[1, 5, 2, 7, 3, 9, 4, 11]])
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, x: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean()
+    )
+    for _ in range(steps):
+        _, grads = loss_and_grad(model, tokens)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    return model
+
+
+@pytest.mark.parametrize("fused", EVERY_PATH, ids=lambda f: f"fused={f}")
+def test_mlx_lm_llama_with_layer_types_trains_as_mlx_rmsprop_does(fused):
+    ours = train_llama(tiny_llama(), RMSprop(0.01, fused=fused))
+    builtin = train_llama(tiny_llama(), optim.RMSprop(0.01))
+    assert ours.model.layer_types == ["full_attention", "sliding_attention"]
+    assert_same_parameters(ours, builtin)
