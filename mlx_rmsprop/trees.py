@@ -141,7 +141,7 @@ def _explain_states(leaves: list, grad: Any, node: Any, path: str) -> None:
                 f"such as '0' from list indices: pass the parameters to load_state)"
             )
         for key, child in grad.items():
-            if key not in node and _split_by_dots(node, key):
+            if node.get(key) is None and _split_by_dots(node, key):
                 raise ValueError(
                     f"optimizer state for {_shown(_join(path, key))} is nested under "
                     f"{_shown(_join(path, key.split('.')[0]))}: it was loaded from a file keyed "
