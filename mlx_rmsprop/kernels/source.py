@@ -4,9 +4,10 @@
 ``mx.fast.cuda_kernel``: a short backend-specific prologue (the arithmetic primitives, the
 index line and the type spelling of absent buffers) followed by the body in
 ``mlx_rmsprop/metal/rmsprop_update.inc``, identical for both backends. ``translation_unit``
-then reproduces the complete text MLX generates around it (signature, template instantiation), so that the exact code a GPU compiles
-can be shown (``RMSprop.kernel_source``), compiled by the emulation tests and compared with
-MLX's own output (tests capture it through ``mx.export_function(..., verbose=True)``).
+then reproduces the complete text MLX generates around it (signature, template
+instantiation), so that the exact code a GPU compiles can be shown
+(``RMSprop.kernel_source``), compiled by the emulation tests and compared with MLX's own
+output (tests capture it through ``mx.export_function(..., verbose=True)``).
 """
 
 from __future__ import annotations
