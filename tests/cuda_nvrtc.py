@@ -200,26 +200,34 @@ def nvrtc_version() -> tuple[int, int]:
     return major.value, minor.value
 
 
-def compile_ptx(source: str, name: str, options: list[str] | None = None) -> str:
-    """PTX of ``source`` compiled as MLX compiles a custom kernel; raises NvrtcError with the
-    log on a compile error."""
+def compile_ptx(
+    source: str,
+    name: str,
+    options: list[str] | None = None,
+    headers: list[tuple[bytes, str]] | None = None,
+) -> str:
+    """PTX of ``source`` compiled as MLX compiles a custom kernel (or with other ``options``
+    and in-memory ``headers``, as (text, include name)); raises NvrtcError with the log on a
+    compile error."""
     nvrtc = _nvrtc()
-    headers = mlx_headers()
+    if headers is None:
+        mlx = mlx_headers()
+        headers = list(zip(mlx.sources, mlx.names, strict=True))
     program = ctypes.c_void_p()
 
     def check(result: int, what: str) -> None:
         if result != 0:
             raise NvrtcError(f"{what}: {nvrtc.nvrtcGetErrorString(result).decode()}")
 
-    count = len(headers.names)
+    count = len(headers)
     check(
         nvrtc.nvrtcCreateProgram(
             ctypes.byref(program),
             source.encode(),
             f"{name}.cu".encode(),
             count,
-            (ctypes.c_char_p * count)(*headers.sources),
-            (ctypes.c_char_p * count)(*(n.encode() for n in headers.names)),
+            (ctypes.c_char_p * count)(*(text for text, _ in headers)),
+            (ctypes.c_char_p * count)(*(include.encode() for _, include in headers)),
         ),
         "nvrtcCreateProgram",
     )

@@ -30,7 +30,6 @@ from mlx_rmsprop.check import SHAPES, STEPS, passes, step_scalars, verification_
 from mlx_rmsprop.kernels import source
 from mlx_rmsprop.kernels.launch import (
     MAX_1D_GRID,
-    MAX_ROWS,
     ROW_WIDTH,
     THREADGROUP,
     grid_for,
@@ -51,6 +50,7 @@ from mlx_rmsprop.reference import rmsprop_reference
 
 from metal_emulation.harness import (
     CUDA_INCLUDE,
+    LAUNCH_SIZES,
     NUMPY_STORAGE,
     Emulator,
     _from_numpy,
@@ -409,25 +409,6 @@ def test_emulation_catches_wrong_indexing(tmp_path, mutate_source, backend, old,
     mutate_source(old, new, index_line)
     with pytest.raises(AssertionError):
         run_past_2_31_elements(tmp_path / "build", tmp_path, backend)
-
-
-# Sizes around every edge of MLX's CUDA launch arithmetic: a partial block, 2^31 - 256 (the
-# largest 1-D grid whose block count (gx + 255) / 256 fits in an int), 2^31 - 255 .. 2^31 - 1
-# (where it would overflow), 2^31 and beyond (2-D), and the largest size the kernel takes.
-LAUNCH_SIZES = [
-    1,
-    255,
-    256,
-    257,
-    MAX_1D_GRID,
-    MAX_1D_GRID + 1,
-    2**31 - 2,
-    2**31 - 1,
-    2**31,
-    2**31 + 18,
-    2**32 + 36,
-    MAX_ROWS * ROW_WIDTH,
-]
 
 
 def test_mlx_cuda_launch_arithmetic_never_overflows():

@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_rmsprop.kernels.launch import THREADGROUP, KernelCall
+from mlx_rmsprop.kernels.launch import MAX_1D_GRID, MAX_ROWS, ROW_WIDTH, THREADGROUP, KernelCall
 from mlx_rmsprop.kernels.source import Variant, translation_unit
 from mlx_rmsprop.kernels.variants import (
     dtype_combinations,
@@ -237,6 +237,25 @@ def mlx_cuda_launch(
         blocks.append((g + t - 1) // t)
         block.append(min(t, g))
     return tuple(blocks), tuple(block)
+
+
+# Sizes around every edge of MLX's CUDA launch arithmetic: a partial block, 2^31 - 256 (the
+# largest 1-D grid whose block count (gx + 255) / 256 fits in an int), 2^31 - 255 .. 2^31 - 1
+# (where it would overflow), 2^31 and beyond (2-D), and the largest size the kernel takes.
+LAUNCH_SIZES = [
+    1,
+    255,
+    256,
+    257,
+    MAX_1D_GRID,
+    MAX_1D_GRID + 1,
+    2**31 - 2,
+    2**31 - 1,
+    2**31,
+    2**31 + 18,
+    2**32 + 36,
+    MAX_ROWS * ROW_WIDTH,
+]
 
 
 def launched_extent(grid: tuple[int, int, int], backend: str) -> tuple[int, int, int]:
