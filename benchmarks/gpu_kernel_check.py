@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -329,7 +330,10 @@ def architecture(cupy) -> str:
 
 
 def nvrtc_options(cupy, arch: str) -> list[str]:
-    include = Path(cupy.cuda.get_cuda_path()) / "include"
+    """MLX's options (mlx/backend/cuda/jit_module.cpp, compile) with this machine's CUDA
+    headers (CUDA 13 keeps CCCL under include/cccl, CUDA 12 in include itself)."""
+    home = cupy.cuda.get_cuda_path() or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    include = Path(home) / "include"
     return [
         "--device-as-default-execution-space",
         f"--gpu-architecture={arch}",

@@ -223,5 +223,6 @@ def test_script_units_compile_with_its_header_and_options():
 
 
 if __name__ == "__main__":
-    script.PLAN.write_text(json.dumps(plan_rows(), indent=1) + "\n")
+    rows = ",\n".join(json.dumps(row) for row in plan_rows())
+    script.PLAN.write_text(f"[\n{rows}\n]\n")
     print(f"wrote {script.PLAN}")
