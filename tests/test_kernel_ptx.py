@@ -123,7 +123,7 @@ PLANTED = {
         "RMS_DIV(RMS_MUL(lr, g), denom)",
         "__fdividef(RMS_MUL(lr, g), denom)",
         [],
-        "div.full.f32",
+        "div.approx.f32",
     ),
 }
 
