@@ -58,6 +58,22 @@ inline bool isinf(float x) { return __builtin_isinf(x); }
 inline float abs(float x) { return __builtin_fabsf(x); }
 inline float max(float a, float b) { return __builtin_fmaxf(a, b); }
 inline float min(float a, float b) { return __builtin_fminf(a, b); }
+// The IEEE-rounded variants the kernel's arithmetic primitives name (source.py, PRIMITIVES).
+// Each result passes through an empty asm that the optimizer cannot see through, so that
+// even the fusing emulation (harness.py, FUSING_CXXFLAGS) rounds it on its own, as Metal must
+// under `fp contract(off)`: the compiler cannot fuse what it cannot see.
+namespace precise {
+inline float sqrt(float x) {
+  float r = __builtin_sqrtf(x);
+  __asm__("" : "+m"(r));
+  return r;
+}
+inline float divide(float a, float b) {
+  float r = a / b;
+  __asm__("" : "+m"(r));
+  return r;
+}
+}  // namespace precise
 }  // namespace metal
 
 using namespace metal;
