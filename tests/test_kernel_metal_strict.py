@@ -27,7 +27,6 @@ import pytest
 
 from mlx_rmsprop.kernels.source import Variant, body_text, kernel_body, translation_unit
 from mlx_rmsprop.kernels.variants import (
-    dtype_combinations,
     every_flag_on,
     every_option_set,
     pairwise_option_sets,
@@ -64,7 +63,9 @@ _TYPED_NODE = re.compile(
     r"|CXXStaticCastExpr|CXXReinterpretCastExpr|CXXConstCastExpr|CXXFunctionalCastExpr)"
     r" .*?(?P<name>\w*) '(?P<type>[^']*)'(?::'(?P<desugared>[^']*)')?"
 )
-_ADDRESS_SPACE = re.compile(r"\b(device|constant|threadgroup)\b|__attribute__\(\(address_space\(\d+\)\)\)")
+_ADDRESS_SPACE = re.compile(
+    r"\b(device|constant|threadgroup)\b|__attribute__\(\(address_space\(\d+\)\)\)"
+)
 
 
 def strict_unit(variant: Variant) -> str:
@@ -166,7 +167,9 @@ def test_a_device_pointer_to_a_constant_buffer_is_rejected(tmp_path):
     line = "const device S* x = v;"
     returncode, errors, _ = parse([planted(SMALL, line)], tmp_path, ast=False)
     assert returncode != 0
-    assert "of type 'device float const *' with an lvalue of type 'constant float const *'" in errors
+    assert (
+        "of type 'device float const *' with an lvalue of type 'constant float const *'" in errors
+    )
     # The same line is valid Metal where `v` is a device buffer.
     returncode, errors, _ = parse([planted(LARGE, line)], tmp_path, ast=False)
     assert returncode == 0, errors
@@ -183,7 +186,9 @@ def test_a_device_pointer_to_a_constant_buffer_is_rejected(tmp_path):
 def test_a_pointer_or_reference_without_address_space_is_rejected(tmp_path, line):
     returncode, errors, ast_dump = parse([planted(LARGE, line)], tmp_path)
     assert returncode == 0, errors  # plain C++ accepts it: only the AST rule can tell
-    assert any(" x '" in found or "CastExpr" in found for found in unqualified_indirections(ast_dump))
+    assert any(
+        " x '" in found or "CastExpr" in found for found in unqualified_indirections(ast_dump)
+    )
 
 
 def test_the_strict_header_has_the_metal_functions_the_body_may_call(tmp_path):
@@ -211,4 +216,3 @@ def test_every_verification_variant_parses_strictly(tmp_path):
         returncode, errors, ast_dump = parse(units, tmp_path)
         assert returncode == 0 and "error" not in errors, errors[-4000:]
         assert unqualified_indirections(ast_dump) == []
-
