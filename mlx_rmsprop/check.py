@@ -16,15 +16,15 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
-from . import backends, native
+from . import backends, native, probe
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 from .kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
-from .options import NUM_SCALARS, Scalar
+from .probe import describe, step_scalars
 from .reference import rmsprop_reference
 from .tolerance import RTOL, Mismatch, compare, relative_error
 
@@ -49,31 +49,6 @@ SPECIALS = (
     "nan_state",
     "nan_parameter",
 )
-
-
-def step_scalars(step: int) -> mx.array:
-    """The float32 scalars vector of verification step ``step`` (1-based). Every entry is
-    away from its neutral value; the learning rate changes every step; the update gate is 0 on
-    step 2; the EMA gate is 0 on step 2 and the EMA overwrites the parameter from step 2 on,
-    so three steps see every gate combination."""
-    values = [0.0] * NUM_SCALARS
-    values[Scalar.LR] = 0.01 * (1 + 0.5 * step)
-    values[Scalar.ALPHA] = 0.9
-    values[Scalar.ONE_MINUS_ALPHA] = 1 - 0.9
-    values[Scalar.EPS] = 1e-6
-    values[Scalar.MOMENTUM] = 0.8
-    values[Scalar.WEIGHT_DECAY] = 0.1
-    values[Scalar.BIAS_CORRECTION] = 1 - 0.9**step
-    values[Scalar.GRAD_DIVISOR] = 2.0
-    values[Scalar.CLIP_MULTIPLIER] = 0.75
-    values[Scalar.CLIP_DIVISOR] = 1.5
-    values[Scalar.CLIP_VALUE] = 0.25
-    values[Scalar.UPDATE_GATE] = 0.0 if step == 2 else 1.0
-    values[Scalar.EMA_MOMENTUM] = 0.99
-    values[Scalar.EMA_ONE_MINUS_MOMENTUM] = 1 - 0.99
-    values[Scalar.EMA_GATE] = 0.0 if step == 2 else 1.0
-    values[Scalar.EMA_OVERWRITE] = 1.0 if step >= 2 else 0.0
-    return mx.array(values, mx.float32)
 
 
 def verification_inputs(
@@ -240,22 +215,17 @@ def verify_path(name: str, plan: list[Variant], shapes_per_variant: int) -> list
     return list(rows.values())
 
 
+def probe_kernels(name: str, plan: list[Variant]) -> dict[Variant, str]:
+    """The variants of ``plan`` that ``fused="auto"`` would not run on ``name``'s kernel here,
+    and why: each is probed as ``auto`` probes it on first use (the verdicts are the process's
+    own, so a variant already refused in this process shows up too)."""
+    update = backends.PATHS[name].load()
+    verdicts = {v: probe.kernel_verdict(name, v, update, fall_back=False) for v in plan}
+    return {variant: why for variant, why in verdicts.items() if why is not None}
+
+
 def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
-
-
-def describe(variant: Variant) -> str:
-    """The variant in a few words: the options that are on, the dtypes, the size class."""
-    options = variant.options
-    on = [f.name for f in fields(options) if getattr(options, f.name) is True]
-    if options.weight_decay != "none":
-        on.append(f"weight_decay={options.weight_decay}")
-    dtypes = (variant.parameter_dtype, variant.gradient_dtype, variant.state_dtype)
-    size = f"<{METAL_CONSTANT_BELOW}" if variant.small else f">={METAL_CONSTANT_BELOW}"
-    return (
-        f"{'+'.join(on) or 'no options'}, parameter/gradient/state "
-        f"{'/'.join(_dtype_name(d) for d in dtypes)}, {size} elements"
-    )
 
 
 def describe_failure(path: str, failure: Failure) -> str:
@@ -330,8 +300,20 @@ def run(args: argparse.Namespace) -> int:
     failures = [(row.path, failure) for row in rows for failure in row.failures]
     if failures:
         print(f"\nFirst failure: {describe_failure(*failures[0])}")
+    refusals = 0
+    for name in gpu_paths:
+        refused = probe_kernels(name, plan)
+        refusals += len(refused)
+        print(
+            f"\nfused='auto' probes each {name} kernel variant on first use: "
+            f"{len(plan) - len(refused)} of {len(plan)} adopted here, {len(refused)} would "
+            "run the compiled reference instead (after one warning)."
+        )
+        if refused:
+            variant, why = next(iter(refused.items()))
+            print(f"First refused: {describe(variant)}: {why}")
     total = sum(row.variants for row in rows)
-    verdict = "PASS" if not failures else "FAIL"
+    verdict = "PASS" if not failures and not refusals else "FAIL"
     elapsed = time.perf_counter() - started
     print(
         f"\n{verdict}: {total} variant runs, {len(failures)} failed, in {elapsed:.1f} s. "
@@ -346,4 +328,4 @@ def run(args: argparse.Namespace) -> int:
             "with MLX's CUDA backend; the test suite runs them on Linux under a Metal "
             "emulator (tests/test_kernel_emulation.py)."
         )
-    return 0 if not failures else 1
+    return 0 if verdict == "PASS" else 1

@@ -76,7 +76,8 @@ def relative_error(actual: object, expected: object) -> float:
 
 def _error(a: np.ndarray, e: np.ndarray) -> tuple[float, np.ndarray]:
     finite = np.isfinite(e)
-    deviation = np.where(finite, np.abs(a - e), 0.0)
+    deviation = np.zeros(e.shape)
+    deviation[finite] = np.abs(a[finite] - e[finite])
     if not finite.any():
         return 0.0, deviation
     scale = max(np.abs(e[finite]).max(), np.finfo(np.float64).tiny)
