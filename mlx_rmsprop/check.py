@@ -4,8 +4,11 @@ With an Apple GPU (Metal) or MLX's CUDA backend, every kernel variant of
 :func:`~mlx_rmsprop.kernels.variants.verification_plan` runs on the GPU and is compared, for
 several shapes and steps, with :func:`~mlx_rmsprop.reference.rmsprop_reference` evaluated on
 the CPU; a table gives, per dtype combination, the variants run, the failures and the largest
-error of the parameter and of every state buffer. Without a GPU the command says that the
-kernels were not run here and verifies the paths that do run (the compiled CPU path, ...).
+error of the parameter and of every state buffer, judged by the tolerance table of
+:mod:`mlx_rmsprop.tolerance`; the first failure is named down to the element. It also reports
+which variants ``fused="auto"`` would not adopt on this GPU (:mod:`mlx_rmsprop.probe`).
+Without a GPU the command says that the kernels were not run here and verifies the paths that
+do run (the compiled CPU path, ...).
 """
 
 from __future__ import annotations
