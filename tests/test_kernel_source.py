@@ -15,16 +15,13 @@ from functools import partial
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop import RMSprop, backends
-from mlx_rmsprop.check import RTOL as CHECK_RTOL
+from mlx_rmsprop import RMSprop, backends, probe
 from mlx_rmsprop.check import step_scalars, verification_inputs
 from mlx_rmsprop.kernels import metal, source
 from mlx_rmsprop.kernels.launch import make_update, plan
 from mlx_rmsprop.kernels.source import Variant, translation_unit
 from mlx_rmsprop.kernels.variants import every_flag_on, every_option_set
 from mlx_rmsprop.options import Scalar, UpdateOptions
-
-from tolerances import RTOL
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -108,6 +105,8 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, m
     # float64 one (reference math), and the sources are the ones RMSprop.kernel_source reports.
     metal_path = dataclasses.replace(backends.PATHS["metal"], load=lambda: verbose_update)
     monkeypatch.setitem(backends.PATHS, "metal", metal_path)
+    # Export only traces: the per-variant probe, which runs the kernel, cannot run here.
+    monkeypatch.setattr(probe, "kernel_verdict", lambda *args: None)
     optimizer = RMSprop.from_torch(lr=0.01, momentum=0.9, centered=True, fused="metal")
     assert optimizer.path == "metal" and metal_path.compile_step
 
@@ -252,10 +251,6 @@ def test_every_update_option_is_a_template_argument():
     decoupled = Variant(UpdateOptions(weight_decay="decoupled")).template_args()
     assert ("DECOUPLED_WEIGHT_DECAY", True) in decoupled
     assert ("COUPLED_WEIGHT_DECAY", False) in decoupled
-
-
-def test_check_tolerances_are_the_test_suites():
-    assert CHECK_RTOL == {dtype: RTOL[dtype] for dtype in ("float32", "float16", "bfloat16")}
 
 
 # A float operator between two operands (a * b, a / b, a + b, a - b, compound assignments

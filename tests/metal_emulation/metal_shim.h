@@ -24,9 +24,10 @@ struct uint3 {
 typedef _Float16 half;
 typedef half float16_t;
 
-// bfloat16_t: MLX's Metal preamble names it (a struct before Metal 3.1, Metal's `bfloat` after);
-// both convert from float with round-to-nearest-even, which is spelled out here. Conversions
-// are explicit so that a store that forgets its cast does not compile.
+// bfloat16_t: MLX's Metal preamble defines it as Metal's native `bfloat` (unconditionally since
+// MLX 0.29.4, which requires macOS 14 / Metal 3.1: mlx/backend/metal/kernels/bf16.h). It
+// converts from float with round-to-nearest-even, which is spelled out here. Conversions are
+// explicit so that a store that forgets its cast does not compile.
 struct bfloat16_t {
   uint16_t bits;
 
