@@ -1,4 +1,4 @@
-"""Builds the optional native CPU update, ``mlx_rmsprop._native._ext``; everything else about
+"""Builds the optional native CPU update, ``mlx_rmsprop.paths.native._ext``; everything else about
 the package is declared in pyproject.toml.
 
 The module is compiled with CMake against the mlx of the build environment (MLX's C++ extension
@@ -20,15 +20,13 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-NATIVE_DIR = Path(__file__).resolve().parent / "mlx_rmsprop" / "_native"
+NATIVE_DIR = Path(__file__).resolve().parent / "mlx_rmsprop" / "paths" / "native"
 
 
 def _native_sources():
-    """``mlx_rmsprop/_native/__init__.py`` loaded by path (importing the package would import
-    mlx_rmsprop and everything it imports)."""
-    spec = importlib.util.spec_from_file_location(
-        "_mlx_rmsprop_sources", NATIVE_DIR / "__init__.py"
-    )
+    """``mlx_rmsprop/paths/native/sources.py`` loaded by path (importing it as part of the
+    package would import mlx_rmsprop and everything it imports)."""
+    spec = importlib.util.spec_from_file_location("_mlx_rmsprop_sources", NATIVE_DIR / "sources.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -97,6 +95,6 @@ class OptionalNativeBuild(build_ext):
 
 if __name__ == "__main__":
     setup(
-        ext_modules=[Extension("mlx_rmsprop._native._ext", sources=[])],
+        ext_modules=[Extension("mlx_rmsprop.paths.native._ext", sources=[])],
         cmdclass={"build_ext": OptionalNativeBuild},
     )

@@ -6,7 +6,8 @@ and its speed against a device-to-device copy.
 Needs an NVIDIA GPU, NumPy and CuPy (whose NVRTC compiles the kernels); never imports mlx.
 It assembles the exact CUDA translation units MLX's CUDA backend builds around our body
 (``metal/rmsprop_update.inc`` with the CUDA prologue; the same text as
-``mlx_rmsprop.kernels.source.translation_unit(variant, "cuda")``, which the test suite checks),
+``mlx_rmsprop.paths.kernels.source.translation_unit(variant, "cuda")``, which the test suite
+checks),
 compiles them with NVRTC and MLX's options (``--device-as-default-execution-space``,
 ``--gpu-architecture=sm_XY[a]``: mlx/backend/cuda/jit_module.cpp), with MLX's device header
 replaced by the stand-in of ``tests/cuda_shim`` (the signature only needs its Shape type), and
@@ -388,7 +389,8 @@ def kernel_parameters(variant: Variant) -> list[str]:
 
 
 def grid_for(size: int) -> tuple[int, int]:
-    """(blocks in x, rows): mlx_rmsprop.kernels.launch.grid_for with MLX's block arithmetic."""
+    """(blocks in x, rows): mlx_rmsprop.paths.kernels.launch.grid_for with MLX's block
+    arithmetic."""
     max_1d = 2**31 - 1 - (THREADGROUP - 1)
     if size <= max_1d:
         return (size + THREADGROUP - 1) // THREADGROUP, 1

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.optimizers
 import numpy as np
 
-from mlx_rmsprop import backends
+from mlx_rmsprop import paths
 from mlx_rmsprop.optimizer import RMSprop
 
 from .workloads import (
@@ -171,11 +171,11 @@ def ours() -> list[Implementation]:
     """``mlx_rmsprop.RMSprop`` on every registered path (those that cannot load here are
     reported with the reason), then with ``fused="auto"`` inside a user's ``mx.compile``."""
     try:
-        auto_path = backends.resolve("auto")[0].name
+        auto_path = paths.resolve("auto")[0].name
     except RuntimeError:
         auto_path = None
     found = []
-    for name, path in backends.PATHS.items():
+    for name, path in paths.PATHS.items():
         fused = _fused_argument(name)
         label = f"mlx_rmsprop fused={fused!r}" + (" (auto)" if name == auto_path else "")
         try:

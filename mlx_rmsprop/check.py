@@ -1,7 +1,7 @@
 """``python -m mlx_rmsprop check``: run the update paths this machine has against the reference.
 
 With an Apple GPU (Metal) or MLX's CUDA backend, every kernel variant of
-:func:`~mlx_rmsprop.kernels.variants.verification_plan` runs on the GPU and is compared, for
+:func:`~mlx_rmsprop.paths.kernels.variants.verification_plan` runs on the GPU and is compared, for
 several shapes and steps, with :func:`~mlx_rmsprop.reference.rmsprop_reference` evaluated on
 the CPU; a table gives, per dtype combination, the variants run, the failures and the largest
 error of the parameter and of every state buffer, judged by the tolerance table of
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from . import backends, native, probe
-from .kernels.source import METAL_CONSTANT_BELOW, Variant
-from .kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
-from .probe import describe, step_scalars
+from . import paths
+from .paths import native, probe
+from .paths.kernels.source import METAL_CONSTANT_BELOW, Variant
+from .paths.kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
+from .paths.probe import describe, step_scalars
 from .reference import rmsprop_reference
 from .tolerance import RTOL, Mismatch, compare, relative_error
 
@@ -198,7 +199,7 @@ def _gpu_plan(quick: bool) -> list[Variant]:
     ]
 
 
-def _runner(path: backends.Path, update: Callable, variant: Variant) -> Callable:
+def _runner(path: paths.UpdatePath, update: Callable, variant: Variant) -> Callable:
     def run_update(scalars, parameter, gradient, state):
         return update(variant.options, scalars, parameter, gradient, state)
 
@@ -206,7 +207,7 @@ def _runner(path: backends.Path, update: Callable, variant: Variant) -> Callable
 
 
 def verify_path(name: str, plan: list[Variant], shapes_per_variant: int) -> list[Row]:
-    path = backends.PATHS[name]
+    path = paths.PATHS[name]
     update = path.load()
     rows: dict[tuple, Row] = {}
     for k, variant in enumerate(plan):
@@ -222,7 +223,7 @@ def probe_kernels(name: str, plan: list[Variant]) -> dict[Variant, str]:
     """The variants of ``plan`` that ``fused="auto"`` would not run on ``name``'s kernel here,
     and why: each is probed as ``auto`` probes it on first use (the verdicts are the process's
     own, so a variant already refused in this process shows up too)."""
-    update = backends.PATHS[name].load()
+    update = paths.PATHS[name].load()
     verdicts = {v: probe.kernel_verdict(name, v, update, fall_back=False) for v in plan}
     return {variant: why for variant, why in verdicts.items() if why is not None}
 
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"mlx_rmsprop check: MLX {mx.__version__}, {platform.platform()}")
     print(f"Native CPU path: {native.status()}")
-    available = backends.availability()
+    available = paths.availability()
     gpu_paths = [name for name in GPU_PATHS if available.get(name) is None]
     if gpu_paths:
         plan, shapes_per_variant = _gpu_plan(args.quick), 2

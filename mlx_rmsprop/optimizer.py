@@ -14,10 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.optimizers import Optimizer
 
-from . import backends, presets, validation
-from .options import Scalar, UpdateOptions
-from .pipeline import pipeline_config as _pipeline_config
-from .step import ACCUMULATOR, constant_scalars, make_step_function
+from . import paths, presets, validation
+from .config import rmsprop_config
+from .step import make_step_function
 from .trees import check_state, gather, match_gradients, rebuild
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
@@ -88,9 +87,14 @@ class RMSprop(Optimizer):
         state_dtype: dtype of the state buffers. ``None`` (default): float32 for float16,
             bfloat16 and float32 parameters, float64 for float64 ones. Arithmetic is always at
             least float32 whatever this is.
-        fused: ``"auto"`` (the fastest path on this device), ``"native"`` (one C++ MLX
-            operation per parameter on the CPU, built at install time), ``"compiled"`` (the
-            reference math under ``mx.compile``) or ``False`` (plain uncompiled ops).
+        fused: which update path runs (``optimizer.path`` says which one did):
+            ``"auto"`` (default) the first of ``"metal"``, ``"cuda"``, ``"native"``,
+            ``"compiled"`` that runs on this machine; ``"metal"`` one fused Metal kernel
+            launch per parameter (Apple GPU); ``"cuda"`` the same kernel body on MLX's CUDA
+            backend; ``"native"`` one fused C++ MLX operation per parameter on the CPU (built
+            at install time); ``"compiled"``, not fused: the reference math as separate MLX
+            ops, the whole step under ``mx.compile``; ``False``, neither fused nor compiled:
+            the reference math as plain MLX ops.
         skip_nonfinite: when a step's gradients hold any NaN or Inf, or a value computed on
             the way to the update does (the gradient with the loss scale divided out, an
             accumulated sum, a clip factor), leave every parameter and state buffer as it was
@@ -149,36 +153,22 @@ class RMSprop(Optimizer):
     ):
         super().__init__()
         learning_rate = validation.learning_rate("learning_rate", learning_rate)
-        self._alpha = validation.in_range("alpha", alpha, 0.0, 1.0)
-        self._eps = validation.positive("eps", eps)
-        self._momentum = validation.in_range("momentum", momentum, 0.0, 1.0)
-        self._weight_decay = validation.non_negative("weight_decay", weight_decay)
-        self._initial_accumulator_value = validation.non_negative(
-            "initial_accumulator_value", initial_accumulator_value
-        )
-        flags = {
-            name: validation.flag(name, value)
-            for name, value in (
-                ("centered", centered),
-                ("nesterov", nesterov),
-                ("decoupled_weight_decay", decoupled_weight_decay),
-                ("maximize", maximize),
-                ("eps_in_sqrt", eps_in_sqrt),
-                ("lr_in_momentum", lr_in_momentum),
-                ("bias_correction", bias_correction),
-            )
-        }
-        if flags["nesterov"] and self._momentum == 0:
-            raise ValueError("nesterov=True requires momentum > 0, got momentum=0.0")
-        if flags["bias_correction"] and validation.in_float32(self._alpha) == 1:
-            raise ValueError(
-                "bias_correction=True requires alpha < 1 in float32 (the correction "
-                f"1 - alpha**t would be 0), got alpha={self._alpha!r}"
-                + (" (1.0 in float32)" if self._alpha != 1 else "")
-            )
-        self._state_dtype = validation.state_dtype("state_dtype", state_dtype)
-        self._fused = validation.choice("fused", fused, backends.FUSED_CHOICES)
-        self._pipeline = _pipeline_config(
+        self._config = rmsprop_config(
+            scheduled=callable(learning_rate),
+            alpha=alpha,
+            eps=eps,
+            momentum=momentum,
+            centered=centered,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            eps_in_sqrt=eps_in_sqrt,
+            lr_in_momentum=lr_in_momentum,
+            initial_accumulator_value=initial_accumulator_value,
+            bias_correction=bias_correction,
+            state_dtype=state_dtype,
+            fused=fused,
             skip_nonfinite=skip_nonfinite,
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
@@ -188,59 +178,13 @@ class RMSprop(Optimizer):
             use_ema=use_ema,
             ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
-            scheduled=callable(learning_rate),
+            name=name,
         )
-        if not isinstance(name, str):
-            raise ValueError(f"name must be a string, got {name!r}")
-        self.name = name
+        self.name = self._config.name
         self._decay_exclusion: re.Pattern | None = None
         self._decay_patterns: list[str] = []
         self._update_lock = _UpdateLock()
         self._excluded_paths: dict[str, bool] = {}
-
-        if self._weight_decay == 0:
-            decay_mode = "none"
-        else:
-            decay_mode = "decoupled" if flags["decoupled_weight_decay"] else "coupled"
-        self._options = UpdateOptions(
-            centered=flags["centered"],
-            momentum=self._momentum > 0,
-            nesterov=flags["nesterov"],
-            eps_in_sqrt=flags["eps_in_sqrt"],
-            lr_in_momentum=flags["lr_in_momentum"],
-            weight_decay=decay_mode,
-            maximize=flags["maximize"],
-            bias_correction=flags["bias_correction"],
-            scale_gradient=self._pipeline.scales_in_update,
-            clip_value=self._pipeline.clipvalue is not None,
-            gated=self._pipeline.gated,
-            ema=self._pipeline.use_ema,
-        )
-        self._state_keys = self._options.state_keys + (
-            (ACCUMULATOR,) if self._pipeline.accumulates else ()
-        )
-        self._flags = flags
-        divides_in_update = (
-            self._pipeline.loss_scale_factor is not None and not self._pipeline.accumulates
-        )
-        self._constants = constant_scalars(
-            {
-                Scalar.ALPHA: self._alpha,
-                Scalar.ONE_MINUS_ALPHA: 1.0 - self._alpha,
-                Scalar.EPS: self._eps,
-                Scalar.MOMENTUM: self._momentum,
-                Scalar.WEIGHT_DECAY: self._weight_decay,
-                Scalar.BIAS_CORRECTION: 1.0,
-                Scalar.GRAD_DIVISOR: (
-                    self._pipeline.loss_scale_factor if divides_in_update else 1.0
-                ),
-                Scalar.CLIP_MULTIPLIER: 1.0,
-                Scalar.CLIP_DIVISOR: 1.0,
-                Scalar.CLIP_VALUE: self._pipeline.clipvalue or 0.0,
-                Scalar.UPDATE_GATE: 1.0,
-                Scalar.EMA_GATE: 1.0,
-            }
-        )
         self._init_runtime()
         self._maybe_schedule("learning_rate", learning_rate)
         if callable(learning_rate):
@@ -249,7 +193,7 @@ class RMSprop(Optimizer):
             self.state["learning_rate"] = self._checked_schedule_value(
                 self.state["learning_rate"], check_value=False
             )
-        if self._pipeline.skip_nonfinite:
+        if self._config.pipeline.skip_nonfinite:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)
 
     # Attributes that copy.deepcopy and pickle leave out and _init_runtime rebuilds: functions
@@ -258,7 +202,7 @@ class RMSprop(Optimizer):
     _RUNTIME_ATTRIBUTES = ("_path", "_update", "_compile_step", "_step_functions")
 
     def _init_runtime(self) -> None:
-        path, self._update = backends.resolve(self._fused)
+        path, self._update = paths.resolve(self._config.fused)
         self._path = path.name
         self._compile_step = path.compile_step
         # One step function per weight-decay exclusion pattern over the parameters.
@@ -275,21 +219,23 @@ class RMSprop(Optimizer):
         self._init_runtime()
 
     # Hyperparameters are read-only: the state layout and the compiled update depend on them.
-    alpha = property(lambda self: self._alpha, doc="Smoothing constant :math:`\\alpha`.")
-    eps = property(lambda self: self._eps, doc="The :math:`\\epsilon` of the denominator.")
-    momentum = property(lambda self: self._momentum, doc="Momentum :math:`\\mu`.")
-    weight_decay = property(lambda self: self._weight_decay, doc="Weight decay :math:`\\lambda`.")
-    initial_accumulator_value = property(lambda self: self._initial_accumulator_value)
-    centered = property(lambda self: self._flags["centered"])
-    nesterov = property(lambda self: self._flags["nesterov"])
-    decoupled_weight_decay = property(lambda self: self._flags["decoupled_weight_decay"])
-    maximize = property(lambda self: self._flags["maximize"])
-    eps_in_sqrt = property(lambda self: self._flags["eps_in_sqrt"])
-    lr_in_momentum = property(lambda self: self._flags["lr_in_momentum"])
-    bias_correction = property(lambda self: self._flags["bias_correction"])
-    state_dtype = property(lambda self: self._state_dtype)
-    fused = property(lambda self: self._fused)
-    pipeline = property(lambda self: self._pipeline, doc="The Keras pipeline settings.")
+    alpha = property(lambda self: self._config.alpha, doc="Smoothing constant :math:`\\alpha`.")
+    eps = property(lambda self: self._config.eps, doc="The :math:`\\epsilon` of the denominator.")
+    momentum = property(lambda self: self._config.momentum, doc="Momentum :math:`\\mu`.")
+    weight_decay = property(
+        lambda self: self._config.weight_decay, doc="Weight decay :math:`\\lambda`."
+    )
+    initial_accumulator_value = property(lambda self: self._config.initial_accumulator_value)
+    centered = property(lambda self: self._config.flags["centered"])
+    nesterov = property(lambda self: self._config.flags["nesterov"])
+    decoupled_weight_decay = property(lambda self: self._config.flags["decoupled_weight_decay"])
+    maximize = property(lambda self: self._config.flags["maximize"])
+    eps_in_sqrt = property(lambda self: self._config.flags["eps_in_sqrt"])
+    lr_in_momentum = property(lambda self: self._config.flags["lr_in_momentum"])
+    bias_correction = property(lambda self: self._config.flags["bias_correction"])
+    state_dtype = property(lambda self: self._config.state_dtype)
+    fused = property(lambda self: self._config.fused)
+    pipeline = property(lambda self: self._config.pipeline, doc="The Keras pipeline settings.")
     skipped_steps = property(
         lambda self: self.state["skipped_steps"],
         doc="How many steps ``skip_nonfinite`` has skipped (an array: usable in mx.compile).",
@@ -307,21 +253,23 @@ class RMSprop(Optimizer):
     )
     # Keras' attribute names for the pipeline settings (read-only here, as the compiled update
     # depends on them).
-    loss_scale_factor = property(lambda self: self._pipeline.loss_scale_factor)
-    gradient_accumulation_steps = property(lambda self: self._pipeline.gradient_accumulation_steps)
-    clipnorm = property(lambda self: self._pipeline.clipnorm)
-    global_clipnorm = property(lambda self: self._pipeline.global_clipnorm)
-    clipvalue = property(lambda self: self._pipeline.clipvalue)
-    use_ema = property(lambda self: self._pipeline.use_ema)
-    ema_momentum = property(lambda self: self._pipeline.ema_momentum)
-    ema_overwrite_frequency = property(lambda self: self._pipeline.ema_overwrite_frequency)
+    loss_scale_factor = property(lambda self: self._config.pipeline.loss_scale_factor)
+    gradient_accumulation_steps = property(
+        lambda self: self._config.pipeline.gradient_accumulation_steps
+    )
+    clipnorm = property(lambda self: self._config.pipeline.clipnorm)
+    global_clipnorm = property(lambda self: self._config.pipeline.global_clipnorm)
+    clipvalue = property(lambda self: self._config.pipeline.clipvalue)
+    use_ema = property(lambda self: self._config.pipeline.use_ema)
+    ema_momentum = property(lambda self: self._config.pipeline.ema_momentum)
+    ema_overwrite_frequency = property(lambda self: self._config.pipeline.ema_overwrite_frequency)
 
     def scale_loss(self, loss: Any) -> Any:
         """``loss * loss_scale_factor`` when a loss scale is set, else ``loss`` (Keras'
         ``scale_loss``); the update divides the gradients by the same factor."""
-        if self._pipeline.loss_scale_factor is None:
+        if self._config.pipeline.loss_scale_factor is None:
             return loss
-        return loss * self._pipeline.loss_scale_factor
+        return loss * self._config.pipeline.loss_scale_factor
 
     from_torch = classmethod(presets.from_torch)
     from_keras = classmethod(presets.from_keras)
@@ -330,37 +278,26 @@ class RMSprop(Optimizer):
 
     def __repr__(self) -> str:
         lr = self._schedulers.get("learning_rate", None) or self.state["learning_rate"].item()
+        config = self._config
         return (
-            f"RMSprop(learning_rate={lr!r}, alpha={self._alpha!r}, eps={self._eps!r}, "
-            f"momentum={self._momentum!r}, weight_decay={self._weight_decay!r}, "
-            + ", ".join(f"{name}={value!r}" for name, value in self._flags.items())
-            + f", initial_accumulator_value={self._initial_accumulator_value!r}, "
-            f"state_dtype={self._state_dtype}, fused={self._fused!r})"
+            f"RMSprop(learning_rate={lr!r}, alpha={config.alpha!r}, eps={config.eps!r}, "
+            f"momentum={config.momentum!r}, weight_decay={config.weight_decay!r}, "
+            + ", ".join(f"{name}={value!r}" for name, value in config.flags.items())
+            + f", initial_accumulator_value={config.initial_accumulator_value!r}, "
+            f"state_dtype={config.state_dtype}, fused={config.fused!r})"
         )
 
     @property
     def state_keys(self) -> tuple[str, ...]:
         """The buffers kept per parameter, in the order the fused update takes them."""
-        return self._state_keys
+        return self._config.state_keys
 
     def get_config(self) -> dict:
         """The constructor arguments (JSON-serialisable; a schedule shows as ``"schedule"``)."""
         schedule = self._schedulers.get("learning_rate")
         return {
             "learning_rate": "schedule" if schedule else self.state["learning_rate"].item(),
-            "alpha": self._alpha,
-            "eps": self._eps,
-            "momentum": self._momentum,
-            "weight_decay": self._weight_decay,
-            "initial_accumulator_value": self._initial_accumulator_value,
-            **self._flags,
-            "state_dtype": None if self._state_dtype is None else str(self._state_dtype),
-            "fused": self._fused,
-            **{
-                key: getattr(self._pipeline, key)
-                for key in self._pipeline.__dataclass_fields__
-                if key != "guard_learning_rate"  # follows from learning_rate being a schedule
-            },
+            **self._config.arguments(),
             "exclude_from_weight_decay": list(self._decay_patterns),
             "name": self.name,
         }
@@ -372,24 +309,24 @@ class RMSprop(Optimizer):
         and the update body. ``backend`` is ``"metal"`` or ``"cuda"``. Raises ``ValueError``
         for a dtype the kernel does not compute with (float64 parameters take the reference
         path)."""
-        from .kernels.source import Variant, translation_unit
+        from .paths.kernels.source import Variant, translation_unit
 
         return translation_unit(
-            Variant(self._options, dtype, dtype, self.buffer_dtype(dtype)), backend
+            Variant(self._config.options, dtype, dtype, self.buffer_dtype(dtype)), backend
         )
 
     def buffer_dtype(self, parameter_dtype: mx.Dtype) -> mx.Dtype:
         """The dtype of the state buffers this optimizer creates for such a parameter."""
-        if self._state_dtype is not None:
-            return self._state_dtype
+        if self._config.state_dtype is not None:
+            return self._config.state_dtype
         return mx.float64 if parameter_dtype == mx.float64 else mx.float32
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Create ``v`` (at ``initial_accumulator_value``) and, when used, ``grad_avg`` and
         ``momentum_buffer`` (at 0) for one parameter."""
         dtype = self.buffer_dtype(parameter.dtype)
-        state["v"] = mx.full(parameter.shape, self._initial_accumulator_value, dtype)
-        for key in self._state_keys[1:]:
+        state["v"] = mx.full(parameter.shape, self._config.initial_accumulator_value, dtype)
+        for key in self._config.state_keys[1:]:
             # The EMA starts as the weights themselves (Keras).
             state[key] = (
                 parameter.astype(dtype) if key == "ema" else mx.zeros(parameter.shape, dtype)
@@ -419,12 +356,12 @@ class RMSprop(Optimizer):
             gradients,
             parameters,
             self.state,
-            self._state_keys,
+            self._config.state_keys,
             with_paths=excluding,
             new_state=self._new_state,
         )
         self._initialized = True
-        if self._pipeline.skip_nonfinite and "skipped_steps" not in self.state:
+        if self._config.pipeline.skip_nonfinite and "skipped_steps" not in self.state:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)  # a state loaded from elsewhere
         self.state.update(scheduled)
 
@@ -438,7 +375,7 @@ class RMSprop(Optimizer):
             found.parameters,
             found.gradients,
             # In the configuration's key order: mx.compile matches inputs by position.
-            [{key: state[key] for key in self._state_keys} for state in found.states],
+            [{key: state[key] for key in self._config.state_keys} for state in found.states],
         )
         for state, new_state in zip(found.states, new_states, strict=True):
             state.update(new_state)
@@ -455,11 +392,14 @@ class RMSprop(Optimizer):
         (leaf,) = match_gradients(gradient, parameter)
         if not state:
             self.init_single(parameter, state)
-        check_state(leaf.path, parameter, state, self._state_keys)
+        check_state(leaf.path, parameter, state, self._config.state_keys)
         # MLX calls this after incrementing the step; the update counts from step - 1.
         step = mx.maximum(self.step, 1) - 1
         (new_parameter,), (new_state,), _ = self._step_function((False,))(
-            self._counters(step), [parameter], [gradient], [{k: state[k] for k in self._state_keys}]
+            self._counters(step),
+            [parameter],
+            [gradient],
+            [{k: state[k] for k in self._config.state_keys}],
         )
         state.update(new_state)
         return new_parameter
@@ -509,22 +449,21 @@ class RMSprop(Optimizer):
 
     def _use_preset_eps(self, eps: float) -> None:
         # A preset's epsilon of 0 (or one that rounds to 0 in float32); see presets._with_eps.
-        self._eps = eps
-        self._constants[Scalar.EPS] = float(eps)
+        self._config = self._config.with_preset_eps(eps)
         self._step_functions.clear()
 
     def _counters(self, step: mx.array) -> dict[str, mx.array]:
         counters = {"learning_rate": self.state["learning_rate"], "step": step}
-        if self._pipeline.skip_nonfinite:
+        if self._config.pipeline.skip_nonfinite:
             counters["skipped_steps"] = self.state["skipped_steps"]
         return counters
 
     def _step_function(self, decay_excluded: tuple[bool, ...]) -> Callable:
         if decay_excluded not in self._step_functions:
             self._step_functions[decay_excluded] = make_step_function(
-                self._options,
-                self._constants,
-                self._pipeline,
+                self._config.options,
+                self._config.constants,
+                self._config.pipeline,
                 self._update,
                 compiled=self._compile_step,
                 decay_excluded=decay_excluded,
@@ -584,7 +523,7 @@ class RMSprop(Optimizer):
         with a parameter tree, a new tree is returned whose leaves that have an EMA are
         replaced by it. Without ``use_ema`` nothing changes.
         """
-        if not self._pipeline.use_ema:
+        if not self._config.pipeline.use_ema:
             return target
         parameters = target.trainable_parameters() if isinstance(target, nn.Module) else target
         averaged = self.ema_parameters(parameters)
@@ -596,7 +535,7 @@ class RMSprop(Optimizer):
     def ema_parameters(self, parameters: dict) -> dict:
         """``parameters`` with each leaf the optimizer keeps an EMA for replaced by that EMA
         (cast to the parameter's dtype)."""
-        if not self._pipeline.use_ema:
+        if not self._config.pipeline.use_ema:
             raise ValueError("ema_parameters() needs use_ema=True")
 
         def swap(node: Any, state: Any) -> Any:

@@ -8,8 +8,11 @@ and a small ``scalars`` vector (data, changes per step, never part of a cache ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+
+import mlx.core as mx
 
 WEIGHT_DECAY_MODES = ("none", "coupled", "decoupled")
 
@@ -84,3 +87,8 @@ class UpdateOptions:
         if self.ema:
             keys.append("ema")
         return tuple(keys)
+
+
+# Every path's per-parameter update: (options, scalars, parameter, gradient, state) ->
+# (new parameter, new state), as :func:`~mlx_rmsprop.reference.rmsprop_reference`.
+UpdateFn = Callable[[UpdateOptions, mx.array, mx.array, mx.array, dict], tuple[mx.array, dict]]

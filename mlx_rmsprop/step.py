@@ -2,19 +2,21 @@
 
 One call covers the whole tree so that the compiled path costs one compiled-function call per
 step rather than one per parameter (200 tensors of 2^10 floats: 2.5 ms against 11 ms, measured
-on the 2-core Linux CI machine). It runs the pipeline stages that need whole tensors or the
-whole tree (accumulation, norms, the non-finite flag), builds the scalars vector, and hands
-each parameter to the path's fused update.
+on the 2-core Linux CI machine). :func:`make_step_function` builds it from the stages below,
+in Keras' order: the loss scale and accumulation (:func:`accumulate`), clipping by norm
+(:func:`clip_factors`), the counters and gates (:func:`count`, :func:`carry_accumulators`),
+the per-step scalars (:class:`StepScalars`) and one fused update per parameter
+(:func:`update_parameters`), which does weight decay, the update itself and the EMA.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import mlx.core as mx
 
-from .backends import UpdateFn
-from .options import NUM_SCALARS, Scalar, UpdateOptions
+from .options import NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 from .pipeline import (
     PipelineConfig,
     all_finite,
@@ -76,7 +78,6 @@ def make_step_function(
     skipping non-finite steps, ``skipped_steps``. ``decay_excluded[i]`` turns weight decay off
     for parameter ``i``: it is fixed per function (the optimizer keeps one per pattern).
     """
-    kernel_keys = options.state_keys
 
     def step_fn(
         counters: dict[str, mx.array],
@@ -84,157 +85,307 @@ def make_step_function(
         gradients: list[mx.array],
         states: list[dict],
     ) -> tuple[list[mx.array], list[dict], dict[str, mx.array]]:
-        step_before = counters["step"]
-        new_counters = {}
         dtypes = [
             compute_dtype(p, g, s) for p, g, s in zip(parameters, gradients, states, strict=True)
         ]
-        new_states = [dict() for _ in states]
-
-        # Gradients as the fused update will see them, after accumulation (summed: the
-        # accumulator plus this call's gradient, loss scale divided out, as Keras does).
-        update_grads, sums = [], []
-        for gradient, state, dtype in zip(gradients, states, dtypes, strict=True):
-            if not pipeline.accumulates:
-                update_grads.append(gradient)
-                continue
-            scaled = gradient.astype(dtype)
-            if pipeline.loss_scale_factor is not None:
-                scaled = scaled / mx.array(pipeline.loss_scale_factor, dtype)
-            summed = scaled + state[ACCUMULATOR].astype(dtype)
-            sums.append(summed)
-            update_grads.append(summed / mx.array(pipeline.gradient_accumulation_steps, dtype))
-
-        def unscaled(gradient: mx.array, dtype: mx.Dtype) -> mx.array:
-            # The gradient whose norm Keras clips: after the loss scale is divided out.
-            gradient = gradient.astype(dtype)
-            if pipeline.loss_scale_factor is not None and not pipeline.accumulates:
-                gradient = gradient / mx.array(pipeline.loss_scale_factor, dtype)
-            return gradient
-
-        global_factor = None
-        if pipeline.global_clipnorm is not None:
-            norm_dtype = mx.float64 if mx.float64 in dtypes else mx.float32
-            global_factor = global_clip_factor(
-                [unscaled(g, norm_dtype) for g in update_grads],
-                pipeline.global_clipnorm,
-                norm_dtype,
-            )
-        clip_factors = [
-            clip_by_norm_factors(unscaled(g, dtype), pipeline.clipnorm)
-            if pipeline.clipnorm is not None
-            else None
-            for g, dtype in zip(update_grads, dtypes, strict=True)
-        ]
-
-        # `skip`: this call changes no parameter and no state. A non-finite value anywhere on
-        # the way to the update (a raw gradient, the gradient with the loss scale divided out,
-        # an accumulated sum, a clip factor) also holds the step counter (the call did not
-        # happen, as Keras' loss-scale optimizer has it); an invalid scheduled learning rate
-        # lets time move on, so that the schedule can recover.
-        skip = None
-        step_after = step_before + 1
-        if pipeline.skip_nonfinite:
-            if pipeline.accumulates:
-                checked = list(sums)
-            elif pipeline.loss_scale_factor is not None:
-                checked = [unscaled(g, dtype) for g, dtype in zip(gradients, dtypes, strict=True)]
-            else:
-                checked = list(gradients)
-            if global_factor is not None:
-                checked.append(global_factor)
-            for factors in clip_factors:
-                if factors is not None:
-                    checked.extend(factors)
-            skip = mx.logical_not(all_finite(checked))
-            step_after = step_before + mx.where(skip, 0, 1).astype(step_before.dtype)
-        if pipeline.guard_learning_rate:
-            lr = counters["learning_rate"]
-            invalid = mx.logical_not(mx.logical_and(mx.isfinite(lr), lr >= 0))
-            skip = invalid if skip is None else mx.logical_or(skip, invalid)
-        if pipeline.skip_nonfinite:
-            new_counters["skipped_steps"] = counters["skipped_steps"] + skip.astype(
-                counters["skipped_steps"].dtype
-            )
-        new_counters["step"] = step_after
-
-        applies = mx.array(True)
-        updates_done = step_after
-        # Keras counts EMA steps in whole accumulation cycles (its `iterations` property).
-        iterations = step_before
-        if pipeline.accumulates:
-            steps = pipeline.gradient_accumulation_steps
-            applies = (step_after % steps) == 0
-            updates_done = step_after // steps
-            iterations = step_before // steps
-            for summed, state, new_state, dtype in zip(
-                sums, states, new_states, dtypes, strict=True
-            ):
-                accumulated = mx.where(applies, mx.zeros_like(summed), summed)
-                if skip is not None:
-                    accumulated = mx.where(skip, state[ACCUMULATOR].astype(dtype), accumulated)
-                new_state[ACCUMULATOR] = accumulated.astype(state[ACCUMULATOR].dtype)
-        keep = applies if skip is None else mx.logical_and(applies, mx.logical_not(skip))
-
-        entries_cache: dict[tuple, dict[Scalar, mx.array]] = {}
-        scalars_cache: dict[tuple, mx.array] = {}
-
-        def step_entries(dtype: mx.Dtype, excluded: bool) -> dict[Scalar, mx.array]:
-            """The entries of the scalars vector that are not constants this step."""
-            key = (dtype, excluded)
-            if key not in entries_cache:
-                entries = {Scalar.LR: counters["learning_rate"].astype(dtype)}
-                if excluded:
-                    entries[Scalar.WEIGHT_DECAY] = mx.array(0.0, dtype)
-                if options.bias_correction:
-                    alpha = mx.array(constants[Scalar.ALPHA], dtype)
-                    entries[Scalar.BIAS_CORRECTION] = 1 - mx.power(
-                        alpha, updates_done.astype(dtype)
-                    )
-                if pipeline.gated:
-                    entries[Scalar.UPDATE_GATE] = keep.astype(dtype)
-                if global_factor is not None:
-                    entries[Scalar.CLIP_MULTIPLIER] = global_factor.astype(dtype)
-                if pipeline.use_ema:
-                    momentum, one_minus = ema_factors(pipeline, iterations, dtype)
-                    entries[Scalar.EMA_MOMENTUM] = momentum
-                    entries[Scalar.EMA_ONE_MINUS_MOMENTUM] = one_minus
-                    ema_gate = mx.array(True) if skip is None else mx.logical_not(skip)
-                    entries[Scalar.EMA_GATE] = ema_gate.astype(dtype)
-                    if pipeline.ema_overwrite_frequency is not None:
-                        due = ((iterations + 1) % pipeline.ema_overwrite_frequency) == 0
-                        entries[Scalar.EMA_OVERWRITE] = mx.logical_and(due, ema_gate).astype(dtype)
-                entries_cache[key] = entries
-            return entries_cache[key]
-
-        def base_scalars(dtype: mx.Dtype, excluded: bool) -> mx.array:
-            key = (dtype, excluded)
-            if key not in scalars_cache:
-                scalars_cache[key] = assemble_scalars(
-                    constants, step_entries(dtype, excluded), dtype
-                )
-            return scalars_cache[key]
-
-        new_parameters = []
-        for index, (parameter, gradient, state, new_state, dtype) in enumerate(
-            zip(parameters, update_grads, states, new_states, dtypes, strict=True)
-        ):
-            if clip_factors[index] is not None:
-                multiplier, divisor = clip_factors[index]
-                entries = step_entries(dtype, decay_excluded[index])
-                entries = {
-                    **entries,
-                    Scalar.CLIP_MULTIPLIER: multiplier,
-                    Scalar.CLIP_DIVISOR: divisor,
-                }
-                scalars = assemble_scalars(constants, entries, dtype)
-            else:
-                scalars = base_scalars(dtype, decay_excluded[index])
-            new_parameter, kernel_state = update(
-                options, scalars, parameter, gradient, {key: state[key] for key in kernel_keys}
-            )
-            new_state.update(kernel_state)
-            new_parameters.append(new_parameter)
-        return new_parameters, new_states, new_counters
+        accumulated = accumulate(pipeline, gradients, states, dtypes)
+        clipping = clip_factors(pipeline, accumulated.gradients, dtypes)
+        checked = nonfinite_candidates(pipeline, gradients, accumulated, clipping, dtypes)
+        gates = count(pipeline, counters, checked)
+        new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
+        scalars = StepScalars(
+            options, constants, pipeline, counters["learning_rate"], gates, clipping.global_factor
+        )
+        new_parameters = update_parameters(
+            options,
+            update,
+            scalars,
+            parameters,
+            accumulated.gradients,
+            states,
+            new_states,
+            clipping,
+            dtypes,
+            decay_excluded,
+        )
+        return new_parameters, new_states, gates.counters
 
     return mx.compile(step_fn) if compiled else step_fn
+
+
+class Accumulated(NamedTuple):
+    """The gradients as the fused update will see them, and with accumulation the running
+    sums (the accumulator plus this call's gradient, loss scale divided out)."""
+
+    gradients: list[mx.array]
+    sums: list[mx.array]
+
+
+def accumulate(
+    pipeline: PipelineConfig,
+    gradients: list[mx.array],
+    states: list[dict],
+    dtypes: list[mx.Dtype],
+) -> Accumulated:
+    """Keras' first two stages: divide out the loss scale, then accumulate.
+
+    Without accumulation the gradients pass unchanged (the fused update divides by the loss
+    scale itself); with it, each is divided by the loss scale before it is summed into the
+    accumulator, as Keras does, and the update sees the mean of the sum."""
+    if not pipeline.accumulates:
+        return Accumulated(list(gradients), [])
+    update_grads, sums = [], []
+    for gradient, state, dtype in zip(gradients, states, dtypes, strict=True):
+        scaled = gradient.astype(dtype)
+        if pipeline.loss_scale_factor is not None:
+            scaled = scaled / mx.array(pipeline.loss_scale_factor, dtype)
+        summed = scaled + state[ACCUMULATOR].astype(dtype)
+        sums.append(summed)
+        update_grads.append(summed / mx.array(pipeline.gradient_accumulation_steps, dtype))
+    return Accumulated(update_grads, sums)
+
+
+def unscaled(pipeline: PipelineConfig, gradient: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The gradient whose norm Keras clips: after the loss scale is divided out (which
+    :func:`accumulate` has already done when accumulating)."""
+    gradient = gradient.astype(dtype)
+    if pipeline.loss_scale_factor is not None and not pipeline.accumulates:
+        gradient = gradient / mx.array(pipeline.loss_scale_factor, dtype)
+    return gradient
+
+
+class ClipFactors(NamedTuple):
+    """``global_factor``: the global_clipnorm scale for every gradient (or ``None``);
+    ``per_parameter[i]``: the clipnorm (multiplier, divisor) of gradient ``i`` (or ``None``)."""
+
+    global_factor: mx.array | None
+    per_parameter: list[tuple[mx.array, mx.array] | None]
+
+
+def clip_factors(
+    pipeline: PipelineConfig, gradients: list[mx.array], dtypes: list[mx.Dtype]
+) -> ClipFactors:
+    """Keras' third stage, the part that needs whole tensors: the norms, as factors the fused
+    update multiplies and divides by (clipping by value is element-wise, in the update)."""
+    global_factor = None
+    if pipeline.global_clipnorm is not None:
+        norm_dtype = mx.float64 if mx.float64 in dtypes else mx.float32
+        global_factor = global_clip_factor(
+            [unscaled(pipeline, g, norm_dtype) for g in gradients],
+            pipeline.global_clipnorm,
+            norm_dtype,
+        )
+    per_parameter = [
+        clip_by_norm_factors(unscaled(pipeline, g, dtype), pipeline.clipnorm)
+        if pipeline.clipnorm is not None
+        else None
+        for g, dtype in zip(gradients, dtypes, strict=True)
+    ]
+    return ClipFactors(global_factor, per_parameter)
+
+
+def nonfinite_candidates(
+    pipeline: PipelineConfig,
+    gradients: list[mx.array],
+    accumulated: Accumulated,
+    clipping: ClipFactors,
+    dtypes: list[mx.Dtype],
+) -> list[mx.array]:
+    """With ``skip_nonfinite``, every value on the way to the update that makes the step
+    skipped when it holds a NaN or an Inf: the raw gradients (with the loss scale divided out,
+    or the accumulated sums when accumulating) and the clip factors. Empty otherwise."""
+    if not pipeline.skip_nonfinite:
+        return []
+    if pipeline.accumulates:
+        checked = list(accumulated.sums)
+    elif pipeline.loss_scale_factor is not None:
+        checked = [unscaled(pipeline, g, dtype) for g, dtype in zip(gradients, dtypes, strict=True)]
+    else:
+        checked = list(gradients)
+    if clipping.global_factor is not None:
+        checked.append(clipping.global_factor)
+    for factors in clipping.per_parameter:
+        if factors is not None:
+            checked.extend(factors)
+    return checked
+
+
+class Gates(NamedTuple):
+    """What this call does, decided once for the whole tree."""
+
+    # This call changes no parameter and no state (None: never, in this configuration).
+    skip: mx.array | None
+    # The update applies: the end of an accumulation cycle, and not skipped.
+    keep: mx.array
+    # The end of an accumulation cycle (always True without accumulation).
+    applies: mx.array
+    # Updates applied including this one: the t of the bias correction.
+    updates_done: mx.array
+    # Keras' `iterations` before this call, which counts EMA steps in whole cycles.
+    iterations: mx.array
+    # The optimizer's new step (and skipped_steps) counters.
+    counters: dict[str, mx.array]
+
+
+def count(
+    pipeline: PipelineConfig, counters: dict[str, mx.array], checked: list[mx.array]
+) -> Gates:
+    """The skip decision, the new counters and the gates of the update and the EMA.
+
+    A non-finite value among ``checked`` (see :func:`nonfinite_candidates`) also holds the
+    step counter (the call did not happen, as Keras' loss-scale optimizer has it); an invalid
+    scheduled learning rate lets time move on, so that the schedule can recover."""
+    step_before = counters["step"]
+    new_counters = {}
+    skip = None
+    step_after = step_before + 1
+    if pipeline.skip_nonfinite:
+        skip = mx.logical_not(all_finite(checked))
+        step_after = step_before + mx.where(skip, 0, 1).astype(step_before.dtype)
+    if pipeline.guard_learning_rate:
+        lr = counters["learning_rate"]
+        invalid = mx.logical_not(mx.logical_and(mx.isfinite(lr), lr >= 0))
+        skip = invalid if skip is None else mx.logical_or(skip, invalid)
+    if pipeline.skip_nonfinite:
+        new_counters["skipped_steps"] = counters["skipped_steps"] + skip.astype(
+            counters["skipped_steps"].dtype
+        )
+    new_counters["step"] = step_after
+
+    applies = mx.array(True)
+    updates_done = step_after
+    iterations = step_before
+    if pipeline.accumulates:
+        steps = pipeline.gradient_accumulation_steps
+        applies = (step_after % steps) == 0
+        updates_done = step_after // steps
+        iterations = step_before // steps
+    keep = applies if skip is None else mx.logical_and(applies, mx.logical_not(skip))
+    return Gates(skip, keep, applies, updates_done, iterations, new_counters)
+
+
+def carry_accumulators(
+    pipeline: PipelineConfig,
+    accumulated: Accumulated,
+    states: list[dict],
+    gates: Gates,
+    dtypes: list[mx.Dtype],
+) -> list[dict]:
+    """The new state of each parameter, holding so far its new accumulator: emptied at the
+    end of a cycle, the sum otherwise, the old one when the call is skipped."""
+    new_states: list[dict] = [dict() for _ in states]
+    if not pipeline.accumulates:
+        return new_states
+    for summed, state, new_state, dtype in zip(
+        accumulated.sums, states, new_states, dtypes, strict=True
+    ):
+        new_accumulator = mx.where(gates.applies, mx.zeros_like(summed), summed)
+        if gates.skip is not None:
+            new_accumulator = mx.where(
+                gates.skip, state[ACCUMULATOR].astype(dtype), new_accumulator
+            )
+        new_state[ACCUMULATOR] = new_accumulator.astype(state[ACCUMULATOR].dtype)
+    return new_states
+
+
+class StepScalars:
+    """This step's scalars vectors: one per arithmetic dtype and weight-decay exclusion, built
+    once per step and shared by the parameters that have them, or one per parameter when it
+    is clipped by its own norm."""
+
+    def __init__(
+        self,
+        options: UpdateOptions,
+        constants: Sequence[float],
+        pipeline: PipelineConfig,
+        learning_rate: mx.array,
+        gates: Gates,
+        global_factor: mx.array | None,
+    ) -> None:
+        self._options = options
+        self._constants = constants
+        self._pipeline = pipeline
+        self._learning_rate = learning_rate
+        self._gates = gates
+        self._global_factor = global_factor
+        self._entries: dict[tuple, dict[Scalar, mx.array]] = {}
+        self._vectors: dict[tuple, mx.array] = {}
+
+    def entries(self, dtype: mx.Dtype, excluded: bool) -> dict[Scalar, mx.array]:
+        """The entries of the scalars vector that are not constants this step."""
+        key = (dtype, excluded)
+        if key in self._entries:
+            return self._entries[key]
+        pipeline, gates = self._pipeline, self._gates
+        entries = {Scalar.LR: self._learning_rate.astype(dtype)}
+        if excluded:
+            entries[Scalar.WEIGHT_DECAY] = mx.array(0.0, dtype)
+        if self._options.bias_correction:
+            alpha = mx.array(self._constants[Scalar.ALPHA], dtype)
+            entries[Scalar.BIAS_CORRECTION] = 1 - mx.power(alpha, gates.updates_done.astype(dtype))
+        if pipeline.gated:
+            entries[Scalar.UPDATE_GATE] = gates.keep.astype(dtype)
+        if self._global_factor is not None:
+            entries[Scalar.CLIP_MULTIPLIER] = self._global_factor.astype(dtype)
+        if pipeline.use_ema:
+            momentum, one_minus = ema_factors(pipeline, gates.iterations, dtype)
+            entries[Scalar.EMA_MOMENTUM] = momentum
+            entries[Scalar.EMA_ONE_MINUS_MOMENTUM] = one_minus
+            ema_gate = mx.array(True) if gates.skip is None else mx.logical_not(gates.skip)
+            entries[Scalar.EMA_GATE] = ema_gate.astype(dtype)
+            if pipeline.ema_overwrite_frequency is not None:
+                due = ((gates.iterations + 1) % pipeline.ema_overwrite_frequency) == 0
+                entries[Scalar.EMA_OVERWRITE] = mx.logical_and(due, ema_gate).astype(dtype)
+        self._entries[key] = entries
+        return entries
+
+    def vector(
+        self,
+        dtype: mx.Dtype,
+        excluded: bool,
+        clip: tuple[mx.array, mx.array] | None,
+    ) -> mx.array:
+        """The scalars vector for a parameter computed in ``dtype``, with weight decay
+        ``excluded`` or not, and its own clipnorm factors ``clip`` (or ``None``)."""
+        if clip is not None:
+            multiplier, divisor = clip
+            entries = {
+                **self.entries(dtype, excluded),
+                Scalar.CLIP_MULTIPLIER: multiplier,
+                Scalar.CLIP_DIVISOR: divisor,
+            }
+            return assemble_scalars(self._constants, entries, dtype)
+        key = (dtype, excluded)
+        if key not in self._vectors:
+            self._vectors[key] = assemble_scalars(
+                self._constants, self.entries(dtype, excluded), dtype
+            )
+        return self._vectors[key]
+
+
+def update_parameters(
+    options: UpdateOptions,
+    update: UpdateFn,
+    scalars: StepScalars,
+    parameters: list[mx.array],
+    gradients: list[mx.array],
+    states: list[dict],
+    new_states: list[dict],
+    clipping: ClipFactors,
+    dtypes: list[mx.Dtype],
+    decay_excluded: tuple[bool, ...],
+) -> list[mx.array]:
+    """The last stages, in the path's fused update of each parameter: weight decay, the
+    RMSprop update and the EMA. Stores each new state buffer in ``new_states``."""
+    kernel_keys = options.state_keys
+    new_parameters = []
+    for index, (parameter, gradient, state, new_state, dtype) in enumerate(
+        zip(parameters, gradients, states, new_states, dtypes, strict=True)
+    ):
+        vector = scalars.vector(dtype, decay_excluded[index], clipping.per_parameter[index])
+        new_parameter, kernel_state = update(
+            options, vector, parameter, gradient, {key: state[key] for key in kernel_keys}
+        )
+        new_state.update(kernel_state)
+        new_parameters.append(new_parameter)
+    return new_parameters

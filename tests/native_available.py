@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from mlx_rmsprop import native
+from mlx_rmsprop.paths import native
 
 NATIVE_STATUS = native.status()
 NATIVE_AVAILABLE = NATIVE_STATUS.startswith("built and loaded")

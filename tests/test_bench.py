@@ -25,8 +25,8 @@ from benchmarks import environment, implementations, report, runner, workloads
 from benchmarks.implementations import NOT_INSTALLED, OK, Prepared
 from benchmarks.timing import mlx_step_memory, repeat_count, time_steps
 from mlx_rmsprop import __main__ as cli
-from mlx_rmsprop import backends
-from mlx_rmsprop.backends import Path
+from mlx_rmsprop import paths
+from mlx_rmsprop.paths import UpdatePath
 
 REPEATS = 4
 DOC = """# Benchmarks
@@ -139,7 +139,7 @@ def test_bandwidth_is_measured_in_the_run_and_says_how(tiny_run):
 def test_every_registered_path_and_peer_has_a_row_or_a_reason(tiny_run):
     _, record, _, _ = tiny_run
     roles = {impl["role"]: impl for impl in record["implementations"]}
-    for name in backends.PATHS:
+    for name in paths.PATHS:
         assert f"path:{name}" in roles
     assert {"mlx-eager", "mlx-compiled", "user-compiled"} <= set(roles)
     assert sum(impl["auto"] for impl in record["implementations"]) == 1
@@ -274,11 +274,11 @@ def test_a_path_registered_later_appears_without_changes(monkeypatch):
     def cannot_load():
         raise RuntimeError("needs a Metal GPU")
 
-    paths = dict(backends.PATHS)
-    paths["metal"] = Path("metal", cannot_load, False, "a kernel")
-    paths["native"] = Path("native", paths["reference"].load, False, "a C++ op")
-    monkeypatch.setattr(backends, "PATHS", paths)
-    monkeypatch.setattr(backends, "AUTO_ORDER", ("compiled",))
+    registry = dict(paths.PATHS)
+    registry["metal"] = UpdatePath("metal", cannot_load, False, "a kernel")
+    registry["native"] = UpdatePath("native", registry["reference"].load, False, "a C++ op")
+    monkeypatch.setattr(paths, "PATHS", registry)
+    monkeypatch.setattr(paths, "AUTO_ORDER", ("compiled",))
     found = {impl.role: impl for impl in implementations.ours()}
     assert found["path:metal"].status == "unavailable: needs a Metal GPU"
     assert found["path:native"].status == OK

@@ -11,10 +11,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop import backends, check
-from mlx_rmsprop.kernels.source import Variant
-from mlx_rmsprop.kernels.variants import pairwise_option_sets
+from mlx_rmsprop import check, paths
 from mlx_rmsprop.options import Scalar, UpdateOptions
+from mlx_rmsprop.paths.kernels.source import Variant
+from mlx_rmsprop.paths.kernels.variants import pairwise_option_sets
 from mlx_rmsprop.reference import rmsprop_reference
 from mlx_rmsprop.tolerance import RTOL, compare, relative_error
 
@@ -73,7 +73,7 @@ def _off_by(factor: float):
 def test_check_and_the_tests_judge_with_the_one_tolerance_table(monkeypatch, fraction, fails):
     factor = fraction * RTOL["float32"]
     monkeypatch.setitem(
-        backends.PATHS, "off", backends.Path("off", lambda: _off_by(factor), False, "off")
+        paths.PATHS, "off", paths.UpdatePath("off", lambda: _off_by(factor), False, "off")
     )
     rows = check.verify_path("off", [Variant(UpdateOptions())], 1)
     assert bool(rows[0].failures) == fails
@@ -110,12 +110,12 @@ def test_comparator_names_the_first_failing_element():
 def test_check_output_names_the_first_failure_and_labels_each_column_once(capsys, monkeypatch):
     monkeypatch.setattr(check, "GPU_PATHS", ())
     monkeypatch.setattr(
-        backends,
+        paths,
         "availability",
         lambda: {"reference": None, "off": None},
     )
     monkeypatch.setitem(
-        backends.PATHS, "off", backends.Path("off", lambda: _off_by(1e-3), False, "off")
+        paths.PATHS, "off", paths.UpdatePath("off", lambda: _off_by(1e-3), False, "off")
     )
     parser = argparse.ArgumentParser()
     check.add_arguments(parser)

@@ -21,7 +21,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rmsprop import CheckpointError, RMSprop, load_state, save_state
-from mlx_rmsprop.backends import availability
+from mlx_rmsprop.paths import availability
 
 HERE = Path(__file__).parent
 PATHS = [False] + [

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop
-from mlx_rmsprop.backends import availability
+from mlx_rmsprop.paths import availability
 
 PATHS = [False] + [n for n, reason in availability().items() if reason is None and n != "reference"]
 

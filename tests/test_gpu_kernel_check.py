@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop.check import step_scalars
-from mlx_rmsprop.kernels.launch import grid_for
-from mlx_rmsprop.kernels.source import Variant, cuda_kernel_name, translation_unit
-from mlx_rmsprop.kernels.variants import every_flag_on, pairwise_option_sets
 from mlx_rmsprop.options import UpdateOptions
+from mlx_rmsprop.paths.kernels.launch import grid_for
+from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
+from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
 from mlx_rmsprop.reference import rmsprop_reference
 
 import cuda_nvrtc

@@ -2,7 +2,7 @@
 against tests/metal_emulation/metal_shim.h, every thread of the launcher's grid, compared with
 rmsprop_reference on the parameter and every state buffer.
 
-Coverage (mlx_rmsprop.kernels.variants.verification_plan): every option set in float32, and
+Coverage (mlx_rmsprop.paths.kernels.variants.verification_plan): every option set in float32, and
 for each of the 15 dtype combinations x both address-space classes a pairwise covering set of
 option sets; sizes 0-d, 1, odd, tails, 2-D/3-D, non-contiguous; three steps each. The kernel
 evaluates the update in the reference's order, so under IEEE float32 (g++ with
@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
-from mlx_rmsprop.kernels import source
-from mlx_rmsprop.kernels.launch import (
+from mlx_rmsprop.options import UpdateOptions
+from mlx_rmsprop.paths.kernels import source
+from mlx_rmsprop.paths.kernels.launch import (
     MAX_1D_GRID,
     ROW_WIDTH,
     THREADGROUP,
@@ -37,15 +38,14 @@ from mlx_rmsprop.kernels.launch import (
     make_update,
     plan,
 )
-from mlx_rmsprop.kernels.source import Variant
-from mlx_rmsprop.kernels.variants import (
+from mlx_rmsprop.paths.kernels.source import Variant
+from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
     every_option_set,
     pairwise_option_sets,
     verification_plan,
 )
-from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.reference import rmsprop_reference
 
 from metal_emulation.harness import (

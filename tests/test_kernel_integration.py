@@ -8,8 +8,9 @@ import argparse
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop import RMSprop, backends, check, native
-from mlx_rmsprop.kernels.launch import (
+from mlx_rmsprop import RMSprop, check, paths
+from mlx_rmsprop.paths import native
+from mlx_rmsprop.paths.kernels.launch import (
     MAX_GRID_DIM,
     MAX_ROWS,
     ROW_WIDTH,
@@ -23,10 +24,10 @@ NO_CUDA = not mx.cuda.is_available()
 
 
 def test_kernel_paths_are_registered_and_preferred():
-    assert backends.AUTO_ORDER == ("metal", "cuda", "native", "compiled")
-    assert {"metal", "cuda"} <= set(backends.FUSED_CHOICES)
+    assert paths.AUTO_ORDER == ("metal", "cuda", "native", "compiled")
+    assert {"metal", "cuda"} <= set(paths.FUSED_CHOICES)
     # Both kernel paths compile the whole step (kernels work inside mx.compile).
-    assert backends.PATHS["metal"].compile_step and backends.PATHS["cuda"].compile_step
+    assert paths.PATHS["metal"].compile_step and paths.PATHS["cuda"].compile_step
 
 
 MISSING_BACKEND = {
@@ -54,7 +55,7 @@ def test_fused_kernel_without_its_backend_is_a_clear_error(fused):
 
 @pytest.mark.skipif(not (NO_METAL and NO_CUDA), reason="this machine has a GPU backend")
 def test_auto_falls_back_to_a_cpu_path_without_a_gpu():
-    reasons = backends.availability()
+    reasons = paths.availability()
     assert RMSprop(0.1).path == ("native" if reasons["native"] is None else "compiled")
     assert reasons["compiled"] is None
     assert "mx.metal.is_available() is False" in reasons["metal"]
@@ -108,7 +109,7 @@ def test_check_command_without_a_gpu_says_what_it_verified(capsys):
     assert status == 0, out
     assert "No GPU kernel can run here (metal: MLX's Metal backend is not available" in out
     assert "The Metal and CUDA kernels were NOT run on this machine." in out
-    cpu_paths = ["compiled"] + (["native"] if backends.availability()["native"] is None else [])
+    cpu_paths = ["compiled"] + (["native"] if paths.availability()["native"] is None else [])
     assert f"Native CPU path: {native.status()}" in out
     assert (
         f"Verified instead: path(s) {', '.join(cpu_paths)} against the reference, 3 variants" in out
@@ -128,8 +129,8 @@ def test_check_reports_a_failing_path(capsys, monkeypatch):
         new_parameter, new_state = rmsprop_reference(options, scalars, parameter, gradient, state)
         return new_parameter * 1.001, new_state
 
-    broken = backends.Path("broken", lambda: wrong, False, "a wrong update")
-    monkeypatch.setitem(backends.PATHS, "broken", broken)
+    broken = paths.UpdatePath("broken", lambda: wrong, False, "a wrong update")
+    monkeypatch.setitem(paths.PATHS, "broken", broken)
     rows = check.verify_path("broken", check._cpu_plan(quick=True), 1)
     assert sum(len(row.failures) for row in rows) == 3
     assert rows[0].errors["parameter"] > check.RTOL["float32"]

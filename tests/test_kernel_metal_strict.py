@@ -25,14 +25,14 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop.kernels.source import Variant, body_text, kernel_body, translation_unit
-from mlx_rmsprop.kernels.variants import (
+from mlx_rmsprop.options import UpdateOptions
+from mlx_rmsprop.paths.kernels.source import Variant, body_text, kernel_body, translation_unit
+from mlx_rmsprop.paths.kernels.variants import (
     every_flag_on,
     every_option_set,
     pairwise_option_sets,
     verification_plan,
 )
-from mlx_rmsprop.options import UpdateOptions
 
 STRICT_HEADER = Path(__file__).parent / "metal_emulation" / "metal_strict.h"
 CLANG = shutil.which("clang")

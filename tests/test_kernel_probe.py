@@ -16,11 +16,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_rmsprop import RMSprop, backends, check, probe
-from mlx_rmsprop.kernels import metal, source
-from mlx_rmsprop.kernels.launch import KernelCall
-from mlx_rmsprop.kernels.source import Variant
+from mlx_rmsprop import RMSprop, check, paths
 from mlx_rmsprop.options import UpdateOptions
+from mlx_rmsprop.paths import probe
+from mlx_rmsprop.paths.kernels import metal, source
+from mlx_rmsprop.paths.kernels.launch import KernelCall
+from mlx_rmsprop.paths.kernels.source import Variant
 from mlx_rmsprop.reference import rmsprop_reference
 
 from metal_emulation.harness import Emulator
@@ -84,12 +85,12 @@ def assert_equal(a: tuple, b: tuple) -> None:
 
 
 def warnings_of(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "mlx_rmsprop.probe"]
+    return [r for r in caplog.records if r.name == "mlx_rmsprop.paths.probe"]
 
 
 def test_a_correct_kernel_is_adopted(fake_metal, caplog):
     launches = fake_metal(emulated)
-    path, update = backends.resolve("auto")
+    path, update = paths.resolve("auto")
     assert path.name == "metal"
     scalars, parameter, gradient, state = inputs((33,))
     with caplog.at_level(logging.WARNING):
@@ -118,7 +119,7 @@ def faulty_body(monkeypatch):
 
 def test_a_faulty_kernel_falls_back_once_with_a_warning(fake_metal, faulty_body, caplog):
     launches = fake_metal(emulated)
-    path, update = backends.resolve("auto")
+    path, update = paths.resolve("auto")
     assert path.name == "metal"
     scalars, parameter, gradient, state = inputs((33,))
     compiled = mx.compile(lambda *args: rmsprop_reference(OPTIONS, *args))
@@ -138,7 +139,7 @@ def test_a_faulty_kernel_falls_back_once_with_a_warning(fake_metal, faulty_body,
 
 def test_explicit_metal_raises_instead(fake_metal, faulty_body):
     fake_metal(emulated)
-    path, update = backends.resolve("metal")
+    path, update = paths.resolve("metal")
     with pytest.raises(
         RuntimeError,
         match=r"fused='metal': the kernel for centered\+momentum, parameter/gradient/state "
@@ -153,7 +154,7 @@ def test_a_launch_error_falls_back(fake_metal, caplog):
         raise RuntimeError("[metal::Device] Unable to build metal library from source")
 
     fake_metal(broken)
-    update = backends.resolve("auto")[1]
+    update = paths.resolve("auto")[1]
     scalars, parameter, gradient, state = inputs((33,))
     with caplog.at_level(logging.WARNING):
         result = update(OPTIONS, scalars, parameter, gradient, state)
@@ -161,14 +162,14 @@ def test_a_launch_error_falls_back(fake_metal, caplog):
     [warning] = warnings_of(caplog)
     assert "it does not run: RuntimeError: [metal::Device] Unable to build" in warning.getMessage()
     with pytest.raises(RuntimeError, match="cannot be used on this device: it does not run"):
-        backends.resolve("metal")[1](OPTIONS, scalars, parameter, gradient, state)
+        paths.resolve("metal")[1](OPTIONS, scalars, parameter, gradient, state)
 
 
 def test_each_variant_is_probed_on_its_own(fake_metal, caplog):
     # Wrong only below 8 elements (Metal's constant address space): the large variant runs
     # the kernel, the small one the reference.
     launches = fake_metal(reference_launch(scale_small=1.001))
-    update = backends.resolve("auto")[1]
+    update = paths.resolve("auto")[1]
     with caplog.at_level(logging.WARNING):
         for shape in [(33,), (5,), (3, 11), (2, 3)]:
             scalars, parameter, gradient, state = inputs(shape)

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop.kernels import source
-from mlx_rmsprop.kernels.source import Variant, cuda_kernel_name, translation_unit
-from mlx_rmsprop.kernels.variants import every_flag_on, pairwise_option_sets
 from mlx_rmsprop.options import UpdateOptions
+from mlx_rmsprop.paths.kernels import source
+from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
+from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
 
 import cuda_nvrtc
 from metal_emulation.harness import cuda_variants

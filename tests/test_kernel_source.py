@@ -15,13 +15,14 @@ from functools import partial
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop import RMSprop, backends, probe
+from mlx_rmsprop import RMSprop, paths
 from mlx_rmsprop.check import step_scalars, verification_inputs
-from mlx_rmsprop.kernels import metal, source
-from mlx_rmsprop.kernels.launch import make_update, plan
-from mlx_rmsprop.kernels.source import Variant, translation_unit
-from mlx_rmsprop.kernels.variants import every_flag_on, every_option_set
 from mlx_rmsprop.options import Scalar, UpdateOptions
+from mlx_rmsprop.paths import probe
+from mlx_rmsprop.paths.kernels import metal, source
+from mlx_rmsprop.paths.kernels.launch import make_update, plan
+from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
+from mlx_rmsprop.paths.kernels.variants import every_flag_on, every_option_set
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -103,8 +104,8 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, m
     # no Metal, by the launcher with verbose=True), compiled whole as the kernel paths ask
     # (compile_step=True): one launch for each float32/bfloat16 parameter, none for the
     # float64 one (reference math), and the sources are the ones RMSprop.kernel_source reports.
-    metal_path = dataclasses.replace(backends.PATHS["metal"], load=lambda: verbose_update)
-    monkeypatch.setitem(backends.PATHS, "metal", metal_path)
+    metal_path = dataclasses.replace(paths.PATHS["metal"], load=lambda: verbose_update)
+    monkeypatch.setitem(paths.PATHS, "metal", metal_path)
     # Export only traces: the per-variant probe, which runs the kernel, cannot run here.
     monkeypatch.setattr(probe, "kernel_verdict", lambda *args: None)
     optimizer = RMSprop.from_torch(lr=0.01, momentum=0.9, centered=True, fused="metal")
@@ -118,7 +119,7 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, m
     sources = capture(
         capfd, step, mx.zeros((4, 5)), mx.zeros((3,), mx.bfloat16), mx.zeros((2,), mx.float64)
     )
-    small_bfloat16 = Variant(optimizer._options, mx.bfloat16, mx.bfloat16, mx.float32, True)
+    small_bfloat16 = Variant(optimizer._config.options, mx.bfloat16, mx.bfloat16, mx.float32, True)
     assert sorted(sources) == sorted(
         [optimizer.kernel_source(mx.float32), translation_unit(small_bfloat16)]
     )
@@ -128,7 +129,7 @@ def test_kernel_source_follows_the_optimizer_configuration():
     keras = RMSprop.from_keras(learning_rate=0.01, momentum=0.5, centered=True, weight_decay=0.1)
     text = keras.kernel_source(mx.float16)
     assert "bool CENTERED" in text and "decltype(" in text
-    variant = Variant(keras._options, mx.float16, mx.float16, mx.float32)
+    variant = Variant(keras._config.options, mx.float16, mx.float16, mx.float32)
     assert text == translation_unit(variant, "metal")
     assert keras.kernel_source(mx.float16, backend="cuda") == translation_unit(variant, "cuda")
     state_in_half = RMSprop(0.1, state_dtype=mx.float16).kernel_source(mx.float16)
@@ -221,7 +222,7 @@ def test_body_reads_each_input_once_and_writes_each_output_once():
 
 def test_cuda_and_metal_share_the_body():
     # Only the arithmetic primitives, the index line and the spelling of absent buffers differ
-    # between the backends.
+    # between the paths.
     for keys in sorted({o.state_keys for o in every_option_set()}):
         metal_text = source.kernel_body("metal", keys)
         cuda_text = source.kernel_body("cuda", keys)

@@ -1,5 +1,6 @@
-"""The kernel body ships inside the wheel: build it, install it into a fresh virtual environment
-and read the kernel source from the installed package, not from this checkout."""
+"""The kernel body and the native path's sources ship inside the wheel: build it, install it
+into a fresh virtual environment and read the kernel source from the installed package, not
+from this checkout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import mlx
 import mlx.core as mx
 
 from mlx_rmsprop import RMSprop
+from mlx_rmsprop.paths.native.sources import SOURCE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = "mlx_rmsprop/metal/rmsprop_update.inc"
@@ -43,7 +45,11 @@ def test_wheel_installs_the_kernel_body(tmp_path):
         names = archive.namelist()
         assert BODY in names
         assert archive.read(BODY).decode() == (ROOT / "metal" / "rmsprop_update.inc").read_text()
-        assert "mlx_rmsprop/kernels/source.py" in names
+        assert "mlx_rmsprop/paths/kernels/source.py" in names
+        # The native path's loader and every source its digest covers, beside each other.
+        assert "mlx_rmsprop/paths/native/__init__.py" in names
+        for name in SOURCE_FILES:
+            assert f"mlx_rmsprop/paths/native/{name}" in names
 
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=False)

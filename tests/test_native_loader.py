@@ -17,15 +17,15 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import mlx_rmsprop._native
-from mlx_rmsprop import RMSprop, backends, native
-from mlx_rmsprop._native import source_digest
+from mlx_rmsprop import RMSprop, paths
 from mlx_rmsprop.options import Scalar, UpdateOptions
+from mlx_rmsprop.paths import native
+from mlx_rmsprop.paths.native.sources import source_digest
 from mlx_rmsprop.reference import rmsprop_reference
 
 from native_available import requires_native
 
-EXTENSION = "mlx_rmsprop._native._ext"
+EXTENSION = "mlx_rmsprop.paths.native._ext"
 FLAG_NAMES = [
     "centered",
     "momentum",
@@ -82,24 +82,24 @@ def _stand_in() -> types.ModuleType:
 def stand_in(monkeypatch, reprobe):
     module = _stand_in()
     monkeypatch.setitem(sys.modules, EXTENSION, module)
-    monkeypatch.setattr(mlx_rmsprop._native, "_ext", module, raising=False)
+    monkeypatch.setattr(native, "_ext", module, raising=False)
     return module
 
 
 def _assert_falls_back(reason_fragment: str, caplog) -> None:
-    with caplog.at_level(logging.DEBUG, logger="mlx_rmsprop.native"):
+    with caplog.at_level(logging.DEBUG, logger="mlx_rmsprop.paths.native"):
         with pytest.raises(RuntimeError, match=re.escape(reason_fragment)):
             native.load()
         with pytest.raises(RuntimeError, match=re.escape(reason_fragment)):
             native.load()
         assert native.status().startswith("not available: ")
         assert reason_fragment in native.status()
-        path, update = backends.resolve("auto")
+        path, update = paths.resolve("auto")
         assert path.name == "compiled"
         assert RMSprop(0.1).path == "compiled"
         with pytest.raises(RuntimeError, match="fused='native' cannot run on this machine: "):
             RMSprop(0.1, fused="native")
-    logged = [record for record in caplog.records if record.name == "mlx_rmsprop.native"]
+    logged = [record for record in caplog.records if record.name == "mlx_rmsprop.paths.native"]
     assert len(logged) == 1, "the reason is logged once"
     assert logged[0].levelno == logging.DEBUG
     assert reason_fragment in logged[0].getMessage()
@@ -107,7 +107,7 @@ def _assert_falls_back(reason_fragment: str, caplog) -> None:
 
 def test_a_matching_extension_is_used(stand_in):
     assert native.load() is native.update
-    assert backends.resolve("auto")[0].name == "native"
+    assert paths.resolve("auto")[0].name == "native"
     expected = f"built and loaded (mlx {mx.__version__}; 2 threads from 65536 elements)"
     assert native.status() == expected
 
@@ -116,7 +116,7 @@ def test_gpu_default_device_moves_auto_to_another_path(stand_in, monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     with pytest.raises(RuntimeError, match=re.escape("the default device is Device(gpu, 0)")):
         native.load()
-    assert backends.resolve("auto")[0].name == "compiled"
+    assert paths.resolve("auto")[0].name == "compiled"
     # The extension itself is fine: only this device makes it step aside.
     assert native.status().startswith("built and loaded")
 
@@ -124,16 +124,16 @@ def test_gpu_default_device_moves_auto_to_another_path(stand_in, monkeypatch):
 def test_missing_extension_falls_back(monkeypatch, reprobe, caplog, tmp_path):
     # As after an installation without a compiler: the sources are there, the module is not.
     monkeypatch.delitem(sys.modules, EXTENSION, raising=False)
-    monkeypatch.delattr(mlx_rmsprop._native, "_ext", raising=False)
-    monkeypatch.setattr(mlx_rmsprop._native, "__path__", [str(tmp_path)])
+    monkeypatch.delattr(native, "_ext", raising=False)
+    monkeypatch.setattr(native, "__path__", [str(tmp_path)])
     _assert_falls_back("the native extension is not built", caplog)
 
 
 def test_extension_that_cannot_load_falls_back(monkeypatch, reprobe, caplog, tmp_path):
     (tmp_path / "_ext.py").write_text("raise ImportError('undefined symbol: _ZN3mlx4core5array')")
     monkeypatch.delitem(sys.modules, EXTENSION, raising=False)
-    monkeypatch.delattr(mlx_rmsprop._native, "_ext", raising=False)
-    monkeypatch.setattr(mlx_rmsprop._native, "__path__", [str(tmp_path)])
+    monkeypatch.delattr(native, "_ext", raising=False)
+    monkeypatch.setattr(native, "__path__", [str(tmp_path)])
     _assert_falls_back("the native extension cannot be loaded (undefined symbol", caplog)
 
 
@@ -181,12 +181,12 @@ def test_every_option_has_a_flag_bit(stand_in):
 
 @requires_native
 def test_built_extension_is_the_cpu_default():
-    from mlx_rmsprop._native import _ext
+    from mlx_rmsprop.paths.native import _ext
 
     assert _ext.MLX_VERSION == mx.__version__
     assert _ext.SOURCE_DIGEST == source_digest()
     assert native.status().startswith(f"built and loaded (mlx {mx.__version__}; ")
-    assert backends.AUTO_ORDER.index("native") < backends.AUTO_ORDER.index("compiled")
+    assert paths.AUTO_ORDER.index("native") < paths.AUTO_ORDER.index("compiled")
     assert RMSprop(0.1).path == "native"
 
 
@@ -202,7 +202,7 @@ def test_a_failed_native_build_leaves_an_installable_package(tmp_path, monkeypat
     from setuptools import Distribution, Extension
 
     setup_module = _setup_module()
-    extension = Extension("mlx_rmsprop._native._ext", sources=[])
+    extension = Extension("mlx_rmsprop.paths.native._ext", sources=[])
     distribution = Distribution({"name": "mlx-rmsprop", "ext_modules": [extension]})
     command = setup_module.OptionalNativeBuild(distribution)
     command.build_lib = str(tmp_path / "lib")

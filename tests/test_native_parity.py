@@ -11,8 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop import native
 from mlx_rmsprop.options import WEIGHT_DECAY_MODES, Scalar, UpdateOptions
+from mlx_rmsprop.paths import native
 from mlx_rmsprop.reference import rmsprop_reference
 
 from native_available import requires_native
@@ -432,7 +432,7 @@ _ERROR_CASES = {
 
 @pytest.mark.parametrize("case", list(_ERROR_CASES))
 def test_bad_arguments_name_the_argument_and_value(case):
-    from mlx_rmsprop._native import _ext
+    from mlx_rmsprop.paths.native import _ext
 
     make_args, message = _ERROR_CASES[case]
     scalars = scalars_for(UpdateOptions())

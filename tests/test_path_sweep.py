@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_rmsprop import RMSprop
-from mlx_rmsprop.backends import availability
+from mlx_rmsprop.paths import availability
 
 from option_grid import label, pairwise
 from tolerances import assert_close

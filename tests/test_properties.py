@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop, load_state, save_state
-from mlx_rmsprop.backends import availability
+from mlx_rmsprop.paths import availability
 
 from option_grid import OPTION_VALUES
 from tolerances import assert_close

@@ -8,7 +8,7 @@ import inspect
 import re
 from pathlib import Path
 
-from mlx_rmsprop import RMSprop, backends
+from mlx_rmsprop import RMSprop, paths
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -53,7 +53,7 @@ def test_every_constructor_argument_has_a_row_with_its_default():
 def test_every_fused_value_is_named():
     fused = _argument_rows(_text())["fused"]
     paths_table = _text()[_text().index("| `fused` | what runs |") :]
-    for value in backends.FUSED_CHOICES:
+    for value in paths.FUSED_CHOICES:
         spelled = f"`{value!r}`".replace("'", '"')
         assert spelled in fused, value
         assert f"| {spelled} |" in paths_table, value

@@ -19,8 +19,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_rmsprop import RMSprop
-from mlx_rmsprop.kernels import metal
-from mlx_rmsprop.kernels.launch import make_update
+from mlx_rmsprop.paths.kernels import metal
+from mlx_rmsprop.paths.kernels.launch import make_update
 from mlx_rmsprop.reference import rmsprop_reference
 
 from native_available import native_path

@@ -1,4 +1,9 @@
-"""Which implementation runs the per-parameter update: the dispatcher between paths.
+"""Which implementation runs the per-parameter update: the dispatcher between the paths.
+
+One subpackage per path that needs more than the reference math: :mod:`.native` (the C++
+primitive on the CPU, its loader beside its sources) and :mod:`.kernels` (the Metal and CUDA
+launchers around the kernel body in :mod:`mlx_rmsprop.metal`); :mod:`.probe` proves a path on
+this machine before it is used.
 
 Every path's update has the signature of :func:`~mlx_rmsprop.reference.rmsprop_reference` and
 the same semantics. A path that cannot handle some input (a GPU kernel given float64) hands
@@ -19,15 +24,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..options import UpdateFn, UpdateOptions
+from ..reference import rmsprop_reference
 from . import native, probe
-from .options import UpdateOptions
-from .reference import rmsprop_reference
-
-UpdateFn = Callable[[UpdateOptions, mx.array, mx.array, mx.array, dict], tuple[mx.array, dict]]
 
 
 @dataclass(frozen=True)
-class Path:
+class UpdatePath:
     """One way of running the update.
 
     ``load`` returns the per-parameter update function, or raises ``RuntimeError`` saying why
@@ -55,14 +58,16 @@ def _load_cuda() -> UpdateFn:
 
 # The kernel paths compile the whole step too: each kernel call builds its generated source
 # string and Python sets up every launch; under mx.compile that happens once, at trace time.
-PATHS: dict[str, Path] = {
-    "reference": Path("reference", lambda: rmsprop_reference, False, "plain MLX ops, not compiled"),
-    "compiled": Path(
+PATHS: dict[str, UpdatePath] = {
+    "reference": UpdatePath(
+        "reference", lambda: rmsprop_reference, False, "plain MLX ops, not compiled"
+    ),
+    "compiled": UpdatePath(
         "compiled", lambda: rmsprop_reference, True, "the reference math under mx.compile"
     ),
-    "metal": Path("metal", _load_metal, True, "one Metal kernel launch per parameter"),
-    "cuda": Path("cuda", _load_cuda, True, "one CUDA kernel launch per parameter"),
-    "native": Path(
+    "metal": UpdatePath("metal", _load_metal, True, "one Metal kernel launch per parameter"),
+    "cuda": UpdatePath("cuda", _load_cuda, True, "one CUDA kernel launch per parameter"),
+    "native": UpdatePath(
         "native",
         native.load,
         True,
@@ -77,7 +82,7 @@ AUTO_ORDER = ("metal", "cuda", "native", "compiled")
 FUSED_CHOICES = ("auto", False, *(name for name in PATHS if name != "reference"))
 
 
-def resolve(fused: str | bool) -> tuple[Path, UpdateFn]:
+def resolve(fused: str | bool) -> tuple[UpdatePath, UpdateFn]:
     """The path ``fused`` selects on this machine, and its update function.
 
     Raises ``RuntimeError`` when an explicitly requested path cannot run here.

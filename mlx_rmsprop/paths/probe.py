@@ -19,10 +19,10 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
+from ..options import NUM_SCALARS, Scalar
+from ..reference import rmsprop_reference
+from ..tolerance import compare
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
-from .options import NUM_SCALARS, Scalar
-from .reference import rmsprop_reference
-from .tolerance import compare
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_rmsprop.kernels.launch import MAX_1D_GRID, MAX_ROWS, ROW_WIDTH, THREADGROUP, KernelCall
-from mlx_rmsprop.kernels.source import Variant, translation_unit
-from mlx_rmsprop.kernels.variants import (
+from mlx_rmsprop.paths.kernels.launch import (
+    MAX_1D_GRID,
+    MAX_ROWS,
+    ROW_WIDTH,
+    THREADGROUP,
+    KernelCall,
+)
+from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
+from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
     every_option_set,

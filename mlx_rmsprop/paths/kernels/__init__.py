@@ -2,6 +2,6 @@
 
 ``source`` assembles the kernel text (the body shared by Metal and CUDA lives in the package
 ``mlx_rmsprop.metal``), ``launch`` sets up each call, ``metal`` and ``cuda`` are the two
-launchers the path registry (``mlx_rmsprop.backends``) loads, and ``variants`` lists the
+launchers the path registry (:mod:`mlx_rmsprop.paths`) loads, and ``variants`` lists the
 variants that verification runs.
 """

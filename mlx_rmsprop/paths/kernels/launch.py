@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..options import UpdateOptions
-from ..reference import rmsprop_reference
+from ...options import UpdateOptions
+from ...reference import rmsprop_reference
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
 # MLX takes each grid dimension as an int, and array dimensions are 32-bit too.

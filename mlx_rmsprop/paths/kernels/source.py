@@ -18,7 +18,7 @@ from importlib import resources
 
 import mlx.core as mx
 
-from ..options import NUM_SCALARS, Scalar, UpdateOptions
+from ...options import NUM_SCALARS, Scalar, UpdateOptions
 
 BACKENDS = ("metal", "cuda")
 KERNEL_NAME = "rmsprop"

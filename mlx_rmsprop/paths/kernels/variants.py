@@ -17,7 +17,7 @@ from functools import cache
 
 import mlx.core as mx
 
-from ..options import WEIGHT_DECAY_MODES, UpdateOptions
+from ...options import WEIGHT_DECAY_MODES, UpdateOptions
 from .source import KERNEL_DTYPES, Variant
 
 # Each factor with its values; momentum and nesterov form one factor because nesterov

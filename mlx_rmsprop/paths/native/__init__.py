@@ -1,8 +1,8 @@
 """The native CPU path: the whole update of one parameter as one MLX primitive written in C++
-(``mlx_rmsprop/_native``), vectorised, split across the cores for large tensors, and updating
+(the sources beside this loader), vectorised, split across the cores for large tensors, and updating
 the parameter and state in place when MLX can donate their buffers.
 
-The module ``mlx_rmsprop._native._ext`` is built when the package is installed where a C++
+The module ``mlx_rmsprop.paths.native._ext`` is built when the package is installed where a C++
 toolchain exists. It is used only after it proves to match this installation: built against
 the running mlx version (it links against libmlx's C++ ABI), from the sources beside it, with
 this package's option and scalar layout, and giving the reference's result on a probe update.
@@ -17,21 +17,17 @@ import functools
 import importlib
 import logging
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from . import probe
-from ._native import source_digest
-from .kernels.source import Variant
-from .options import WEIGHT_DECAY_MODES, Scalar, UpdateOptions
-
-if TYPE_CHECKING:
-    from .backends import UpdateFn
+from ...options import WEIGHT_DECAY_MODES, Scalar, UpdateFn, UpdateOptions
+from .. import probe
+from ..kernels.source import Variant
+from .sources import source_digest
 
 logger = logging.getLogger(__name__)
 
-_EXTENSION = "mlx_rmsprop._native._ext"
+_EXTENSION = "mlx_rmsprop.paths.native._ext"
 _REBUILD = (
     "reinstall mlx-rmsprop to rebuild it against the installed mlx (pip's isolated build "
     "compiles against the newest mlx; `pip install --no-build-isolation` against the installed "
@@ -154,7 +150,7 @@ def _flags_from(bits: dict[str, int], options: UpdateOptions) -> int:
 
 
 def _check_against_reference(extension: ModuleType) -> None:
-    """The shared probe (:mod:`mlx_rmsprop.probe`: NaN, infinite, zero and overflowing rows,
+    """The shared probe (:mod:`mlx_rmsprop.paths.probe`: NaN, infinite, zero and overflowing rows,
     three steps) on a centered momentum update must give the reference's result bit for bit:
     this catches a module that cannot exchange arrays with this mlx (another nanobind ABI) or
     computes wrong."""

@@ -1,4 +1,4 @@
-// Python module mlx_rmsprop._native._ext. Import mlx.core first: its nanobind domain ("mlx")
+// Python module mlx_rmsprop.paths.native._ext. Import mlx.core first: its nanobind domain ("mlx")
 // registers the mx.array type this module's functions take and return.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>

@@ -2,7 +2,7 @@
 and the digest that ties a built module to the sources it was compiled from.
 
 This module imports nothing but the standard library: ``setup.py`` loads it by path to stamp the
-digest into the build, and the loader (:mod:`mlx_rmsprop.native`) compares that stamp with the
+digest into the build, and the loader (:mod:`mlx_rmsprop.paths.native`) compares that stamp with the
 sources beside it, so an editable checkout never runs a module built from older sources.
 """
 
