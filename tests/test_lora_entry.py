@@ -248,3 +248,12 @@ def test_entry_point_rejects_a_bad_optimizer_config_before_loading(tmp_path, dat
     # The model folder does not exist: the configuration error must come first.
     with pytest.raises(ValueError, match="unknown key\\(s\\) 'rhoo'"):
         lora.main(train_args(tmp_path / "no-model", data_dir, tmp_path / "a", config, 2))
+
+
+def test_other_optimizers_run_mlx_lm_unchanged(tmp_path, model_dir, data_dir):
+    config = write_config(tmp_path / "config.yaml", save_every=10)
+    adapters = tmp_path / "adapters"
+    lora.main(train_args(model_dir, data_dir, adapters, config, 2) + ["--optimizer", "adam"])
+    assert (adapters / "adapters.safetensors").exists()
+    assert json.loads((adapters / "adapter_config.json").read_text())["optimizer"] == "adam"
+    assert not (adapters / "adapters.optimizer.safetensors").exists()
