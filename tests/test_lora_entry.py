@@ -257,3 +257,27 @@ def test_other_optimizers_run_mlx_lm_unchanged(tmp_path, model_dir, data_dir):
     assert (adapters / "adapters.safetensors").exists()
     assert json.loads((adapters / "adapter_config.json").read_text())["optimizer"] == "adam"
     assert not (adapters / "adapters.optimizer.safetensors").exists()
+
+
+def test_resume_refuses_another_seed(tmp_path, model_dir, data_dir):
+    config = write_config(tmp_path / "config.yaml", save_every=10)
+    adapters = tmp_path / "adapters.safetensors"
+    mx.save_safetensors(str(adapters), {})
+    progress = {"format": "mlx_rmsprop.lora_progress", "iteration": 4, "seed": 5}
+    (tmp_path / "adapters.progress.json").write_text(json.dumps(progress))
+    with pytest.raises(
+        ValueError, match=r"was trained with seed 5, this run has seed 0: .*pass --seed 5"
+    ):
+        lora.main(
+            train_args(model_dir, data_dir, tmp_path / "out", config, 2)
+            + ["--resume-adapter-file", str(adapters)]
+        )
+
+
+def test_gradient_accumulation_needs_whole_windows_between_checkpoints(
+    tmp_path, model_dir, data_dir
+):
+    config = write_config(tmp_path / "config.yaml", save_every=3, grad_accumulation_steps=2)
+    message = r"save_every \(3\) and iters \(4\) must be multiples of grad_accumulation_steps \(2\)"
+    with pytest.raises(ValueError, match=message):
+        lora.main(train_args(model_dir, data_dir, tmp_path / "out", config, 4))
