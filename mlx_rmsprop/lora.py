@@ -122,7 +122,7 @@ def build_optimizer(learning_rate: Any, config: dict | None) -> RMSprop:
         rate_name, accepted = _named_arguments(RMSprop)
     else:
         known = _presets()
-        if preset not in known:
+        if not isinstance(preset, str) or preset not in known:
             raise ValueError(
                 f"optimizer_config.{OPTIMIZER}.{PRESET_KEY}: unknown preset {preset!r}; "
                 f"choose one of {', '.join(sorted(known))}"

@@ -225,6 +225,7 @@ def test_build_optimizer_presets_take_their_framework_arguments(preset):
             {"preset": "jax"},
             r"optimizer_config\.rmsprop\.preset: unknown preset 'jax'; choose one of keras, optax, tensorflow, torch",
         ),
+        ({"preset": ["keras"]}, r"unknown preset \['keras'\]; choose one of"),
         (
             {"learning_rate": 0.1},
             r"'learning_rate' is the learning rate; set it with --learning-rate",
