@@ -202,9 +202,6 @@ class Gathered(NamedTuple):
 
 
 class _Walk(NamedTuple):
-    found: Gathered
-    keys: tuple
-    keyset: frozenset
     new_state: NewState
     # (container, key, value) to store once every leaf has passed: state for parameters that
     # had none. Containers made during the walk are detached until then.
@@ -230,10 +227,12 @@ def gather(
     per-step overhead for models of many small tensors); when anything looks wrong the
     detailed walkers run to raise their path-naming error.
     """
-    walk = _Walk(
-        Gathered([] if with_paths else None, [], [], []), keys, frozenset(keys), new_state, []
-    )
-    if _gather_into(walk, gradients, parameters, state, "") is _FAILED:
+    found = Gathered([] if with_paths else None, [], [], [])
+    walk = _Walk(new_state, [])
+    if (
+        _gather_into(found, gradients, parameters, state, "", keys, frozenset(keys), walk)
+        is _FAILED
+    ):
         leaves = match_gradients(gradients, parameters)
         nodes: list = []
         _explain_states(nodes, gradients, state, "")
@@ -245,10 +244,19 @@ def gather(
         if isinstance(container, list):
             container.extend({} for _ in range(key + 1 - len(container)))
         container[key] = value
-    return walk.found
+    return found
 
 
-def _gather_into(walk: _Walk, grad: Any, param: Any, node: Any, path: str) -> Any:
+def _gather_into(
+    found: Gathered,
+    grad: Any,
+    param: Any,
+    node: Any,
+    path: str,
+    keys: tuple,
+    keyset: frozenset,
+    walk: _Walk,
+) -> Any:
     """The state node for ``grad`` (a new one where it had none), or ``_FAILED``."""
     if isinstance(grad, dict):
         if not grad:
@@ -259,17 +267,26 @@ def _gather_into(walk: _Walk, grad: Any, param: Any, node: Any, path: str) -> An
             node = {}
         elif not isinstance(node, dict):
             return _FAILED
-        paths = walk.found.paths is not None
+        paths = found.paths is not None
         for key, child in grad.items():
             if key not in param:
                 return _FAILED
             had = node.get(key)
             if had is None and _split_by_dots(node, key):
                 return _FAILED
-            now = _gather_into(walk, child, param[key], had, _join(path, key) if paths else path)
-            if now is _FAILED:
-                return _FAILED
+            now = _gather_into(
+                found,
+                child,
+                param[key],
+                had,
+                _join(path, key) if paths else path,
+                keys,
+                keyset,
+                walk,
+            )
             if now is not had:
+                if now is _FAILED:
+                    return _FAILED
                 walk.attach.append((node, key, now))
         return node
     if isinstance(grad, (list, tuple)):
@@ -281,15 +298,23 @@ def _gather_into(walk: _Walk, grad: Any, param: Any, node: Any, path: str) -> An
             node = []
         elif not isinstance(node, (list, tuple)):
             return _FAILED
-        paths = walk.found.paths is not None
+        paths = found.paths is not None
+        size = len(node)
         for index, child in enumerate(grad):
-            had = node[index] if index < len(node) else None
+            had = node[index] if index < size else None
             now = _gather_into(
-                walk, child, param[index], had, _join(path, index) if paths else path
+                found,
+                child,
+                param[index],
+                had,
+                _join(path, index) if paths else path,
+                keys,
+                keyset,
+                walk,
             )
-            if now is _FAILED:
-                return _FAILED
             if now is not had:
+                if now is _FAILED:
+                    return _FAILED
                 if isinstance(node, tuple):  # a state container from a tuple of parameters
                     node = list(node)
                 walk.attach.append((node, index, now))
@@ -299,21 +324,21 @@ def _gather_into(walk: _Walk, grad: Any, param: Any, node: Any, path: str) -> An
     shape = grad.shape
     if shape != param.shape or grad.dtype not in _FLOATING or param.dtype not in _FLOATING:
         return _FAILED
-    if not isinstance(node, dict) or node.keys() != walk.keyset:
+    if not isinstance(node, dict) or node.keys() != keyset:
         if not _missing(node):
             return _FAILED
         node = walk.new_state(param)
-    for key in walk.keys:
+    for key in keys:
         buffer = node[key]
         if not isinstance(buffer, mx.array) or buffer.shape != shape:
             return _FAILED
         if buffer.dtype not in _FLOATING:
             return _FAILED
-    if walk.found.paths is not None:
-        walk.found.paths.append(path)
-    walk.found.gradients.append(grad)
-    walk.found.parameters.append(param)
-    walk.found.states.append(node)
+    if found.paths is not None:
+        found.paths.append(path)
+    found.gradients.append(grad)
+    found.parameters.append(param)
+    found.states.append(node)
     return node
 
 
