@@ -19,6 +19,8 @@ sys.path.insert(0, str(EXAMPLES))
 import digits  # noqa: E402
 import plotting  # noqa: E402
 
+import optional  # noqa: E402
+
 
 def run(*args: str, timeout: int = 900) -> str:
     result = subprocess.run(
@@ -63,7 +65,7 @@ def test_finetune_lora_fast():
 
 
 def test_finetune_mlx_lm_fast():
-    pytest.importorskip("mlx_lm")
+    optional.module("mlx_lm")
     output = run("examples/finetune_mlx_lm.py", "--fast")
     line = output.split("validation loss: ")[1]
     before, after = float(line.split()[0]), float(line.split(", ")[1].split()[0])

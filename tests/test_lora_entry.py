@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mlx_lm")
+import optional
+
+optional.module("mlx_lm")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlx.core as mx  # noqa: E402
