@@ -23,6 +23,8 @@ from mlx.utils import tree_flatten
 from mlx_rmsprop import CheckpointError, RMSprop, load_state, save_state
 from mlx_rmsprop.paths import availability
 
+import optional
+
 HERE = Path(__file__).parent
 PATHS = [False] + [
     name for name, reason in availability().items() if reason is None and name != "reference"
@@ -895,7 +897,7 @@ class WithStrings(nn.Module):
 
 
 def tiny_llama():
-    llama = pytest.importorskip("mlx_lm.models.llama")
+    llama = optional.module("mlx_lm.models.llama")
     return llama.Model(
         llama.ModelArgs(
             model_type="llama",

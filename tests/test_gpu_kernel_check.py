@@ -28,6 +28,7 @@ from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_se
 from mlx_rmsprop.reference import rmsprop_reference
 
 import cuda_nvrtc
+import optional
 from metal_emulation.harness import (
     LAUNCH_SIZES,
     _from_numpy,
@@ -200,7 +201,7 @@ def test_numpy_reference_comparison_can_fail(monkeypatch):
             reference_steps(variant, 4099, seed)
 
 
-@pytest.mark.skipif(cuda_nvrtc.nvrtc_path() is None, reason="nvidia-cuda-nvrtc not installed")
+@optional.unless_missing(None if cuda_nvrtc.nvrtc_path() else "nvidia-cuda-nvrtc not installed")
 def test_script_units_compile_with_its_header_and_options():
     # What the script hands NVRTC on the GPU machine: its units, the stand-in device header,
     # its options (compute_90a instead of the GPU's sm_90a, for PTX). Representative subset.

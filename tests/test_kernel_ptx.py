@@ -25,10 +25,11 @@ from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translat
 from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
 
 import cuda_nvrtc
+import optional
 from metal_emulation.harness import cuda_variants
 
 MISSING = cuda_nvrtc.missing()
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"NVRTC check: {MISSING}")
+pytestmark = optional.unless_missing(MISSING and f"NVRTC check: {MISSING}")
 
 ALL_BUFFERS = ("v", "grad_avg", "momentum_buffer", "ema")
 

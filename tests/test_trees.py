@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rmsprop import RMSprop
 
+import optional
 from native_available import native_path
 
 
@@ -282,7 +283,7 @@ def test_a_new_parameter_gets_no_state_when_the_step_is_refused():
 def tiny_llama():
     """A two-layer model from mlx-lm's own llama classes, whose ``layer_types`` are strings in
     the module and ``{}`` in its parameters and gradients (no download: built from a config)."""
-    llama = pytest.importorskip("mlx_lm.models.llama")
+    llama = optional.module("mlx_lm.models.llama")
     args = llama.ModelArgs(
         model_type="llama",
         hidden_size=16,
