@@ -6,7 +6,7 @@ several shapes and steps, with :func:`~mlx_rmsprop.reference.rmsprop_reference` 
 the CPU; a table gives, per dtype combination, the variants run, the failures and the largest
 error of the parameter and of every state buffer, judged by the tolerance table of
 :mod:`mlx_rmsprop.tolerance`; the first failure is named down to the element. It also reports
-which variants ``fused="auto"`` would not adopt on this GPU (:mod:`mlx_rmsprop.probe`).
+which variants ``fused="auto"`` would not adopt on this GPU (:mod:`mlx_rmsprop.paths.probe`).
 Without a GPU the command says that the kernels were not run here and verifies the paths that
 do run (the compiled CPU path, ...).
 """

@@ -1,5 +1,5 @@
 """``fused="auto"`` adopts a GPU kernel variant only after it proves itself on the device
-(``mlx_rmsprop.probe``). There is no GPU here, so the Metal launcher is replaced: by the Metal
+(``mlx_rmsprop.paths.probe``). There is no GPU here, so the Metal launcher is replaced: by the Metal
 emulation (the exact kernel text, compiled with g++ and run on the CPU) or by a stand-in
 computing the reference with MLX ops, which also runs inside the optimizer's compiled step."""
 
