@@ -11,10 +11,10 @@ that parameter to the reference math itself, so the choice here is per optimizer
 array.
 
 A GPU kernel variant is used only after it proves itself on this device: on its first use in
-the process, :func:`mlx_rmsprop.paths.probe.kernel_verdict` runs it on a small awkward input against
-the reference. With ``fused="auto"`` a variant that fails (or does not compile or launch) runs
-the reference math instead, inside the same compiled step, after one warning; with
-``fused="metal"`` / ``"cuda"`` it raises ``RuntimeError``.
+the process, :func:`mlx_rmsprop.paths.probe.kernel_verdict` runs it on a small awkward input
+against the reference. With ``fused="auto"`` a variant that fails (or does not compile or
+launch) runs the reference math instead, inside the same compiled step, after one warning;
+with ``fused="metal"`` / ``"cuda"`` it raises ``RuntimeError``.
 """
 
 from __future__ import annotations
