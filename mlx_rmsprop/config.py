@@ -80,12 +80,26 @@ class RMSpropConfig:
             },
         }
 
+    def __reduce__(self) -> tuple:
+        # mx.Dtype cannot be pickled (nor deep-copied): it travels as its name.
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        if self.state_dtype is not None:
+            fields["state_dtype"] = str(self.state_dtype)
+        return (_rebuilt, (fields,))
+
     def with_preset_eps(self, eps: float) -> RMSpropConfig:
         """This configuration with a preset's epsilon, which may be 0 or round to 0 in float32
         (the constructor refuses that; see ``presets._with_eps``)."""
         constants = list(self.constants)
         constants[Scalar.EPS] = float(eps)
         return dataclasses.replace(self, eps=eps, constants=tuple(constants))
+
+
+def _rebuilt(fields: dict[str, Any]) -> RMSpropConfig:
+    if fields["state_dtype"] is not None:
+        by_name = {str(dtype): dtype for dtype in validation.FLOATING_DTYPES}
+        fields = {**fields, "state_dtype": by_name[fields["state_dtype"]]}
+    return RMSpropConfig(**fields)
 
 
 def rmsprop_config(
