@@ -44,6 +44,8 @@ def test_wheel_installs_the_kernel_body(tmp_path):
         assert BODY in names
         assert archive.read(BODY).decode() == (ROOT / "metal" / "rmsprop_update.inc").read_text()
         assert "mlx_rmsprop/kernels/source.py" in names
+        license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+        assert archive.read(license_file).decode() == (ROOT / "LICENSE").read_text()
 
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=False)

@@ -22,10 +22,12 @@ import urllib.request
 from pathlib import Path
 
 # The nanobind that mlx's own bindings are built with (mlx 0.32.x: nanobind 3, internals ABI
-# v22): a module built with another one cannot exchange arrays with mlx.core. The same pin as
-# pyproject.toml's build requirements (a test keeps the two equal).
+# v22): a module built with another one cannot exchange arrays with mlx.core.
 NANOBIND_REQUIREMENT = "nanobind==3.1.0"
 CMAKE_REQUIREMENT = "cmake>=3.18"
+# pyproject.toml's build requirements but mlx (a test keeps the two equal): what a build
+# without pip's isolation needs installed.
+BUILD_REQUIREMENTS = ("setuptools>=77", "wheel", CMAKE_REQUIREMENT, NANOBIND_REQUIREMENT)
 COMPILERS = ("c++", "g++", "clang++")
 
 
@@ -136,10 +138,10 @@ def rebuild_command() -> str:
     python = shlex.quote(sys.executable)
     checkout, editable = _checkout()
     target = shlex.quote(str(checkout)) if checkout else "<your mlx-rmsprop checkout>"
+    requirements = " ".join(shlex.quote(requirement) for requirement in BUILD_REQUIREMENTS)
     return (
-        f"{python} -m pip install {shlex.quote(CMAKE_REQUIREMENT)} {NANOBIND_REQUIREMENT} "
-        f"setuptools wheel && {python} -m pip install --no-build-isolation --no-deps "
-        f"--force-reinstall {'-e ' if editable else ''}{target}"
+        f"{python} -m pip install {requirements} && {python} -m pip install "
+        f"--no-build-isolation --no-deps --force-reinstall {'-e ' if editable else ''}{target}"
     )
 
 
