@@ -323,11 +323,11 @@ for step in range(1000):
 """
 
 
-def _start_saver(path: Path) -> subprocess.Popen:
-    """A process that saves a ~128 MiB state to ``path`` again and again, printing "saving N"
-    before and "saved N" after save N."""
+def _start_saver(path: Path, size: int) -> subprocess.Popen:
+    """A process that saves the state of a ``size``-element parameter to ``path`` again and
+    again, printing "saving N" before and "saved N" after save N."""
     return subprocess.Popen(
-        [sys.executable, "-c", SAVER.replace("SIZE", str(1 << 25)), str(path)],
+        [sys.executable, "-c", SAVER.replace("SIZE", str(size)), str(path)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -372,7 +372,7 @@ def test_a_process_killed_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
         directory = tmp_path / str(attempt)
         directory.mkdir()
         path = directory / "ckpt.safetensors"
-        process, lines = _start_saver(path), []
+        process, lines = _start_saver(path, 1 << 22), []
         _read_until(process, "saving 2", lines)
         time.sleep(rng.uniform(0.0, 0.4))  # only where it dies varies; no check depends on it
         saved, saving = _kill_and_read_progress(process, lines)
@@ -386,7 +386,8 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     # Stopped (SIGSTOP, waited for) while its temporary file exists, so certainly in the middle
     # of writing save N, then killed: the file on disk must be save N - 1, whole.
     path = tmp_path / "ckpt.safetensors"
-    process, lines = _start_saver(path), []
+    # ~128 MiB per save: most of the saver's time is spent writing, so it is soon caught.
+    process, lines = _start_saver(path, 1 << 25), []
     _read_until(process, "saved 1", lines)
     while True:
         assert process.poll() is None, "the saver exited before it was caught mid-write"

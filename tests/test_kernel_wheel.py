@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx
 import mlx.core as mx
+import pytest
 
 from mlx_rmsprop import RMSprop
 
@@ -34,6 +35,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow
 def test_wheel_installs_the_kernel_body(tmp_path):
     dist = tmp_path / "dist"
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)]
