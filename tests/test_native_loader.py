@@ -492,3 +492,24 @@ def test_a_failed_rebuild_keeps_its_log_and_is_not_retried(monkeypatch, tmp_path
     with pytest.raises(RuntimeError, match="failed \\("):
         _ensure_built(entry)
     assert len(attempts) == 2
+
+
+def test_an_unwritable_cache_warns_instead_of_failing(stand_in, monkeypatch, tmp_path, caplog):
+    stand_in.MLX_VERSION = "0.0.1"
+    monkeypatch.delenv(cache.REBUILD_VARIABLE)
+    monkeypatch.setattr(build, "check_compiler_and_headers", lambda: None)
+    monkeypatch.setattr(build, "find_cmake", lambda: "cmake")
+    monkeypatch.setattr(build, "nanobind_cmake_dir", lambda: "nanobind")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # mkdir below it fails
+    entry = cache.entry(mx.__version__, source_digest())
+    _assert_falls_back(f"it cannot be rebuilt into {entry} (", caplog, logging.WARNING)
+
+
+def test_a_damaged_cache_entry_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    entry = cache.entry("9.9.9", "0123456789abcdef")
+    entry.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="holds 0 modules instead of one \\(delete it"):
+        cache.module_file(entry)

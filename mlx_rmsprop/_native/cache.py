@@ -52,8 +52,13 @@ def entry(mlx_version: str, source_digest: str) -> Path:
 
 def module_file(directory: Path) -> Path:
     """The module file in a complete cache entry."""
-    (path,) = [path for path in directory.glob("_ext.*") if path.suffix in (".so", ".pyd")]
-    return path
+    modules = [path for path in directory.glob("_ext.*") if path.suffix in (".so", ".pyd")]
+    if len(modules) != 1:
+        raise RuntimeError(
+            f"the cache entry {directory} holds {len(modules)} modules instead of one (delete "
+            "it to rebuild)"
+        )
+    return modules[0]
 
 
 def ensure_built(
@@ -67,8 +72,8 @@ def ensure_built(
 ) -> None:
     """Build the module into ``directory`` unless it is there, saying so with ``why`` (what is
     wrong with the installed one) at warning level first: it takes a minute. ``RuntimeError``
-    saying why it cannot be built (rebuilding switched off, a missing tool, an earlier failure,
-    a failure)."""
+    saying why it cannot be built (rebuilding switched off, a missing tool, an unwritable cache,
+    an earlier failure, a failure)."""
     if directory.is_dir():
         return
     if os.environ.get(REBUILD_VARIABLE) == "0":
@@ -79,6 +84,32 @@ def ensure_built(
         nanobind_dir = build.nanobind_cmake_dir()
     except build.MissingTool as error:
         raise RuntimeError(f"it cannot be rebuilt here: {error}") from None
+    try:
+        _build_locked(
+            directory,
+            cmake,
+            nanobind_dir,
+            mlx_version=mlx_version,
+            mlx_package_dir=mlx_package_dir,
+            source_dir=source_dir,
+            source_digest=source_digest,
+            why=why,
+        )
+    except OSError as error:  # the cache directory cannot be written, for one
+        raise RuntimeError(f"it cannot be rebuilt into {directory} ({error})") from None
+
+
+def _build_locked(
+    directory: Path,
+    cmake: str,
+    nanobind_dir: str,
+    *,
+    mlx_version: str,
+    mlx_package_dir: Path,
+    source_dir: Path,
+    source_digest: str,
+    why: str,
+) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     with _locked(directory.with_name(directory.name + ".lock")):
         if directory.is_dir():  # another process built it while this one waited
