@@ -15,6 +15,7 @@ import itertools
 import logging
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -391,10 +392,10 @@ def test_without_cmake_or_nanobind_it_warns_with_the_rebuild_command(
 
 def test_the_rebuild_command_reinstalls_from_this_checkout_with_the_build_requirements():
     root = Path(__file__).resolve().parents[1]
-    python = sys.executable
+    python = shlex.quote(sys.executable)
     assert build.rebuild_command() == (
         f"{python} -m pip install 'setuptools>=77' wheel 'cmake>=3.18' nanobind==3.1.0 && "
-        f"{python} -m pip install --no-build-isolation --no-deps --force-reinstall -e {root}"
+        f"{python} -m pip install --no-build-isolation --no-deps --force-reinstall -e {shlex.quote(str(root))}"
     )
     # The isolated build's requirements (all but mlx, which is installed and must stay).
     pyproject = (root / "pyproject.toml").read_text()
