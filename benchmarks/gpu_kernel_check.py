@@ -66,7 +66,7 @@ UpdateOptions = options_module.UpdateOptions
 Scalar = options_module.Scalar
 
 # ---------------------------------------------------------------------------------------------
-# The translation unit (mirrors mlx_rmsprop/kernels/source.py for backend "cuda").
+# The translation unit (mirrors mlx_rmsprop/paths/kernels/source.py for backend "cuda").
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t"}

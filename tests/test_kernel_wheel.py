@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx
 import mlx.core as mx
+import pytest
 
 from mlx_rmsprop import RMSprop
 from mlx_rmsprop.paths.native.sources import SOURCE_FILES
@@ -36,6 +37,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow
 def test_wheel_installs_the_kernel_body(tmp_path):
     dist = tmp_path / "dist"
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)]
@@ -50,6 +52,8 @@ def test_wheel_installs_the_kernel_body(tmp_path):
         assert "mlx_rmsprop/paths/native/__init__.py" in names
         for name in SOURCE_FILES:
             assert f"mlx_rmsprop/paths/native/{name}" in names
+        license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+        assert archive.read(license_file).decode() == (ROOT / "LICENSE").read_text()
 
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=False)

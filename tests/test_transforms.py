@@ -3,7 +3,7 @@ mx.grad / mx.vjp / mx.jvp / mx.vmap through an optimizer step, on every path.
 
 Copies must continue bit for bit with the original. Transforms on the fused CPU paths are
 compared with ``fused=False`` (plain reference ops, differentiated by MLX itself) bit for bit:
-the native primitive's transforms run the reference's ops (mlx_rmsprop/_native/transforms.cpp).
+the native primitive's transforms run the reference's ops (mlx_rmsprop/paths/native/transforms.cpp).
 The Metal/CUDA kernels have no transforms in MLX (docs/transforms.md).
 """
 
