@@ -231,7 +231,7 @@ def test_valid_edges_are_accepted():
 )
 def test_a_schedule_may_return_any_real_scalar_the_constructor_accepts(value):
     scheduled = RMSprop(lambda step: value, momentum=0.5)
-    constant = RMSprop(float(np.asarray(value)), momentum=0.5)
+    constant = RMSprop(float(np.asarray(value).reshape(())), momentum=0.5)
     params = {"w": mx.array([1.0, -2.0])}
     grads = {"w": mx.array([0.3, 0.4])}
     for _ in range(2):
