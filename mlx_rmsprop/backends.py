@@ -11,13 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import mlx.core as mx
-
 from . import native
-from .options import UpdateOptions
 from .reference import rmsprop_reference
-
-UpdateFn = Callable[[UpdateOptions, mx.array, mx.array, mx.array, dict], tuple[mx.array, dict]]
+from .spec import UpdateFn
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import numpy as np
 from . import backends, native
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 from .kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
-from .options import NUM_SCALARS, Scalar
 from .reference import rmsprop_reference
+from .spec import NUM_SCALARS, Scalar
 
 GPU_PATHS = ("metal", "cuda")
 # Shapes per address-space class (``Variant.small``: fewer than 8 elements).

@@ -12,21 +12,16 @@ Otherwise :func:`load` raises ``RuntimeError`` with the reason, logged once at d
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import logging
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from ._native import source_digest
-from .options import NUM_SCALARS, WEIGHT_DECAY_MODES, Scalar, UpdateOptions
 from .reference import rmsprop_reference
-
-if TYPE_CHECKING:
-    from .backends import UpdateFn
+from .spec import FLAGS, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -120,33 +115,16 @@ def _import_checked() -> ModuleType:
         raise RuntimeError(f"the native extension was built from older sources; {_REBUILD}")
     if tuple(extension.SCALAR_NAMES) != tuple(Scalar.__members__):
         raise RuntimeError(f"the native extension has another scalar layout; {_REBUILD}")
-    if set(extension.FLAG_BITS) != set(_flag_names()):
+    if set(extension.FLAG_BITS) != set(FLAGS):
         raise RuntimeError(f"the native extension has another set of options; {_REBUILD}")
     _check_against_reference(extension)
     return extension
 
 
-def _flag_names() -> list[str]:
-    names = []
-    for field in dataclasses.fields(UpdateOptions):
-        if field.name == "weight_decay":
-            names += [f"weight_decay={mode}" for mode in WEIGHT_DECAY_MODES if mode != "none"]
-        else:
-            names.append(field.name)
-    return names
-
-
 @functools.cache
 def _flags(options: UpdateOptions) -> int:
     bits = _loaded().FLAG_BITS
-    flags = 0
-    for field in dataclasses.fields(UpdateOptions):
-        value = getattr(options, field.name)
-        if field.name == "weight_decay":
-            flags |= bits[f"weight_decay={value}"] if value != "none" else 0
-        elif value:
-            flags |= bits[field.name]
-    return flags
+    return sum(bits[name] for name in FLAGS if getattr(options, name))
 
 
 def _check_against_reference(extension: ModuleType) -> None:

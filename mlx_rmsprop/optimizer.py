@@ -12,10 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.optimizers import Optimizer
 
-from . import backends, presets, validation
-from .options import Scalar, UpdateOptions
+from . import backends, presets, spec, validation
 from .pipeline import pipeline_config as _pipeline_config
-from .step import ACCUMULATOR, constant_scalars, make_step_function
+from .spec import ACCUMULATOR, Scalar, UpdateOptions
+from .step import constant_scalars, make_step_function
 from .trees import check_state, gather, match_gradients, rebuild
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
@@ -146,8 +146,6 @@ class RMSprop(Optimizer):
                 ("bias_correction", bias_correction),
             )
         }
-        if flags["nesterov"] and self._momentum == 0:
-            raise ValueError("nesterov=True requires momentum > 0, got momentum=0.0")
         if flags["bias_correction"] and self._alpha == 1:
             raise ValueError(
                 "bias_correction=True requires alpha < 1 (the correction 1 - alpha**t would "
@@ -173,24 +171,27 @@ class RMSprop(Optimizer):
         self._decay_exclusion: re.Pattern | None = None
         self._excluded_paths: dict[str, bool] = {}
 
-        if self._weight_decay == 0:
-            decay_mode = "none"
-        else:
-            decay_mode = "decoupled" if flags["decoupled_weight_decay"] else "coupled"
-        self._options = UpdateOptions(
-            centered=flags["centered"],
-            momentum=self._momentum > 0,
-            nesterov=flags["nesterov"],
-            eps_in_sqrt=flags["eps_in_sqrt"],
-            lr_in_momentum=flags["lr_in_momentum"],
-            weight_decay=decay_mode,
-            maximize=flags["maximize"],
-            bias_correction=flags["bias_correction"],
-            scale_gradient=self._pipeline.scales_in_update,
-            clip_value=self._pipeline.clipvalue is not None,
-            gated=self._pipeline.gated,
-            ema=self._pipeline.use_ema,
+        decays = self._weight_decay > 0
+        option_flags = spec.normalised(
+            {
+                "centered": flags["centered"],
+                "momentum": self._momentum > 0,
+                "nesterov": flags["nesterov"],
+                "eps_in_sqrt": flags["eps_in_sqrt"],
+                "lr_in_momentum": flags["lr_in_momentum"],
+                "coupled_decay": decays and not flags["decoupled_weight_decay"],
+                "decoupled_decay": decays and flags["decoupled_weight_decay"],
+                "maximize": flags["maximize"],
+                "bias_correction": flags["bias_correction"],
+                "scale_gradient": self._pipeline.scales_in_update,
+                "clip_value": self._pipeline.clipvalue is not None,
+                "gated": self._pipeline.gated,
+                "ema": self._pipeline.use_ema,
+            }
         )
+        # The spec's invariants, worded with this constructor's arguments.
+        spec.check(option_flags, {"momentum": ("momentum > 0", f"momentum={self._momentum!r}")})
+        self._options = UpdateOptions(**option_flags)
         self._state_keys = self._options.state_keys + (
             (ACCUMULATOR,) if self._pipeline.accumulates else ()
         )

@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
-from .backends import UpdateFn
-from .options import NUM_SCALARS, Scalar, UpdateOptions
 from .pipeline import (
     PipelineConfig,
     all_finite,
@@ -22,8 +20,7 @@ from .pipeline import (
     ema_factors,
     global_clip_factor,
 )
-
-ACCUMULATOR = "accumulated_gradient"
+from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 
 
 def compute_dtype(parameter: mx.array, gradient: mx.array, state: dict) -> mx.Dtype:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlx_rmsprop.kernels.source import Variant, cuda_kernel_name, translation_unit
-from mlx_rmsprop.options import UpdateOptions
+from mlx_rmsprop.spec import UpdateOptions
 
 from metal_emulation.harness import cuda_variants
 
