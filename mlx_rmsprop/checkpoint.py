@@ -8,8 +8,11 @@ configuration, the step, the learning rate and a CRC-32 of every array. A plain
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -42,6 +45,12 @@ def _crc(array: mx.array) -> int:
     return zlib.crc32(memoryview(mx.contiguous(array)))
 
 
+def _exclusive(optimizer: Any) -> Any:
+    """The optimizer's update lock (ours), so that a save or a load never falls between the
+    writes of one update; a no-op for optimizers without one (MLX's own)."""
+    return getattr(optimizer, "_update_lock", None) or contextlib.nullcontext()
+
+
 def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
     """Write ``optimizer``'s whole state to ``path`` (a ``.safetensors`` file), atomically.
 
@@ -50,8 +59,17 @@ def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
     leaves either the previous checkpoint or the new one, never a mixture.
     """
     path = Path(path)
-    arrays = dict(tree_flatten(optimizer.state))
-    mx.eval(arrays)
+    with _exclusive(optimizer):
+        learning_rate = optimizer.state.get("learning_rate")
+        if not isinstance(learning_rate, mx.array) or learning_rate.size != 1:
+            raise ValueError(
+                "cannot save the optimizer state: its learning_rate must be a scalar array, "
+                f"got {_describe(learning_rate)}"
+            )
+        arrays = dict(tree_flatten(optimizer.state))
+        mx.eval(arrays)
+        step, learning_rate = optimizer.step.item(), learning_rate.item()
+        config = optimizer.get_config()
     # safetensors in MLX has no float64: such arrays travel bit for bit as uint64.
     float64_keys = sorted(key for key, value in arrays.items() if value.dtype == mx.float64)
     for key in float64_keys:
@@ -60,9 +78,9 @@ def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "config": json.dumps(optimizer.get_config(), sort_keys=True),
-        "step": str(optimizer.step.item()),
-        "learning_rate": repr(optimizer.learning_rate.item()),
+        "config": json.dumps(config, sort_keys=True),
+        "step": str(step),
+        "learning_rate": repr(learning_rate),
         "crc32": json.dumps({key: _crc(value) for key, value in arrays.items()}, sort_keys=True),
         "float64_as_uint64": json.dumps(float64_keys),
     }
@@ -96,6 +114,64 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     return arrays, metadata
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, mx.array):
+        if value.size == 1:
+            return f"{value.item()!r} ({value.dtype}, shape {tuple(value.shape)})"
+        return f"an array of shape {tuple(value.shape)} ({value.dtype})"
+    return repr(value)
+
+
+def _json(path: Path, metadata: dict, key: str, kind: type, default: str | None = None) -> Any:
+    """``metadata[key]`` parsed as JSON and checked to be a ``kind`` (dict or list)."""
+    if key not in metadata and default is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: no {key!r}")
+    try:
+        value = json.loads(metadata.get(key, default))
+    except (json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has damaged metadata: {key!r} is not valid JSON ({reason})"
+        ) from None
+    if not isinstance(value, kind):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has damaged metadata: {key!r} must be a JSON "
+            f"{'object' if kind is dict else 'array'}, got {metadata[key][:80]!r}"
+        )
+    return value
+
+
+def _check_counters(path: Path, arrays: dict) -> None:
+    """The counters as the constructor would accept them: an integer step >= 0 (0-d), a
+    finite learning rate >= 0 (one floating value), an integer skipped_steps >= 0."""
+
+    def refuse(key: str, requirement: str) -> None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {key!r} must be {requirement}, got "
+            f"{_describe(arrays[key]) if key in arrays else 'nothing (it is missing)'}"
+        )
+
+    for key in ("step", "skipped_steps"):
+        if key not in arrays:
+            if key == "step":
+                refuse(key, "a 0-d integer array >= 0 (not an optimizer state)")
+            continue
+        value = arrays[key]
+        if not (value.ndim == 0 and mx.issubdtype(value.dtype, mx.integer) and value.item() >= 0):
+            refuse(key, "a 0-d integer array >= 0")
+    value = arrays.get("learning_rate")
+    if not (
+        value is not None
+        and value.size == 1
+        and value.ndim <= 1
+        and mx.issubdtype(value.dtype, mx.floating)
+        and math.isfinite(value.item())
+        and value.item() >= 0
+    ):
+        refuse("learning_rate", "one finite floating value >= 0")
+    arrays["learning_rate"] = value.reshape(())
+
+
 def _check_integrity(path: Path, arrays: dict, metadata: dict) -> dict | None:
     """Our checkpoints: check the format and every checksum, return the saved configuration.
     A plain MLX state file (no metadata): return None."""
@@ -113,11 +189,14 @@ def _check_integrity(path: Path, arrays: dict, metadata: dict) -> dict | None:
             f"{metadata.get('format_version')!r}; this library reads {FORMAT!r} version "
             f"{FORMAT_VERSION!r}"
         )
-    try:
-        checksums = json.loads(metadata["crc32"])
-        config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: {error}") from None
+    checksums = _json(path, metadata, "crc32", dict)
+    config = _json(path, metadata, "config", dict)
+    for key, value in checksums.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has damaged metadata: the checksum of {key!r} "
+                f"must be an integer, got {value!r}"
+            )
     if set(checksums) != set(arrays):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is damaged: it lists arrays {sorted(checksums)} but "
@@ -128,12 +207,9 @@ def _check_integrity(path: Path, arrays: dict, metadata: dict) -> dict | None:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is corrupt: array {key!r} fails its checksum"
             )
-    try:
-        float64_keys = json.loads(metadata.get("float64_as_uint64", "[]"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: {error}") from None
+    float64_keys = _json(path, metadata, "float64_as_uint64", list, default="[]")
     for key in float64_keys:
-        if key not in arrays or arrays[key].dtype != mx.uint64:
+        if not isinstance(key, str) or key not in arrays or arrays[key].dtype != mx.uint64:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is damaged: {key!r} is not a stored float64 array"
             )
@@ -165,23 +241,30 @@ def load_state(
     Everything is checked before anything changes; on any error the optimizer keeps its
     previous state and a :class:`CheckpointError` (a ``ValueError``) says what differs:
 
-    - a file that cannot be read, is truncated, fails a checksum, or has an unknown format;
+    - a file that cannot be read, is truncated, fails a checksum, has an unknown format or
+      malformed metadata;
+    - counters the constructor would refuse (``step`` not a 0-d integer >= 0,
+      ``learning_rate`` not one finite floating value >= 0, or missing);
     - per-parameter buffers other than the ones this configuration keeps (e.g. a centered
       optimizer's file into a plain one);
     - with ``strict`` (default), any hyperparameter other than the learning rate that differs
-      from the saved configuration (``strict=False`` keeps this optimizer's values);
+      from the saved configuration, weight-decay exclusion patterns included
+      (``strict=False`` keeps this optimizer's values, and takes the saved patterns when
+      this optimizer has none);
     - with ``parameters``: every parameter must have state of its exact shape and nothing
       else; buffers are converted to the dtype this optimizer would create only when that
       loses nothing (float16 -> float32, ...), else the load is refused.
       Without ``parameters`` the saved tree is compared with the optimizer's current one when
       it has one, and taken as it is otherwise.
+
+    The loaded tree replaces the contents of ``optimizer.state`` in place, so a function
+    compiled earlier with ``inputs=optimizer.state`` sees it.
     """
     path = Path(path)
     arrays, metadata = _read(path)
     saved_config = _check_integrity(path, arrays, metadata)
 
-    if "step" not in arrays:
-        raise CheckpointError(f"checkpoint {str(path)!r} has no 'step': not an optimizer state")
+    _check_counters(path, arrays)
     expected_keys = set(optimizer.state_keys)
     grouped = _per_parameter(arrays)
     for name, buffers in grouped.items():
@@ -191,7 +274,22 @@ def load_state(
                 f"configuration keeps {sorted(expected_keys)}: it was saved by another "
                 f"configuration"
             )
+    restore_exclusions = None
     if saved_config is not None:
+        # Checkpoints written before the exclusions were saved had none.
+        exclusions = saved_config.setdefault("exclude_from_weight_decay", [])
+        if not isinstance(exclusions, list) or not all(isinstance(p, str) for p in exclusions):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has damaged metadata: exclude_from_weight_decay "
+                f"must be a list of strings, got {exclusions!r}"
+            )
+        try:
+            re.compile("|".join(exclusions))
+        except re.error as error:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: exclude_from_weight_decay {exclusions!r} is not a "
+                f"regular expression: {error}"
+            ) from None
         current = optimizer.get_config()
         differences = [
             f"{key}: saved {saved_config.get(key)!r}, this optimizer {current.get(key)!r}"
@@ -205,6 +303,10 @@ def load_state(
                 + "; ".join(differences)
                 + "); pass strict=False to keep this optimizer's hyperparameters"
             )
+        # A resume that forgot exclude_from_weight_decay() gets the saved patterns (a
+        # configuration with patterns of its own keeps them).
+        if exclusions and not current.get("exclude_from_weight_decay", True):
+            restore_exclusions = exclusions
 
     if optimizer.pipeline.skip_nonfinite and "skipped_steps" not in arrays:
         arrays["skipped_steps"] = mx.array(0, mx.uint64)
@@ -239,7 +341,17 @@ def load_state(
     state = tree_unflatten(list(arrays.items()))
     if reference is not None and parameters is not None:
         state = _shaped_like(parameters, state)
-    optimizer.state = state
+    with _exclusive(optimizer):
+        if restore_exclusions is not None:
+            optimizer._set_decay_exclusion(restore_exclusions)
+        current_state = optimizer.state
+        if type(current_state) is dict:
+            # In place: a function compiled before the load (mx.compile(..., inputs=
+            # optimizer.state)) captured this dict, and must see the loaded arrays.
+            current_state.clear()
+            current_state.update(state)
+            state = current_state
+        optimizer.state = state  # also marks the optimizer uninitialised, as MLX's setter does
 
 
 def _reference_shapes(optimizer: Any, parameters: dict | None) -> dict | None:

@@ -4,7 +4,9 @@ RMSprop of PyTorch, Keras 3, TF1 and optax."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,24 @@ from .step import constant_scalars, make_step_function
 from .trees import check_state, gather, match_gradients, rebuild
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
+
+
+class _UpdateLock:
+    """A re-entrant lock that makes an update and a checkpoint save exclusive per optimizer
+    (a save between two per-parameter writes would record one step's counter with another
+    step's buffers). A copy or an unpickled optimizer gets a fresh, unheld lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple:
+        return (_UpdateLock, ())
 
 
 class RMSprop(Optimizer):
@@ -71,9 +91,11 @@ class RMSprop(Optimizer):
         fused: ``"auto"`` (the fastest path on this device), ``"native"`` (one C++ MLX
             operation per parameter on the CPU, built at install time), ``"compiled"`` (the
             reference math under ``mx.compile``) or ``False`` (plain uncompiled ops).
-        skip_nonfinite: when a step's gradients hold any NaN or Inf, leave every parameter and
-            state buffer as it was and count the step in ``skipped_steps`` instead (default
-            ``False``: NaN propagates, as in every framework).
+        skip_nonfinite: when a step's gradients hold any NaN or Inf, or a value computed on
+            the way to the update does (the gradient with the loss scale divided out, an
+            accumulated sum, a clip factor), leave every parameter and state buffer as it was
+            and count the step in ``skipped_steps`` instead (default ``False``: NaN
+            propagates, as in every framework).
 
     Keras' training pipeline, applied in Keras' order (loss scale, accumulation, clipping,
     weight decay, the update, EMA), with Keras' names and defaults:
@@ -146,10 +168,11 @@ class RMSprop(Optimizer):
                 ("bias_correction", bias_correction),
             )
         }
-        if flags["bias_correction"] and self._alpha == 1:
+        if flags["bias_correction"] and validation.in_float32(self._alpha) == 1:
             raise ValueError(
-                "bias_correction=True requires alpha < 1 (the correction 1 - alpha**t would "
-                "be 0), got alpha=1.0"
+                "bias_correction=True requires alpha < 1 in float32 (the correction "
+                f"1 - alpha**t would be 0), got alpha={self._alpha!r}"
+                + (" (1.0 in float32)" if self._alpha != 1 else "")
             )
         self._state_dtype = validation.state_dtype("state_dtype", state_dtype)
         self._fused = validation.choice("fused", fused, backends.FUSED_CHOICES)
@@ -169,6 +192,8 @@ class RMSprop(Optimizer):
             raise ValueError(f"name must be a string, got {name!r}")
         self.name = name
         self._decay_exclusion: re.Pattern | None = None
+        self._decay_patterns: list[str] = []
+        self._update_lock = _UpdateLock()
         self._excluded_paths: dict[str, bool] = {}
 
         decays = self._weight_decay > 0
@@ -217,14 +242,38 @@ class RMSprop(Optimizer):
                 Scalar.EMA_GATE: 1.0,
             }
         )
+        self._init_runtime()
+        self._maybe_schedule("learning_rate", learning_rate)
+        if callable(learning_rate):
+            # Its value at step 0 is the state's learning rate until the first update (and
+            # what a checkpoint saved before it records): it must be a scalar already.
+            self.state["learning_rate"] = self._checked_schedule_value(
+                self.state["learning_rate"], check_value=False
+            )
+        if self._pipeline.skip_nonfinite:
+            self.state["skipped_steps"] = mx.array(0, mx.uint64)
+
+    # Attributes that copy.deepcopy and pickle leave out and _init_runtime rebuilds: functions
+    # (compiled graphs, kernel launchers) that cannot be pickled and follow from the
+    # configuration and this machine alone.
+    _RUNTIME_ATTRIBUTES = ("_path", "_update", "_compile_step", "_step_functions")
+
+    def _init_runtime(self) -> None:
         path, self._update = backends.resolve(self._fused)
         self._path = path.name
         self._compile_step = path.compile_step
         # One step function per weight-decay exclusion pattern over the parameters.
         self._step_functions: dict[tuple[bool, ...], Callable] = {}
-        self._maybe_schedule("learning_rate", learning_rate)
-        if self._pipeline.skip_nonfinite:
-            self.state["skipped_steps"] = mx.array(0, mx.uint64)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._RUNTIME_ATTRIBUTES:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
 
     # Hyperparameters are read-only: the state layout and the compiled update depend on them.
     alpha = property(lambda self: self._alpha, doc="Smoothing constant :math:`\\alpha`.")
@@ -250,6 +299,30 @@ class RMSprop(Optimizer):
         lambda self: self._path,
         doc='The path ``fused`` resolved to on this machine ("compiled", "reference", ...).',
     )
+    update_lock = property(
+        lambda self: self._update_lock,
+        doc="The re-entrant lock each update and ``save_state``/``load_state`` hold. MLX "
+        "evaluates an array only on the thread whose stream built it, and is not safe to "
+        "evaluate from two threads at once: to checkpoint from another thread, update and "
+        "evaluate inside ``with optimizer.update_lock:`` in the training thread.",
+    )
+    # Keras' attribute names for the pipeline settings (read-only here, as the compiled update
+    # depends on them).
+    loss_scale_factor = property(lambda self: self._pipeline.loss_scale_factor)
+    gradient_accumulation_steps = property(lambda self: self._pipeline.gradient_accumulation_steps)
+    clipnorm = property(lambda self: self._pipeline.clipnorm)
+    global_clipnorm = property(lambda self: self._pipeline.global_clipnorm)
+    clipvalue = property(lambda self: self._pipeline.clipvalue)
+    use_ema = property(lambda self: self._pipeline.use_ema)
+    ema_momentum = property(lambda self: self._pipeline.ema_momentum)
+    ema_overwrite_frequency = property(lambda self: self._pipeline.ema_overwrite_frequency)
+
+    def scale_loss(self, loss: Any) -> Any:
+        """``loss * loss_scale_factor`` when a loss scale is set, else ``loss`` (Keras'
+        ``scale_loss``); the update divides the gradients by the same factor."""
+        if self._pipeline.loss_scale_factor is None:
+            return loss
+        return loss * self._pipeline.loss_scale_factor
 
     from_torch = classmethod(presets.from_torch)
     from_keras = classmethod(presets.from_keras)
@@ -289,6 +362,7 @@ class RMSprop(Optimizer):
                 for key in self._pipeline.__dataclass_fields__
                 if key != "guard_learning_rate"  # follows from learning_rate being a schedule
             },
+            "exclude_from_weight_decay": list(self._decay_patterns),
             "name": self.name,
         }
 
@@ -326,6 +400,10 @@ class RMSprop(Optimizer):
         """Apply one step to every parameter that has a gradient and return the updated
         parameters, shaped like ``gradients``. Every gradient, parameter and state buffer is
         checked (path, shape, dtype) before anything changes."""
+        with self._update_lock:
+            return self._apply_gradients(gradients, parameters)
+
+    def _apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # Schedules run first and are checked before anything changes.
         scheduled = {name: scheduler(self.step) for name, scheduler in self._schedulers.items()}
         if "learning_rate" in scheduled:
@@ -359,6 +437,10 @@ class RMSprop(Optimizer):
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """One update of one parameter at the current learning rate and step; stores the new
         buffers in ``state`` and returns the new parameter (MLX's per-parameter contract)."""
+        with self._update_lock:
+            return self._apply_single(gradient, parameter, state)
+
+    def _apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         (leaf,) = match_gradients(gradient, parameter)
         if not state:
             self.init_single(parameter, state)
@@ -371,12 +453,14 @@ class RMSprop(Optimizer):
         state.update(new_state)
         return new_parameter
 
-    def _checked_schedule_value(self, value: Any) -> mx.array:
+    def _checked_schedule_value(self, value: Any, check_value: bool = True) -> mx.array:
         """The schedule's learning rate as a scalar array; NaN, infinite or negative values
-        raise here. Inside mx.compile the value cannot be read: the step function then skips
-        the update in the graph instead (``PipelineConfig.guard_learning_rate``)."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = mx.array(value)
+        raise here (unless ``check_value`` is False). Inside mx.compile the value cannot be
+        read: the step function then skips the update in the graph instead
+        (``PipelineConfig.guard_learning_rate``)."""
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            # Any real scalar the constructor accepts (int, numpy.float32, ...), as float32.
+            value = mx.array(float(value))
         if (
             not isinstance(value, mx.array)
             or value.size != 1
@@ -386,6 +470,8 @@ class RMSprop(Optimizer):
                 f"the learning_rate schedule must return a scalar floating value, got "
                 f"{validation.describe(value)} at step {self.step}"
             )
+        if not check_value:
+            return value.reshape(())
         try:
             number = value.item()
         except ValueError as error:
@@ -409,6 +495,12 @@ class RMSprop(Optimizer):
                 "given to the constructor"
             )
         self.state["learning_rate"] = mx.array(value)
+
+    def _use_preset_eps(self, eps: float) -> None:
+        # A preset's epsilon of 0 (or one that rounds to 0 in float32); see presets._with_eps.
+        self._eps = eps
+        self._constants[Scalar.EPS] = float(eps)
+        self._step_functions.clear()
 
     def _counters(self, step: mx.array) -> dict[str, mx.array]:
         counters = {"learning_rate": self.state["learning_rate"], "step": step}
@@ -466,6 +558,11 @@ class RMSprop(Optimizer):
                 raise ValueError(
                     f"var_names: {pattern!r} is not a regular expression: {error}"
                 ) from None
+        self._set_decay_exclusion(patterns)
+
+    def _set_decay_exclusion(self, patterns: list[str]) -> None:
+        # Also used by load_state to restore the patterns a checkpoint was saved with.
+        self._decay_patterns = list(patterns)
         self._decay_exclusion = re.compile("|".join(patterns)) if patterns else None
         self._excluded_paths.clear()
 

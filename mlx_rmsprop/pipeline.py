@@ -73,8 +73,9 @@ def pipeline_config(
         "global_clipnorm": global_clipnorm,
     }
     if sum(value is not None for value in clip_arguments.values()) > 1:
+        # Keras' wording, which code ported from Keras matches.
         raise ValueError(
-            "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
             + ", ".join(f"{key}={value!r}" for key, value in clip_arguments.items())
         )
     use_ema = validation.flag("use_ema", use_ema)
@@ -111,6 +112,27 @@ def all_finite(gradients: list[mx.array]) -> mx.array:
     return mx.all(mx.stack(flags)) if flags else mx.array(True)
 
 
+def _sum_of_squares(values: list[mx.array]) -> mx.array:
+    return mx.sum(mx.stack([mx.sum(mx.square(v)) for v in values]))
+
+
+def _overflow_safe(values: list[mx.array]) -> tuple[mx.array, mx.array, mx.array]:
+    """``(overflows, largest, scaled_norm)``: whether the plain sum of squares of these
+    finite-or-not values is infinite although every value is finite, the largest magnitude
+    ``m`` and ``||values / m||``. The true norm is ``m * scaled_norm``, which may itself be
+    beyond float range: callers use ``m`` and ``scaled_norm`` separately.
+
+    The plain sum stays the result whenever it is finite, so ordinary steps keep Keras'
+    rounding bit for bit; the scaled form is selected in the graph only where the plain one
+    overflows (2^20 entries of 2e16 have a finite norm of 2e19, but the squares sum to inf).
+    """
+    largest = mx.max(mx.stack([mx.max(mx.abs(v)) for v in values]))
+    # Divide by 1 where the largest magnitude is 0 or not finite: that branch is not selected.
+    safe = mx.where(mx.logical_and(mx.isfinite(largest), largest > 0), largest, 1)
+    scaled = mx.sqrt(_sum_of_squares([v / safe for v in values]))
+    return mx.isfinite(largest), largest, scaled
+
+
 def l2_norm(values: mx.array) -> mx.array:
     """Keras' clip_by_norm norm: the sum of squares, square-rooted where it is positive."""
     total = mx.sum(mx.square(values))
@@ -118,19 +140,40 @@ def l2_norm(values: mx.array) -> mx.array:
 
 
 def clip_by_norm_factors(values: mx.array, clipnorm: float) -> tuple[mx.array, mx.array]:
-    """``g * clipnorm / max(||g||, clipnorm)`` as (multiplier, divisor)."""
+    """``g * clipnorm / max(||g||, clipnorm)`` as (multiplier, divisor).
+
+    Where the sum of squares overflows for finite values, ``||g|| = m ||g / m||`` is far above
+    ``clipnorm``, and the factors become ``(clipnorm / m, ||g / m||)``: the same quotient,
+    with no intermediate beyond float range."""
     norm = l2_norm(values)
     limit = mx.array(clipnorm, values.dtype)
-    return limit, mx.maximum(norm, limit)
+    multiplier, divisor = limit, mx.maximum(norm, limit)
+    if values.size == 0:
+        return multiplier, divisor
+    finite, largest, scaled = _overflow_safe([values])
+    overflows = mx.logical_and(mx.isinf(norm), finite)
+    return (
+        mx.where(overflows, limit / mx.where(overflows, largest, 1), multiplier),
+        mx.where(overflows, scaled, divisor),
+    )
 
 
 def global_clip_factor(values: list[mx.array], clipnorm: float, dtype: mx.Dtype) -> mx.array:
     """Keras' clip_by_global_norm scale: ``c * min(1/n, 1/c)``, NaN when the norm is not
-    finite (so a non-finite step stays visible)."""
-    squares = [mx.sum(mx.square(v)) for v in values]
-    norm = mx.sqrt(mx.sum(mx.stack(squares))) if squares else mx.array(0.0, dtype)
+    finite (so a non-finite step stays visible).
+
+    Where the sum of squares overflows for finite values, ``n = m ||g / m||`` is far above
+    ``c`` and the scale is ``(c / m) / ||g / m||``, formed without leaving float range."""
+    values = [v for v in values if v.size]
     limit = mx.array(clipnorm, dtype)
-    return limit * mx.minimum(1 / norm, 1 / limit) + (norm - norm)
+    if not values:
+        return mx.array(1.0, dtype)
+    norm = mx.sqrt(_sum_of_squares(values))
+    plain = limit * mx.minimum(1 / norm, 1 / limit) + (norm - norm)
+    finite, largest, scaled = _overflow_safe(values)
+    overflows = mx.logical_and(mx.isinf(norm), finite)
+    rescued = limit / mx.where(overflows, largest, 1) / scaled
+    return mx.where(overflows, rescued, plain)
 
 
 def ema_factors(

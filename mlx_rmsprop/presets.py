@@ -23,10 +23,11 @@ def from_torch(
     maximize)``: eps outside the square root, coupled weight decay, learning rate applied
     after the momentum buffer. ``options`` go to ``RMSprop`` (``state_dtype``, ``fused``)."""
     _check_forwarded(options)
-    return cls(
+    return _with_eps(
+        cls,
+        validation.non_negative("eps", eps),
         validation.learning_rate("lr", lr),
         alpha=validation.in_range("alpha", alpha, 0.0, 1.0),
-        eps=validation.positive("eps", eps),
         weight_decay=validation.non_negative("weight_decay", weight_decay),
         momentum=validation.in_range("momentum", momentum, 0.0, 1.0),
         centered=validation.flag("centered", centered),
@@ -52,10 +53,11 @@ def from_keras(
     ``gradient_accumulation_steps``, ``name``) pass through with Keras' names and defaults."""
     _check_forwarded(options)
     decay = 0.0 if weight_decay is None else validation.non_negative("weight_decay", weight_decay)
-    return cls(
+    return _with_eps(
+        cls,
+        validation.non_negative("epsilon", epsilon),
         validation.learning_rate("learning_rate", learning_rate),
         alpha=validation.in_range("rho", rho, 0.0, 1.0),
-        eps=validation.positive("epsilon", epsilon),
         momentum=validation.in_range("momentum", momentum, 0.0, 1.0),
         centered=validation.flag("centered", centered),
         weight_decay=decay,
@@ -83,10 +85,11 @@ def from_optax(
     correction, Nesterov momentum as ``optax.trace`` computes it."""
     _check_forwarded(options)
     mu = 0.0 if momentum is None else validation.in_range("momentum", momentum, 0.0, 1.0)
-    return cls(
+    return _with_eps(
+        cls,
+        validation.non_negative("eps", eps),
         validation.learning_rate("learning_rate", learning_rate),
         alpha=validation.in_range("decay", decay, 0.0, 1.0),
-        eps=validation.positive("eps", eps),
         initial_accumulator_value=validation.non_negative("initial_scale", initial_scale),
         eps_in_sqrt=validation.flag("eps_in_sqrt", eps_in_sqrt),
         centered=validation.flag("centered", centered),
@@ -110,10 +113,11 @@ def from_tensorflow(
     """TF1 ``tf.compat.v1.train.RMSPropOptimizer``: like Keras, but the accumulator ``v``
     starts at 1.0 and the default epsilon is 1e-10."""
     _check_forwarded(options)
-    return cls(
+    return _with_eps(
+        cls,
+        validation.non_negative("epsilon", epsilon),
         validation.learning_rate("learning_rate", learning_rate),
         alpha=validation.in_range("decay", decay, 0.0, 1.0),
-        eps=validation.positive("epsilon", epsilon),
         momentum=validation.in_range("momentum", momentum, 0.0, 1.0),
         centered=validation.flag("centered", centered),
         initial_accumulator_value=1.0,
@@ -139,6 +143,20 @@ FORWARDED_OPTIONS = (
     "ema_overwrite_frequency",
     "name",
 )
+
+
+def _with_eps(cls: type, eps: float, *args: Any, **kwargs: Any) -> Any:
+    """``cls(*args, eps=eps, **kwargs)``, where ``eps`` may be 0 or round to 0 in float32.
+
+    Every framework accepts epsilon = 0 (TF's own tests use it) and then divides 0 by 0 where
+    a gradient and its running average are 0: the preset reproduces that, NaN included. The
+    main constructor keeps requiring eps > 0 (as MLX's message says): it is built with a
+    placeholder, then given the framework's value."""
+    if validation.in_float32(eps) > 0:
+        return cls(*args, eps=eps, **kwargs)
+    optimizer = cls(*args, eps=1.0, **kwargs)
+    optimizer._use_preset_eps(eps)
+    return optimizer
 
 
 def _check_forwarded(options: dict) -> None:

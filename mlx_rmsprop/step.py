@@ -83,14 +83,67 @@ def make_step_function(
     ) -> tuple[list[mx.array], list[dict], dict[str, mx.array]]:
         step_before = counters["step"]
         new_counters = {}
-        # `skip`: this call changes no parameter and no state. A non-finite gradient also
-        # holds the step counter (the call did not happen, as Keras' loss-scale optimizer has
-        # it); an invalid scheduled learning rate lets time move on, so that the schedule
-        # can recover.
+        dtypes = [
+            compute_dtype(p, g, s) for p, g, s in zip(parameters, gradients, states, strict=True)
+        ]
+        new_states = [dict() for _ in states]
+
+        # Gradients as the fused update will see them, after accumulation (summed: the
+        # accumulator plus this call's gradient, loss scale divided out, as Keras does).
+        update_grads, sums = [], []
+        for gradient, state, dtype in zip(gradients, states, dtypes, strict=True):
+            if not pipeline.accumulates:
+                update_grads.append(gradient)
+                continue
+            scaled = gradient.astype(dtype)
+            if pipeline.loss_scale_factor is not None:
+                scaled = scaled / mx.array(pipeline.loss_scale_factor, dtype)
+            summed = scaled + state[ACCUMULATOR].astype(dtype)
+            sums.append(summed)
+            update_grads.append(summed / mx.array(pipeline.gradient_accumulation_steps, dtype))
+
+        def unscaled(gradient: mx.array, dtype: mx.Dtype) -> mx.array:
+            # The gradient whose norm Keras clips: after the loss scale is divided out.
+            gradient = gradient.astype(dtype)
+            if pipeline.loss_scale_factor is not None and not pipeline.accumulates:
+                gradient = gradient / mx.array(pipeline.loss_scale_factor, dtype)
+            return gradient
+
+        global_factor = None
+        if pipeline.global_clipnorm is not None:
+            norm_dtype = mx.float64 if mx.float64 in dtypes else mx.float32
+            global_factor = global_clip_factor(
+                [unscaled(g, norm_dtype) for g in update_grads],
+                pipeline.global_clipnorm,
+                norm_dtype,
+            )
+        clip_factors = [
+            clip_by_norm_factors(unscaled(g, dtype), pipeline.clipnorm)
+            if pipeline.clipnorm is not None
+            else None
+            for g, dtype in zip(update_grads, dtypes, strict=True)
+        ]
+
+        # `skip`: this call changes no parameter and no state. A non-finite value anywhere on
+        # the way to the update (a raw gradient, the gradient with the loss scale divided out,
+        # an accumulated sum, a clip factor) also holds the step counter (the call did not
+        # happen, as Keras' loss-scale optimizer has it); an invalid scheduled learning rate
+        # lets time move on, so that the schedule can recover.
         skip = None
         step_after = step_before + 1
         if pipeline.skip_nonfinite:
-            skip = mx.logical_not(all_finite(gradients))
+            if pipeline.accumulates:
+                checked = list(sums)
+            elif pipeline.loss_scale_factor is not None:
+                checked = [unscaled(g, dtype) for g, dtype in zip(gradients, dtypes, strict=True)]
+            else:
+                checked = list(gradients)
+            if global_factor is not None:
+                checked.append(global_factor)
+            for factors in clip_factors:
+                if factors is not None:
+                    checked.extend(factors)
+            skip = mx.logical_not(all_finite(checked))
             step_after = step_before + mx.where(skip, 0, 1).astype(step_before.dtype)
         if pipeline.guard_learning_rate:
             lr = counters["learning_rate"]
@@ -111,46 +164,14 @@ def make_step_function(
             applies = (step_after % steps) == 0
             updates_done = step_after // steps
             iterations = step_before // steps
+            for summed, state, new_state, dtype in zip(
+                sums, states, new_states, dtypes, strict=True
+            ):
+                accumulated = mx.where(applies, mx.zeros_like(summed), summed)
+                if skip is not None:
+                    accumulated = mx.where(skip, state[ACCUMULATOR].astype(dtype), accumulated)
+                new_state[ACCUMULATOR] = accumulated.astype(state[ACCUMULATOR].dtype)
         keep = applies if skip is None else mx.logical_and(applies, mx.logical_not(skip))
-
-        dtypes = [
-            compute_dtype(p, g, s) for p, g, s in zip(parameters, gradients, states, strict=True)
-        ]
-        new_states = [dict() for _ in states]
-
-        # Gradients as the fused update will see them, after accumulation.
-        update_grads = []
-        for gradient, state, new_state, dtype in zip(
-            gradients, states, new_states, dtypes, strict=True
-        ):
-            if not pipeline.accumulates:
-                update_grads.append(gradient)
-                continue
-            scaled = gradient.astype(dtype)
-            if pipeline.loss_scale_factor is not None:
-                scaled = scaled / mx.array(pipeline.loss_scale_factor, dtype)
-            summed = scaled + state[ACCUMULATOR].astype(dtype)
-            accumulated = mx.where(applies, mx.zeros_like(summed), summed)
-            if skip is not None:
-                accumulated = mx.where(skip, state[ACCUMULATOR].astype(dtype), accumulated)
-            new_state[ACCUMULATOR] = accumulated.astype(state[ACCUMULATOR].dtype)
-            update_grads.append(summed / mx.array(steps, dtype))
-
-        def unscaled(gradient: mx.array, dtype: mx.Dtype) -> mx.array:
-            # The gradient whose norm Keras clips: after the loss scale is divided out.
-            gradient = gradient.astype(dtype)
-            if pipeline.loss_scale_factor is not None and not pipeline.accumulates:
-                gradient = gradient / mx.array(pipeline.loss_scale_factor, dtype)
-            return gradient
-
-        global_factor = None
-        if pipeline.global_clipnorm is not None:
-            norm_dtype = mx.float64 if mx.float64 in dtypes else mx.float32
-            global_factor = global_clip_factor(
-                [unscaled(g, norm_dtype) for g in update_grads],
-                pipeline.global_clipnorm,
-                norm_dtype,
-            )
 
         entries_cache: dict[tuple, dict[Scalar, mx.array]] = {}
         scalars_cache: dict[tuple, mx.array] = {}
@@ -195,10 +216,8 @@ def make_step_function(
         for index, (parameter, gradient, state, new_state, dtype) in enumerate(
             zip(parameters, update_grads, states, new_states, dtypes, strict=True)
         ):
-            if pipeline.clipnorm is not None:
-                multiplier, divisor = clip_by_norm_factors(
-                    unscaled(gradient, dtype), pipeline.clipnorm
-                )
+            if clip_factors[index] is not None:
+                multiplier, divisor = clip_factors[index]
                 entries = step_entries(dtype, decay_excluded[index])
                 entries = {
                     **entries,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 FLOATING_DTYPES = (mx.float16, mx.bfloat16, mx.float32, mx.float64)
 
@@ -18,13 +19,25 @@ def describe(value: Any) -> str:
     return repr(value)
 
 
+def in_float32(value: float) -> float:
+    """``value`` as the update computes with it (float32 unless the parameters are float64)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
 def real_number(name: str, value: Any) -> float:
-    """A finite real Python/NumPy number (not a bool, string or array)."""
+    """A finite real Python/NumPy number (not a bool, string or array) that stays finite in
+    float32, the arithmetic of the update."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {describe(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if not math.isfinite(in_float32(value)):
+        raise ValueError(
+            f"{name} must be finite in float32 (|value| <= 3.4028235e+38, the update computes "
+            f"in float32), got {value!r}"
+        )
     return value
 
 
@@ -43,9 +56,15 @@ def non_negative(name: str, value: Any) -> float:
 
 
 def positive(name: str, value: Any) -> float:
+    """> 0, also once rounded to float32 (1e-46 would become 0 there)."""
     value = real_number(name, value)
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ValueError(f"{name} must be >0, got {value!r}")
+    if in_float32(value) == 0:
+        raise ValueError(
+            f"{name} must be >0 in float32 (at least 1.4e-45, the update computes in "
+            f"float32), got {value!r}, which rounds to 0"
+        )
     return value
 
 
@@ -79,6 +98,11 @@ def learning_rate(name: str, value: Any) -> float | mx.array | Callable[[mx.arra
     number = float(value)
     if not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {number!r}")
+    if not math.isfinite(in_float32(number)):
+        raise ValueError(
+            f"{name} must be finite in float32 (<= 3.4028235e+38, the update computes in "
+            f"float32), got {number!r}"
+        )
     return number
 
 

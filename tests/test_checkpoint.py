@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -371,3 +373,344 @@ def test_float64_state_round_trips_bit_for_bit(tmp_path):
         loaded = dict(tree_flatten(restored.state))[key]
         assert loaded.dtype == value.dtype, key
         np.testing.assert_array_equal(np.array(loaded), np.array(value), err_msg=key)
+
+
+def builtin_state_file(path: Path, **replace) -> tuple[Path, dict]:
+    """A plain MLX state file (no metadata) from mlx.optimizers.RMSprop, with some counters
+    replaced (``None`` removes one)."""
+    builtin = optim.RMSprop(0.05)
+    params = {"w": mx.ones((4,))}
+    params = builtin.apply_gradients({"w": mx.ones((4,))}, params)
+    arrays = dict(tree_flatten(builtin.state))
+    for key, value in replace.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    mx.save_safetensors(str(path), arrays)
+    return path, params
+
+
+BAD_COUNTERS = [
+    (
+        "learning_rate",
+        mx.array(float("nan")),
+        "'learning_rate' must be one finite floating value >= 0, got nan",
+    ),
+    (
+        "learning_rate",
+        mx.array(-0.1),
+        "'learning_rate' must be one finite floating value >= 0, got -0.10000000149011612",
+    ),
+    (
+        "learning_rate",
+        mx.array([0.1, 0.2]),
+        "'learning_rate' must be one finite floating value >= 0, got an array of shape (2,)",
+    ),
+    (
+        "learning_rate",
+        mx.array(1, mx.int32),
+        "'learning_rate' must be one finite floating value >= 0, got 1 (mlx.core.int32",
+    ),
+    (
+        "learning_rate",
+        None,
+        "'learning_rate' must be one finite floating value >= 0, got nothing (it is missing)",
+    ),
+    ("step", mx.array(1.0), "'step' must be a 0-d integer array >= 0, got 1.0 (mlx.core.float32"),
+    (
+        "step",
+        mx.array(-1, mx.int32),
+        "'step' must be a 0-d integer array >= 0, got -1 (mlx.core.int32",
+    ),
+    (
+        "step",
+        mx.array([1, 2], mx.uint64),
+        "'step' must be a 0-d integer array >= 0, got an array of shape (2,)",
+    ),
+    ("step", None, "'step' must be a 0-d integer array >= 0 (not an optimizer state), got nothing"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_COUNTERS, ids=[m for *_, m in BAD_COUNTERS])
+def test_plain_mlx_file_with_invalid_counters_is_refused_and_nothing_changes(
+    key, value, message, tmp_path
+):
+    path, params = builtin_state_file(tmp_path / "builtin.safetensors", **{key: value})
+    target = RMSprop(0.05)
+    target.init(params)
+    before = state_snapshot(target)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_state(target, path, params)
+    after = state_snapshot(target)
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def rewrite_metadata(path: Path, **replace: str | None) -> None:
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    for key, value in replace.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    mx.save_safetensors(str(path), arrays, metadata=metadata)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+BAD_METADATA = [
+    ("crc32 list", {"crc32": "[1, 2]"}, "'crc32' must be a JSON object, got '[1, 2]'"),
+    (
+        "crc32 string value",
+        {"crc32": '{"step": "x"}'},
+        "the checksum of 'step' must be an integer, got 'x'",
+    ),
+    ("crc32 deep", {"crc32": DEEP}, "'crc32' is not valid JSON (nested too deeply)"),
+    ("crc32 missing", {"crc32": None}, "has damaged metadata: no 'crc32'"),
+    ("config null", {"config": "null"}, "'config' must be a JSON object, got 'null'"),
+    ("config list", {"config": "[1]"}, "'config' must be a JSON object, got '[1]'"),
+    ("config deep", {"config": DEEP}, "'config' is not valid JSON (nested too deeply)"),
+    ("config not json", {"config": "{"}, "'config' is not valid JSON (Expecting property name"),
+    (
+        "float64 object",
+        {"float64_as_uint64": '{"a": 1}'},
+        "'float64_as_uint64' must be a JSON array",
+    ),
+    ("float64 number item", {"float64_as_uint64": "[1]"}, "1 is not a stored float64 array"),
+    (
+        "float64 deep",
+        {"float64_as_uint64": DEEP},
+        "'float64_as_uint64' is not valid JSON (nested too deeply)",
+    ),
+    (
+        "exclusions not a list",
+        {"config": json.dumps({"exclude_from_weight_decay": "bias"})},
+        "exclude_from_weight_decay must be a list of strings, got 'bias'",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, replace, message", BAD_METADATA, ids=[m[0] for m in BAD_METADATA])
+@pytest.mark.parametrize("strict", [True, False])
+def test_malformed_metadata_is_a_checkpoint_error(name, replace, message, strict, tmp_path):
+    source, params = trained()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    rewrite_metadata(path, **replace)
+    target, _ = trained(steps=1)
+    before = state_snapshot(target)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_state(target, path, params, strict=strict)
+    assert all(np.array_equal(state_snapshot(target)[k], before[k]) for k in before)
+
+
+def decaying(exclude: bool):
+    optimizer = RMSprop.from_keras(learning_rate=0.1, weight_decay=0.5)
+    if exclude:
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+    return optimizer
+
+
+def test_weight_decay_exclusions_are_saved_checked_and_restored(tmp_path):
+    params = {"weight": mx.ones((3,)), "bias": mx.ones((3,))}
+    grads = {"weight": mx.full((3,), 0.5), "bias": mx.full((3,), 0.5)}
+    source = decaying(exclude=True)
+    params = source.apply_gradients(grads, params)
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    assert json.loads(mx.load(str(path), return_metadata=True)[1]["config"])[
+        "exclude_from_weight_decay"
+    ] == ["bias"]
+    expected = source.apply_gradients(grads, params)
+    mx.eval(expected)
+
+    forgetful = decaying(exclude=False)
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape("exclude_from_weight_decay: saved ['bias'], this optimizer []"),
+    ):
+        load_state(forgetful, path, params)
+    load_state(forgetful, path, params, strict=False)  # restores the saved patterns
+    assert forgetful.get_config()["exclude_from_weight_decay"] == ["bias"]
+    got = forgetful.apply_gradients(grads, params)
+    for key in params:
+        np.testing.assert_array_equal(np.array(got[key]), np.array(expected[key]), err_msg=key)
+
+    same = decaying(exclude=True)
+    load_state(same, path, params)  # strict: the same patterns pass
+    other = decaying(exclude=False)
+    other.exclude_from_weight_decay(var_names=["weight"])
+    load_state(other, path, params, strict=False)  # its own patterns are kept
+    assert other.get_config()["exclude_from_weight_decay"] == ["weight"]
+
+
+def test_a_checkpoint_without_saved_exclusions_loads_as_having_none(tmp_path):
+    source, params = trained()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    _, metadata = mx.load(str(path), return_metadata=True)
+    config = json.loads(metadata["config"])
+    del config["exclude_from_weight_decay"]  # as written before the key existed
+    rewrite_metadata(path, config=json.dumps(config))
+    target = RMSprop(0.05, momentum=0.9)
+    load_state(target, path, params)
+    assert target.step.item() == 3
+
+
+def test_a_schedule_returning_a_non_scalar_is_refused_before_save_state_can_fail():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "the learning_rate schedule must return a scalar floating value, got "
+            "array(shape=(2,), dtype=mlx.core.float32) at step"
+        ),
+    ):
+        RMSprop(lambda step: mx.array([0.1, 0.2]))
+
+
+def test_save_state_with_a_non_scalar_learning_rate_says_so(tmp_path):
+    optimizer, _ = trained()
+    optimizer.state["learning_rate"] = mx.array([0.1, 0.2])
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cannot save the optimizer state: its learning_rate must be a scalar array, got "
+            "an array of shape (2,)"
+        ),
+    ):
+        save_state(optimizer, tmp_path / "ckpt.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def step_grads(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "layers": [
+            {
+                "weight": mx.array(rng.standard_normal((3, 2)), mx.float32),
+                "bias": mx.array(rng.standard_normal(2), mx.float32),
+            }
+        ],
+        "scale": mx.array(rng.standard_normal(()), mx.float32),
+    }
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize("order", ["compile then load", "load then compile"])
+def test_a_compiled_step_sees_a_loaded_state_in_either_order(order, fused, tmp_path):
+    source, params = trained()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    expected = params
+    for seed in range(3):
+        expected = source.apply_gradients(step_grads(seed), expected)
+    mx.eval(expected, source.state)
+
+    target = RMSprop(0.05, momentum=0.9, fused=fused)
+    target.init(params)
+
+    def compiled():
+        state = target.state
+        return mx.compile(lambda g, p: target.apply_gradients(g, p), inputs=state, outputs=state)
+
+    if order == "compile then load":
+        step = compiled()
+        load_state(target, path, params)
+    else:
+        load_state(target, path, params)
+        step = compiled()
+    got = params
+    for seed in range(3):
+        got = step(step_grads(seed), got)
+    mx.eval(got, target.state)
+    assert target.step.item() == 6
+    for (key, value), (_, other) in zip(tree_flatten(got), tree_flatten(expected), strict=True):
+        np.testing.assert_array_equal(np.array(value), np.array(other), err_msg=key)
+    assert state_snapshot(target).keys() == state_snapshot(source).keys()
+    for key, value in state_snapshot(source).items():
+        np.testing.assert_array_equal(state_snapshot(target)[key], value, err_msg=key)
+
+
+def test_saving_while_another_thread_steps_records_one_consistent_step(tmp_path):
+    steps = 200
+    params = {f"p{i}": mx.zeros((4,)) for i in range(32)}
+    grads = [{k: mx.full((4,), float(s + 1)) for k in params} for s in range(steps)]
+    # v after each step, from one uninterrupted single-thread run.
+    reference = RMSprop(0.01, momentum=0.9)
+    trajectory, p = [np.zeros(4, np.float32)], params
+    for g in grads:
+        p = reference.apply_gradients(g, p)
+        mx.eval(p, reference.state)
+        trajectory.append(np.array(reference.state["p0"]["v"]))
+
+    optimizer = RMSprop(0.01, momentum=0.9)
+    optimizer.init(params)
+    mx.eval(grads, params, optimizer.state)
+    first_saved, done, saved, errors = threading.Event(), threading.Event(), [], []
+
+    def train():
+        try:
+            # MLX evaluates an array only on a stream of the thread that built it.
+            mx.set_default_stream(mx.new_stream(mx.cpu))
+            first_saved.wait()
+            current = params
+            for g in grads:
+                with optimizer.update_lock:
+                    current = optimizer.apply_gradients(g, current)
+                    mx.eval(current, optimizer.state)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+        finally:
+            done.set()
+
+    def checkpoint():
+        try:
+            mx.set_default_stream(mx.new_stream(mx.cpu))
+            while True:
+                finished = done.is_set()
+                saved.append(save_state(optimizer, tmp_path / f"c{len(saved)}.safetensors"))
+                first_saved.set()
+                if finished:
+                    break
+        except BaseException as error:
+            errors.append(error)
+            first_saved.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=train), threading.Thread(target=checkpoint)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    steps_seen = []
+    for path in saved:
+        arrays = mx.load(str(path))
+        step = arrays["step"].item()
+        steps_seen.append(step)
+        for key in params:
+            np.testing.assert_array_equal(
+                np.array(arrays[f"{key}.v"]), trajectory[step], err_msg=f"{path.name} {key}"
+            )
+    assert steps_seen[0] == 0 and steps_seen[-1] == steps
+
+
+def test_copies_and_unpickled_optimizers_get_a_fresh_unheld_lock():
+    import copy
+    import pickle
+
+    optimizer = RMSprop(0.05, momentum=0.9)
+    with optimizer.update_lock:  # held while copying: the copies must not inherit it
+        copies = [copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))]
+    for other in copies:
+        assert other.update_lock is not optimizer.update_lock
+        acquired = threading.Event()
+
+        def take(lock=other.update_lock, acquired=acquired):
+            with lock:
+                acquired.set()
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join()
+        assert acquired.is_set()

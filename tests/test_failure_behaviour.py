@@ -322,3 +322,70 @@ def test_zero_dimensional_and_empty_parameters():
     params = {"s": mx.array(2.0), "e": mx.zeros((0, 5))}
     new = RMSprop(0.1).apply_gradients({"s": mx.array(1.0), "e": mx.zeros((0, 5))}, params)
     assert new["s"].shape == () and new["s"].item() < 2.0 and new["e"].shape == (0, 5)
+
+
+# Finite gradients whose squared norm overflows float32: 2^20 entries of 2e16 have the norm
+# 2e16 * 2^10 = 2.048e19, but their squares sum to inf.
+OVERFLOWING = 2e16
+HUGE_SIZE = 2**20
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
+def test_norm_of_finite_gradients_whose_squares_overflow_clips_them(clip, fused):
+    optimizer = RMSprop(0.1, momentum=0.9, skip_nonfinite=True, fused=fused, **{clip: 1.0})
+    params = {"w": mx.zeros((HUGE_SIZE,)), "b": mx.zeros((3,))}
+    gradient = {"w": mx.full((HUGE_SIZE,), OVERFLOWING), "b": mx.array([1e-3, 0.0, -1e-3])}
+    out = optimizer.apply_gradients(gradient, params)
+    mx.eval(out, optimizer.state)
+    # The same step given the gradients clipped in float64.
+    norm = OVERFLOWING * 2**10
+    if clip == "global_clipnorm":
+        norm = np.sqrt(norm**2 + 2e-6)
+        clipped = {k: np.array(v, np.float64) / norm for k, v in gradient.items()}
+    else:
+        clipped = {"w": np.array(gradient["w"], np.float64) / norm, "b": np.array(gradient["b"])}
+    plain = RMSprop(0.1, momentum=0.9, fused=fused)
+    expected = plain.apply_gradients(
+        {k: mx.array(v, mx.float32) for k, v in clipped.items()}, params
+    )
+    mx.eval(expected, plain.state)
+    assert optimizer.skipped_steps.item() == 0 and optimizer.step.item() == 1
+    for key in ("w", "b"):
+        got, want = np.array(out[key]), np.array(expected[key])
+        assert np.isfinite(got).all() and np.isfinite(np.array(optimizer.state[key]["v"])).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            np.array(optimizer.state[key]["v"]), np.array(plain.state[key]["v"]), rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize(
+    "config, gradient",
+    [
+        # 1e10 / 1e-30 = 1e40: inf once the loss scale is divided out.
+        ({"loss_scale_factor": 1e-30}, 1e10),
+        ({"loss_scale_factor": 1e-30, "clipnorm": 1.0}, 1e10),
+        ({"loss_scale_factor": 1e-30, "global_clipnorm": 1.0}, 1e10),
+        # The accumulated sum overflows (each call's gradient is finite).
+        ({"gradient_accumulation_steps": 2}, 3e38),
+    ],
+    ids=["loss_scale", "loss_scale+clipnorm", "loss_scale+global_clipnorm", "accumulation"],
+)
+def test_skip_nonfinite_covers_values_that_overflow_inside_the_step(config, gradient, fused):
+    optimizer = RMSprop(0.05, momentum=0.9, skip_nonfinite=True, fused=fused, **config)
+    params = model()
+    optimizer.init(params)
+    first = {k: mx.full(v.shape, gradient) for k, v in params.items()}
+    if "gradient_accumulation_steps" in config:
+        params = optimizer.apply_gradients(first, params)  # accumulated: 3e38 each
+        mx.eval(params, optimizer.state)
+    before_params, before_state = snapshot(params), snapshot(optimizer.state)
+    after = optimizer.apply_gradients(first, params)
+    mx.eval(after, optimizer.state)
+    assert_same(snapshot(after), before_params)
+    state = snapshot(optimizer.state)
+    assert state.pop("skipped_steps") == 1
+    before_state.pop("skipped_steps")
+    assert_same(state, before_state)

@@ -155,13 +155,13 @@ def test_exclude_from_weight_decay_rules():
 PIPELINE_ERRORS = [
     (
         {"clipnorm": 1.0, "clipvalue": 0.5},
-        "Only one of clipnorm, clipvalue and global_clipnorm can be set, got clipnorm=1.0, "
-        "clipvalue=0.5, global_clipnorm=None",
+        "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
+        "clipnorm=1.0, clipvalue=0.5, global_clipnorm=None",
     ),
-    ({"clipnorm": 0.0}, "clipnorm must be > 0, got 0.0"),
-    ({"global_clipnorm": -1.0}, "global_clipnorm must be > 0, got -1.0"),
+    ({"clipnorm": 0.0}, "clipnorm must be >0, got 0.0"),
+    ({"global_clipnorm": -1.0}, "global_clipnorm must be >0, got -1.0"),
     ({"clipvalue": float("inf")}, "clipvalue must be finite, got inf"),
-    ({"loss_scale_factor": 0}, "loss_scale_factor must be > 0, got 0.0"),
+    ({"loss_scale_factor": 0}, "loss_scale_factor must be >0, got 0.0"),
     (
         {"gradient_accumulation_steps": 1},
         "gradient_accumulation_steps must be an integer >= 2, got 1",

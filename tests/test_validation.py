@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_rmsprop import RMSprop
@@ -49,8 +50,8 @@ CASES = [
         {"alpha": mx.array(0.9)},
         "alpha must be a real number, got array(shape=(), dtype=mlx.core.float32)",
     ),
-    ({"eps": 0.0}, "eps must be > 0, got 0.0"),
-    ({"eps": -1e-8}, "eps must be > 0, got -1e-08"),
+    ({"eps": 0.0}, "eps must be >0, got 0.0"),
+    ({"eps": -1e-8}, "eps must be >0, got -1e-08"),
     ({"eps": float("inf")}, "eps must be finite, got inf"),
     ({"momentum": 1.5}, "momentum must be in [0, 1], got 1.5"),
     ({"momentum": -0.5}, "momentum must be in [0, 1], got -0.5"),
@@ -60,8 +61,49 @@ CASES = [
     ({"nesterov": True}, "nesterov=True requires momentum > 0, got momentum=0.0"),
     (
         {"bias_correction": True, "alpha": 1.0},
-        "bias_correction=True requires alpha < 1 (the "
+        "bias_correction=True requires alpha < 1 in float32 (the "
         "correction 1 - alpha**t would be 0), got alpha=1.0",
+    ),
+    # Values as the float32 update computes with them.
+    (
+        {"bias_correction": True, "alpha": 0.99999999},
+        "bias_correction=True requires alpha < 1 in float32 (the correction 1 - alpha**t "
+        "would be 0), got alpha=0.99999999 (1.0 in float32)",
+    ),
+    (
+        {"eps": 1e-46},
+        "eps must be >0 in float32 (at least 1.4e-45, the update computes in float32), "
+        "got 1e-46, which rounds to 0",
+    ),
+    (
+        {"eps": 1e39},
+        "eps must be finite in float32 (|value| <= 3.4028235e+38, the update computes in "
+        "float32), got 1e+39",
+    ),
+    (
+        {"weight_decay": 1e39},
+        "weight_decay must be finite in float32 (|value| <= 3.4028235e+38, the update "
+        "computes in float32), got 1e+39",
+    ),
+    (
+        {"initial_accumulator_value": 4e38},
+        "initial_accumulator_value must be finite in float32 (|value| <= 3.4028235e+38, the "
+        "update computes in float32), got 4e+38",
+    ),
+    (
+        {"learning_rate": 1e39},
+        "learning_rate must be finite in float32 (<= 3.4028235e+38, the update computes in "
+        "float32), got 1e+39",
+    ),
+    (
+        {"loss_scale_factor": 1e-46},
+        "loss_scale_factor must be >0 in float32 (at least 1.4e-45, the update computes in "
+        "float32), got 1e-46, which rounds to 0",
+    ),
+    (
+        {"clipnorm": 1e-50},
+        "clipnorm must be >0 in float32 (at least 1.4e-45, the update computes in "
+        "float32), got 1e-50, which rounds to 0",
     ),
     ({"centered": "False"}, "centered must be True or False, got 'False'"),
     ({"maximize": 1}, "maximize must be True or False, got 1"),
@@ -102,7 +144,13 @@ PRESET_CASES = [
     (RMSprop.from_torch, {"alpha": 2.0}, "alpha must be in [0, 1], got 2.0"),
     (RMSprop.from_torch, {"weight_decay": -1}, "weight_decay must be >= 0, got -1.0"),
     (RMSprop.from_keras, {"rho": 1.1}, "rho must be in [0, 1], got 1.1"),
-    (RMSprop.from_keras, {"epsilon": 0}, "epsilon must be > 0, got 0.0"),
+    (RMSprop.from_keras, {"epsilon": -1e-7}, "epsilon must be >= 0, got -1e-07"),
+    (RMSprop.from_torch, {"eps": -1e-8}, "eps must be >= 0, got -1e-08"),
+    (
+        RMSprop.from_optax,
+        {"learning_rate": 0.1, "bias_correction": True, "decay": 0.99999999},
+        "bias_correction=True requires alpha < 1 in float32",
+    ),
     (RMSprop.from_keras, {"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
     (
         RMSprop.from_optax,
@@ -126,7 +174,7 @@ PRESET_CASES = [
         "eps_in_sqrt must be True or False, got 'no'",
     ),
     (RMSprop.from_tensorflow, {"decay": 3}, "decay must be in [0, 1], got 3.0"),
-    (RMSprop.from_tensorflow, {"epsilon": -1e-10}, "epsilon must be > 0, got -1e-10"),
+    (RMSprop.from_tensorflow, {"epsilon": -1e-10}, "epsilon must be >= 0, got -1e-10"),
 ]
 
 
@@ -153,3 +201,23 @@ def test_valid_edges_are_accepted():
     RMSprop(0.0, alpha=0.0, momentum=1.0, weight_decay=0.0)
     RMSprop(mx.array(0.1, mx.float64), alpha=1.0)
     RMSprop(lambda step: 0.1, nesterov=True, momentum=0.5)
+    # The smallest values that stay positive in float32, and the largest that stay finite.
+    RMSprop(0.1, eps=1.5e-45, alpha=0.9999999, bias_correction=True, weight_decay=3.4e38)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1, np.float32(0.5), np.float64(0.5), np.int64(1), 0.5, mx.array(0.5)],
+    ids=["int", "numpy.float32", "numpy.float64", "numpy.int64", "float", "mx.array"],
+)
+def test_a_schedule_may_return_any_real_scalar_the_constructor_accepts(value):
+    scheduled = RMSprop(lambda step: value, momentum=0.5)
+    constant = RMSprop(float(np.asarray(value)), momentum=0.5)
+    params = {"w": mx.array([1.0, -2.0])}
+    grads = {"w": mx.array([0.3, 0.4])}
+    for _ in range(2):
+        got = scheduled.apply_gradients(grads, params)
+        expected = constant.apply_gradients(grads, params)
+        params = got
+        np.testing.assert_array_equal(np.array(got["w"]), np.array(expected["w"]))
+    assert scheduled.learning_rate.dtype == mx.float32

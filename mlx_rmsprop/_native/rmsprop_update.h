@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "mlx/array.h"
@@ -33,6 +34,11 @@ std::vector<mx::array> rmsprop_update(
     const std::vector<mx::array>& state,
     uint32_t flags);
 
+// The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
+// (transforms.cpp): what the primitive's vjp, jvp and vmap differentiate or batch. Takes the
+// primitive's inputs and returns its outputs.
+std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t flags);
+
 class RMSpropUpdate : public mx::Primitive {
  public:
   RMSpropUpdate(mx::Stream stream, uint32_t flags) : mx::Primitive(stream), flags_(flags) {}
@@ -41,6 +47,21 @@ class RMSpropUpdate : public mx::Primitive {
   // output reuses its input's memory when MLX says that input is donatable.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  // Transforms run on update_ops (the reference's ops); vmap with unbatched scalars stays one
+  // RMSpropUpdate node over the batched arrays.
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   bool is_equivalent(const mx::Primitive& other) const override;

@@ -1,0 +1,223 @@
+// Function transforms (vjp, jvp, vmap) of the RMSpropUpdate primitive.
+//
+// The fused loop has no derivative of its own: the transforms run on `update_ops`, the update of
+// mlx_rmsprop/reference.py written with MLX ops, section by section and in the same order, so
+// MLX differentiates the same operations that `fused=False` differentiates (the tests compare
+// the results bit for bit). The forward pass never builds these ops: a step that no transform
+// traces costs what it cost before.
+#include "rmsprop_update.h"
+
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
+
+#include "update_kernel.h"
+
+namespace mlx_rmsprop {
+
+std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t flags) {
+  // inputs: {scalars, gradient, parameter, state...} as the primitive takes them. `scalars` is
+  // (16,) or, under vmap with batched scalars, (B, 16) with every other input shaped (B, ...).
+  const mx::array& scalars = inputs[0];
+  const mx::array& gradient = inputs[1];
+  const mx::array& parameter = inputs[2];
+  const mx::Dtype compute = scalars.dtype();
+  const bool batched_scalars = scalars.ndim() == 2;
+  mx::Shape scalar_shape;
+  if (batched_scalars) {
+    scalar_shape = mx::Shape(parameter.ndim(), 1);
+    scalar_shape[0] = scalars.shape(0);
+  }
+  auto s = [&](ScalarIndex index) {
+    const int k = static_cast<int>(index);
+    mx::Shape start(scalars.ndim(), 0), stop = scalars.shape();
+    start.back() = k;
+    stop.back() = k + 1;
+    return mx::reshape(mx::slice(scalars, start, stop), scalar_shape);
+  };
+  const mx::array zero(0.0, compute);
+
+  int next = 3; // state order: v, grad_avg, momentum_buffer, ema
+  const int v_index = next++;
+  const int grad_avg_index = (flags & Flag::kCentered) ? next++ : -1;
+  const int momentum_index = (flags & Flag::kMomentum) ? next++ : -1;
+  const int ema_index = (flags & Flag::kEma) ? next++ : -1;
+
+  mx::array p = mx::astype(parameter, compute);
+  mx::array g = mx::astype(gradient, compute);
+
+  // --- prepare gradient ---
+  if (flags & Flag::kMaximize) {
+    g = mx::negative(g);
+  }
+  if (flags & Flag::kScaleGradient) {
+    g = mx::divide(g, s(kGradDivisor));
+    g = mx::divide(mx::multiply(g, s(kClipMultiplier)), s(kClipDivisor));
+  }
+  if (flags & Flag::kClipValue) {
+    g = mx::minimum(mx::maximum(g, mx::negative(s(kClipValue))), s(kClipValue));
+  }
+  if (flags & Flag::kCoupledDecay) {
+    g = mx::add(g, mx::multiply(s(kWeightDecay), p));
+  }
+
+  // --- moments ---
+  const mx::array alpha = s(kAlpha), one_minus_alpha = s(kOneMinusAlpha);
+  const mx::array v_old = mx::astype(inputs[v_index], compute);
+  const mx::array v =
+      mx::add(mx::multiply(alpha, v_old), mx::multiply(one_minus_alpha, mx::square(g)));
+  // New values in input order: parameter, v, grad_avg, momentum_buffer, ema.
+  std::vector<mx::array> new_values(inputs.size() - 2, zero);
+  new_values[v_index - 2] = v;
+  mx::array grad_avg = zero;
+  if (flags & Flag::kCentered) {
+    grad_avg = mx::add(
+        mx::multiply(alpha, mx::astype(inputs[grad_avg_index], compute)),
+        mx::multiply(one_minus_alpha, g));
+    new_values[grad_avg_index - 2] = grad_avg;
+  }
+
+  // --- denominator ---
+  mx::array variance = (flags & Flag::kBiasCorrection) ? mx::divide(v, s(kBiasCorrection)) : v;
+  if (flags & Flag::kCentered) {
+    const mx::array grad_avg_hat =
+        (flags & Flag::kBiasCorrection) ? mx::divide(grad_avg, s(kBiasCorrection)) : grad_avg;
+    variance = mx::maximum(mx::subtract(variance, mx::square(grad_avg_hat)), zero);
+  }
+  const mx::array eps = s(kEps);
+  const mx::array denom = (flags & Flag::kEpsInSqrt) ? mx::sqrt(mx::add(variance, eps))
+                                               : mx::add(mx::sqrt(variance), eps);
+
+  // --- step ---
+  const mx::array lr = s(kLr);
+  mx::array delta = zero;
+  if (flags & Flag::kMomentum) {
+    const mx::array mu = s(kMomentum);
+    const mx::array buf_old = mx::astype(inputs[momentum_index], compute);
+    mx::array buf = zero;
+    if (flags & Flag::kLrInMomentum) {
+      const mx::array increment = mx::divide(mx::multiply(lr, g), denom);
+      buf = mx::add(mx::multiply(mu, buf_old), increment);
+      delta = (flags & Flag::kNesterov) ? mx::add(increment, mx::multiply(mu, buf)) : buf;
+    } else {
+      const mx::array direction = mx::divide(g, denom);
+      buf = mx::add(mx::multiply(mu, buf_old), direction);
+      delta = (flags & Flag::kNesterov)
+          ? mx::multiply(lr, mx::add(direction, mx::multiply(mu, buf)))
+          : mx::multiply(lr, buf);
+    }
+    new_values[momentum_index - 2] = buf;
+  } else {
+    delta = mx::divide(mx::multiply(lr, g), denom);
+  }
+
+  // --- decoupled decay ---
+  // The shrink uses the parameter before the step; the step then applies to the result.
+  mx::array p_new = p;
+  if (flags & Flag::kDecoupledDecay) {
+    p_new = mx::subtract(p, mx::multiply(mx::multiply(p, s(kWeightDecay)), lr));
+  }
+  p_new = mx::subtract(p_new, delta);
+
+  // --- gate ---
+  if (flags & Flag::kGated) {
+    const mx::array keep = mx::equal(s(kUpdateGate), zero);
+    p_new = mx::where(keep, p, p_new);
+    for (int k = v_index; k < static_cast<int>(inputs.size()); ++k) {
+      if (k != ema_index) {
+        new_values[k - 2] =
+            mx::where(keep, mx::astype(inputs[k], compute), new_values[k - 2]);
+      }
+    }
+  }
+
+  // --- EMA ---
+  if (flags & Flag::kEma) {
+    const mx::array ema_old = mx::astype(inputs[ema_index], compute);
+    mx::array ema = mx::add(
+        mx::multiply(s(kEmaMomentum), ema_old), mx::multiply(s(kEmaOneMinusMomentum), p_new));
+    ema = mx::where(mx::equal(s(kEmaGate), zero), ema_old, ema);
+    p_new = mx::where(mx::not_equal(s(kEmaOverwrite), zero), ema, p_new);
+    new_values[ema_index - 2] = ema;
+  }
+
+  new_values[0] = p_new;
+  for (size_t k = 0; k < new_values.size(); ++k) {
+    new_values[k] = mx::astype(new_values[k], inputs[2 + k].dtype());
+  }
+  return new_values;
+}
+
+namespace {
+
+std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(uint32_t flags) {
+  return [flags](const std::vector<mx::array>& inputs) { return update_ops(inputs, flags); };
+}
+
+} // namespace
+
+std::vector<mx::array> RMSpropUpdate::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  auto [outputs, grads] = mx::vjp(ops_of(flags_), primals, cotangents);
+  std::vector<mx::array> selected;
+  for (int index : argnums) {
+    selected.push_back(grads[index]);
+  }
+  return selected;
+}
+
+std::vector<mx::array> RMSpropUpdate::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  std::vector<mx::array> all;
+  for (const auto& primal : primals) {
+    all.push_back(mx::zeros_like(primal));
+  }
+  for (size_t j = 0; j < argnums.size(); ++j) {
+    all[argnums[j]] = tangents[j];
+  }
+  return mx::jvp(ops_of(flags_), primals, all).second;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  // Every input but the scalars is parameter-shaped: move each batch axis to the front and
+  // broadcast the unbatched ones, so all share the shape (B, ...).
+  int batch = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      batch = inputs[i].shape(axes[i]);
+      break;
+    }
+  }
+  std::vector<mx::array> batched;
+  const int parameter_index = 2;
+  mx::Shape shape = inputs[parameter_index].shape();
+  if (axes[parameter_index] >= 0) {
+    shape.erase(shape.begin() + axes[parameter_index]);
+  }
+  shape.insert(shape.begin(), batch);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      batched.push_back(mx::moveaxis(inputs[i], axes[i], 0));
+    } else if (i == 0) {
+      batched.push_back(inputs[i]);
+    } else {
+      batched.push_back(mx::broadcast_to(mx::expand_dims(inputs[i], 0), shape));
+    }
+  }
+  std::vector<int> out_axes(inputs.size() - 2, 0);
+  if (axes[0] < 0) {
+    // The update is element-wise: with one set of scalars the batch is just more elements.
+    const std::vector<mx::array> state(batched.begin() + 3, batched.end());
+    return {rmsprop_update(batched[0], batched[1], batched[2], state, flags_), out_axes};
+  }
+  // Scalars per batch entry: the ops broadcast each (B, 1, ...) scalar over its entry.
+  return {update_ops(batched, flags_), out_axes};
+}
+
+} // namespace mlx_rmsprop
