@@ -149,7 +149,7 @@ for _options in option_space():
 
 @pytest.mark.parametrize("core", list(OPTIONS_BY_CORE), ids=_core_label)
 def test_every_option_combination_is_bit_exact(core):
-    # Together the cases run every option set of spec.option_space() (3840).
+    # Together the cases run every option set of spec.option_space().
     for options in OPTIONS_BY_CORE[core]:
         parameter, gradient, state = random_inputs(
             options, (301,), 0, mx.float32, mx.float32, mx.float32

@@ -71,7 +71,7 @@ def test_native_source_digest_covers_every_shipped_source():
 
 def test_option_space_is_every_valid_combination_once():
     space = option_space()
-    assert len(space) == len(set(space)) == 3840
+    assert len(space) == len(set(space))
     members = set(space)
     for values in itertools.product((False, True), repeat=len(FLAGS)):
         flags = dict(zip(FLAGS, values, strict=True))
@@ -80,8 +80,9 @@ def test_option_space_is_every_valid_combination_once():
         else:
             with pytest.raises(ValueError):
                 UpdateOptions(**flags)
-    # 2^13 less: nesterov or lr_in_momentum without momentum, both decays.
-    assert len(space) == 2**13 * 5 // 8 * 3 // 4
+    # Of the 8 (momentum, nesterov, lr_in_momentum) combinations 5 are valid, of the 4 decay
+    # combinations 3; the other flags are free (3840 with the 13 flags of this writing).
+    assert len(space) == 2 ** len(FLAGS) * 5 // 8 * 3 // 4
 
 
 @pytest.mark.parametrize(

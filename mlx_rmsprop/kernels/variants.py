@@ -1,7 +1,7 @@
 """Which kernel variants verification runs: every option set, and every dtype combination.
 
 A variant is options x dtypes x address-space class (``Variant``). The full product is
-``len(option_space())`` option sets (3840) x 15 dtype combinations x 2 classes, too many to
+``len(option_space())`` option sets x 15 dtype combinations x 2 classes, too many to
 compile, so verification (``python -m mlx_rmsprop check`` on a GPU, the emulation tests on
 Linux) runs:
 
