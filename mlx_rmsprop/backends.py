@@ -4,6 +4,12 @@ Every path's update has the signature of :func:`~mlx_rmsprop.reference.rmsprop_r
 the same semantics. A path that cannot handle some input (a GPU kernel given float64) hands
 that parameter to the reference math itself, so the choice here is per optimizer, not per
 array.
+
+A GPU kernel variant is used only after it proves itself on this device: on its first use in
+the process, :func:`mlx_rmsprop.probe.kernel_verdict` runs it on a small awkward input against
+the reference. With ``fused="auto"`` a variant that fails (or does not compile or launch) runs
+the reference math instead, inside the same compiled step, after one warning; with
+``fused="metal"`` / ``"cuda"`` it raises ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import native
+import mlx.core as mx
+
+from . import native, probe
 from .reference import rmsprop_reference
-from .spec import UpdateFn
+from .spec import UpdateFn, UpdateOptions
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ PATHS: dict[str, Path] = {
         "one native C++ MLX primitive per parameter on the CPU: SIMD, all cores, in place",
     ),
 }
+# The paths whose update runs a GPU kernel: probed per kernel variant before use.
+KERNEL_PATHS = ("metal", "cuda")
 # `fused="auto"` takes the first of these that loads on this machine.
 AUTO_ORDER = ("metal", "cuda", "native", "compiled")
 # Values accepted by ``RMSprop(fused=...)``: False is the plain reference ops.
@@ -77,15 +87,47 @@ def resolve(fused: str | bool) -> tuple[Path, UpdateFn]:
         reasons = []
         for name in AUTO_ORDER:
             try:
-                return PATHS[name], PATHS[name].load()
+                return PATHS[name], _proven(name, PATHS[name].load(), fall_back=True)
             except RuntimeError as error:
                 reasons.append(f"{name}: {error}")
         raise RuntimeError("no update path can run here: " + "; ".join(reasons))
     path = PATHS[fused]
     try:
-        return path, path.load()
+        update = path.load()
     except RuntimeError as error:
         raise RuntimeError(f"fused={fused!r} cannot run on this machine: {error}") from None
+    return path, _proven(fused, update, fall_back=False)
+
+
+def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
+    """For a kernel path: ``update`` for each kernel variant its probe admits; for one it does
+    not, the reference math (``fall_back``) or ``RuntimeError`` naming the variant and the
+    difference. The probe runs on first use, eagerly on its own small arrays, so also when
+    the first use is inside the trace of the compiled step."""
+    if name not in KERNEL_PATHS:
+        return update
+    from .kernels.launch import plan
+
+    def proven(
+        options: UpdateOptions,
+        scalars: mx.array,
+        parameter: mx.array,
+        gradient: mx.array,
+        state: dict[str, mx.array],
+    ) -> tuple[mx.array, dict[str, mx.array]]:
+        call = plan(options, scalars, parameter, gradient, state) if parameter.size else None
+        if call is not None:
+            verdict = probe.kernel_verdict(name, call.variant, update, fall_back)
+            if verdict is not None:
+                if not fall_back:
+                    raise RuntimeError(
+                        f"fused={name!r}: the kernel for {probe.describe(call.variant)} cannot "
+                        f"be used on this device: {verdict}"
+                    )
+                return rmsprop_reference(options, scalars, parameter, gradient, state)
+        return update(options, scalars, parameter, gradient, state)
+
+    return proven
 
 
 def availability() -> dict[str, str | None]:

@@ -4,8 +4,11 @@ With an Apple GPU (Metal) or MLX's CUDA backend, every kernel variant of
 :func:`~mlx_rmsprop.kernels.variants.verification_plan` runs on the GPU and is compared, for
 several shapes and steps, with :func:`~mlx_rmsprop.reference.rmsprop_reference` evaluated on
 the CPU; a table gives, per dtype combination, the variants run, the failures and the largest
-error of the parameter and of every state buffer. Without a GPU the command says that the
-kernels were not run here and verifies the paths that do run (the compiled CPU path, ...).
+error of the parameter and of every state buffer, judged by the tolerance table of
+:mod:`mlx_rmsprop.tolerance`; the first failure is named down to the element. It also reports
+which variants ``fused="auto"`` would not adopt on this GPU (:mod:`mlx_rmsprop.probe`).
+Without a GPU the command says that the kernels were not run here and verifies the paths that
+do run (the compiled CPU path, ...).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from . import backends, native
+from . import backends, native, probe
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 from .kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
+from .probe import describe, step_scalars
 from .reference import rmsprop_reference
-from .spec import NUM_SCALARS, Scalar
+from .tolerance import RTOL, Mismatch, compare, relative_error
 
 GPU_PATHS = ("metal", "cuda")
 # Shapes per address-space class (``Variant.small``: fewer than 8 elements).
@@ -34,12 +38,6 @@ SHAPES = {
     True: [(), (1,), (3,), (7,), (2, 3)],
 }
 STEPS = 3
-# Largest error accepted, relative to the largest magnitude of the expected array, by the
-# dtype of the array compared. The same numbers as the test suite's table (tests/tolerances.py,
-# which a test keeps equal to this one): a GPU compiler may fuse a*b + c into one rounding,
-# which moves float32 results by an ulp or so; float16/bfloat16 stores can then round the
-# other way (half an ulp of 2^-11 resp. 2^-8).
-RTOL = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
 # Element patterns mixed into every input: the ones every framework must agree on.
 SPECIALS = (
     "nan_gradient",
@@ -56,45 +54,30 @@ SPECIALS = (
 )
 
 
-def step_scalars(step: int) -> mx.array:
-    """The float32 scalars vector of verification step ``step`` (1-based). Every entry is
-    away from its neutral value; the learning rate changes every step; the update gate is 0 on
-    step 2; the EMA gate is 0 on step 2 and the EMA overwrites the parameter from step 2 on,
-    so three steps see every gate combination."""
-    values = [0.0] * NUM_SCALARS
-    values[Scalar.LR] = 0.01 * (1 + 0.5 * step)
-    values[Scalar.ALPHA] = 0.9
-    values[Scalar.ONE_MINUS_ALPHA] = 1 - 0.9
-    values[Scalar.EPS] = 1e-6
-    values[Scalar.MOMENTUM] = 0.8
-    values[Scalar.WEIGHT_DECAY] = 0.1
-    values[Scalar.BIAS_CORRECTION] = 1 - 0.9**step
-    values[Scalar.GRAD_DIVISOR] = 2.0
-    values[Scalar.CLIP_MULTIPLIER] = 0.75
-    values[Scalar.CLIP_DIVISOR] = 1.5
-    values[Scalar.CLIP_VALUE] = 0.25
-    values[Scalar.UPDATE_GATE] = 0.0 if step == 2 else 1.0
-    values[Scalar.EMA_MOMENTUM] = 0.99
-    values[Scalar.EMA_ONE_MINUS_MOMENTUM] = 1 - 0.99
-    values[Scalar.EMA_GATE] = 0.0 if step == 2 else 1.0
-    values[Scalar.EMA_OVERWRITE] = 1.0 if step >= 2 else 0.0
-    return mx.array(values, mx.float32)
-
-
 def verification_inputs(
     variant: Variant, shape: tuple[int, ...], seed: int, transposed: bool = False
 ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
     """Parameter, gradient and state for ``variant`` with ``shape``: well-conditioned random
-    values (the centred variance stays well away from 0, so a fused multiply-add cannot flip a
-    clamp) with about a third of the elements replaced by one of SPECIALS. ``transposed``
-    gives non-contiguous arrays (transposed views) of the same shape."""
+    values with about a third of the elements replaced by one of SPECIALS. ``transposed``
+    gives non-contiguous arrays (transposed views) of the same shape.
+
+    Well-conditioned: the centred variance ``v/bc - (grad_avg/bc)^2`` stays above a tenth of
+    the larger of its two terms on every step, with or without bias correction, so an ulp of
+    difference in either term (a contracted multiply-add) moves it by at most about ten ulps
+    instead of being amplified by cancellation. At step 1 with bias correction (bc = 0.1)
+    grad_avg counts nine times: starting from |grad_avg| up to 0.3 gave differences like
+    5.505 - 5.4999, so it starts within 0.05 here (v from 0.5). A constant gradient much
+    larger than sqrt(v) cancels too as the bias-corrected moments converge to g^2 and g (a
+    clipped gradient of -3 did by step 3), so the one beyond the clip bound is -1.25. Elements
+    meant to clamp (``clamped_variance``) clamp by a wide margin. tests/test_check.py measures
+    the margin."""
     rng = np.random.default_rng(seed)
     size = math.prod(shape)
     values = {
         "parameter": rng.normal(0.0, 1.0, size),
         "gradient": rng.uniform(-1.0, 1.0, size),
         "v": rng.uniform(0.5, 2.0, size),
-        "grad_avg": rng.uniform(-0.3, 0.3, size),
+        "grad_avg": rng.uniform(-0.05, 0.05, size),
         "momentum_buffer": rng.normal(0.0, 0.1, size),
     }
     values["ema"] = values["parameter"] + rng.normal(0.0, 0.01, size)
@@ -106,7 +89,7 @@ def verification_inputs(
             "negative_inf_gradient": {"gradient": -math.inf},
             "zero_gradient": {"gradient": 0.0},
             "negative_zero_gradient": {"gradient": -0.0},
-            "clipped_gradient": {"gradient": -3.0},
+            "clipped_gradient": {"gradient": -1.25},
             "huge_gradient": {"gradient": 1e30},
             "tiny_gradient": {"gradient": 1e-30},
             "clamped_variance": {"v": 0.01, "grad_avg": 1.0, "gradient": 0.1},
@@ -127,35 +110,30 @@ def verification_inputs(
     return array("parameter"), array("gradient"), state
 
 
-def relative_error(actual: mx.array, expected: mx.array) -> float:
-    """Largest difference relative to the largest finite magnitude of ``expected``; infinite
-    when the two differ in shape, dtype or in where they are NaN / infinite."""
-    if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        return math.inf
-    # float32 holds float16, bfloat16 and float32 values exactly.
-    a = np.array(actual.astype(mx.float32), np.float64)
-    e = np.array(expected.astype(mx.float32), np.float64)
-    finite = np.isfinite(e)
-    if not np.array_equal(finite, np.isfinite(a)) or not np.array_equal(
-        e[~finite], a[~finite], equal_nan=True
-    ):
-        return math.inf
-    if not finite.any():
-        return 0.0
-    scale = max(np.abs(e[finite]).max(), np.finfo(np.float64).tiny)
-    return float(np.abs(a[finite] - e[finite]).max() / scale)
-
-
 OUTPUTS = ("parameter", "v", "grad_avg", "momentum_buffer", "ema")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Where a variant first failed: the shape, the step (1-based), the output and the
+    element."""
+
+    variant: Variant
+    shape: tuple[int, ...]
+    step: int
+    output: str
+    mismatch: Mismatch
 
 
 def verify(
     variant: Variant, run_update: Callable, shapes: list[tuple[int, ...]], seed: int
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Failure | None]:
     """Largest error of each output of ``run_update`` (signature of ``rmsprop_reference``
     without ``options``) against the reference on the CPU, over ``shapes`` and STEPS steps,
-    each step starting from the path's own previous outputs."""
+    each step starting from the path's own previous outputs; and the first output that fails
+    the tolerance table (``None`` when none does)."""
     errors = dict.fromkeys(("parameter", *variant.options.state_keys), 0.0)
+    first: Failure | None = None
     for k, shape in enumerate(shapes):
         transposed = len(shape) >= 2 and (seed + k) % 2 == 0
         parameter, gradient, state = verification_inputs(variant, shape, seed + k, transposed)
@@ -168,16 +146,12 @@ def verify(
             expected = {"parameter": expected[0], **expected[1]}
             for name in errors:
                 errors[name] = max(errors[name], relative_error(actual[name], expected[name]))
+                # Judged by the dtype of the expected array (the parameter's or the state's).
+                mismatch = compare(actual[name], expected[name])
+                if first is None and mismatch is not None:
+                    first = Failure(variant, shape, step, name, mismatch)
             parameter, state = new_parameter, new_state
-    return errors
-
-
-def passes(variant: Variant, errors: dict[str, float]) -> bool:
-    dtype_of = {"parameter": variant.parameter_dtype}
-    return all(
-        error <= RTOL[str(dtype_of.get(name, variant.state_dtype)).split(".")[-1]]
-        for name, error in errors.items()
-    )
+    return errors, first
 
 
 @dataclass
@@ -188,15 +162,15 @@ class Row:
     dtypes: tuple[mx.Dtype, mx.Dtype, mx.Dtype]
     small: bool
     variants: int = 0
-    failures: list[tuple[Variant, dict[str, float]]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     errors: dict[str, float] = field(default_factory=dict)
 
-    def add(self, variant: Variant, errors: dict[str, float]) -> None:
+    def add(self, errors: dict[str, float], failure: Failure | None) -> None:
         self.variants += 1
         for name, error in errors.items():
             self.errors[name] = max(self.errors.get(name, 0.0), error)
-        if not passes(variant, errors):
-            self.failures.append((variant, errors))
+        if failure is not None:
+            self.failures.append(failure)
 
 
 def _cpu_plan(quick: bool) -> list[Variant]:
@@ -240,16 +214,34 @@ def verify_path(name: str, plan: list[Variant], shapes_per_variant: int) -> list
         row = rows.setdefault((dtypes, variant.small), Row(name, dtypes, variant.small))
         pool = SHAPES[variant.small]
         shapes = [pool[(k + j) % len(pool)] for j in range(shapes_per_variant)]
-        row.add(variant, verify(variant, _runner(path, update, variant), shapes, seed=k))
+        row.add(*verify(variant, _runner(path, update, variant), shapes, seed=k))
     return list(rows.values())
+
+
+def probe_kernels(name: str, plan: list[Variant]) -> dict[Variant, str]:
+    """The variants of ``plan`` that ``fused="auto"`` would not run on ``name``'s kernel here,
+    and why: each is probed as ``auto`` probes it on first use (the verdicts are the process's
+    own, so a variant already refused in this process shows up too)."""
+    update = backends.PATHS[name].load()
+    verdicts = {v: probe.kernel_verdict(name, v, update, fall_back=False) for v in plan}
+    return {variant: why for variant, why in verdicts.items() if why is not None}
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
+def describe_failure(path: str, failure: Failure) -> str:
+    return (
+        f"{path}: {describe(failure.variant)}; shape {failure.shape}, step {failure.step}, "
+        f"output {failure.output!r}, {failure.mismatch}"
+    )
+
+
 def format_table(rows: list[Row]) -> str:
-    header = ["path", "parameter", "gradient", "state", "size", "variants", "failed", *OUTPUTS]
+    """One line per path, dtype combination and size class: the dtypes (P, G, S: parameter,
+    gradient, state), then the largest relative error of each output."""
+    header = ["path", "P", "G", "S", "size", "variants", "failed", *(f"err:{o}" for o in OUTPUTS)]
     lines = [header]
     for row in rows:
         lines.append(
@@ -264,7 +256,8 @@ def format_table(rows: list[Row]) -> str:
         )
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
     )
 
 
@@ -307,17 +300,30 @@ def run(args: argparse.Namespace) -> int:
     rows = [row for name in names for row in verify_path(name, plan, shapes_per_variant)]
     print()
     print(format_table(rows))
-    failures = [failure for row in rows for failure in row.failures]
-    for row in rows:
-        for variant, errors in row.failures:
-            print(f"FAILED {row.path}: {variant} errors {errors}")
+    failures = [(row.path, failure) for row in rows for failure in row.failures]
+    if failures:
+        print(f"\nFirst failure: {describe_failure(*failures[0])}")
+    refusals = 0
+    for name in gpu_paths:
+        refused = probe_kernels(name, plan)
+        refusals += len(refused)
+        print(
+            f"\nfused='auto' probes each {name} kernel variant on first use: "
+            f"{len(plan) - len(refused)} of {len(plan)} adopted here, {len(refused)} would "
+            "run the compiled reference instead (after one warning)."
+        )
+        if refused:
+            variant, why = next(iter(refused.items()))
+            print(f"First refused: {describe(variant)}: {why}")
     total = sum(row.variants for row in rows)
-    verdict = "PASS" if not failures else "FAIL"
+    verdict = "PASS" if not failures and not refusals else "FAIL"
+    elapsed = time.perf_counter() - started
     print(
-        f"\n{verdict}: {total} variant runs, {len(failures)} failed "
-        f"({time.perf_counter() - started:.0f} s; tolerances relative to the array's scale: "
-        + ", ".join(f"{k} {v:g}" for k, v in RTOL.items())
-        + ")."
+        f"\n{verdict}: {total} variant runs, {len(failures)} failed, in {elapsed:.1f} s. "
+        "Tolerance (mlx_rmsprop/tolerance.py), relative to the largest magnitude of the "
+        "expected array, by the array's dtype: "
+        + ", ".join(f"{k} {v:g}" for k, v in RTOL.items() if k != "float64")
+        + "; NaN and infinities must match exactly."
     )
     if not gpu_paths:
         print(
@@ -325,4 +331,4 @@ def run(args: argparse.Namespace) -> int:
             "with MLX's CUDA backend; the test suite runs them on Linux under a Metal "
             "emulator (tests/test_kernel_emulation.py)."
         )
-    return 0 if not failures else 1
+    return 0 if verdict == "PASS" else 1

@@ -2,8 +2,13 @@
 
 A checkpoint is one safetensors file: the whole state tree (``tree_flatten`` keys, as MLX users
 already save it) plus metadata: a format marker, the library version, the optimizer's
-configuration, the step, the learning rate and a CRC-32 of every array. A plain
-``tree_flatten(optimizer.state)`` file written from ``mlx.optimizers.RMSprop`` loads too.
+configuration, the step, the learning rate, a CRC-32 of every array and the exact key path of
+every array (``state_paths``: dict keys as JSON strings, list indices as JSON integers), so that
+keys holding dots or looking like integers, and lists with entries that have no state, come
+back as they were (files without it, from earlier releases, are read as plain MLX files are:
+the array names are the same). A plain ``tree_flatten(optimizer.state)`` file written from
+``mlx.optimizers.RMSprop`` loads too: its dotted keys are matched against the parameters' own
+paths when they are given.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from ._version import __version__
 
 FORMAT = "mlx_rmsprop.optimizer_state"
 FORMAT_VERSION = "1"
+# Deepest key path accepted from a file, and the largest list index (a padded list is built).
+MAX_PATH_DEPTH = 64
+MAX_LIST_INDEX = 1 << 20
 # Counters kept at the top of the state tree (MLX's and ours); everything else is per parameter.
 COUNTERS = ("step", "learning_rate", "skipped_steps")
 # Conversions that lose nothing.
@@ -51,6 +59,50 @@ def _exclusive(optimizer: Any) -> Any:
     return getattr(optimizer, "_update_lock", None) or contextlib.nullcontext()
 
 
+KeyPath = tuple  # dict keys (str) and list indices (int), from the root of the state tree
+
+
+def _dotted(key_path: KeyPath) -> str:
+    """The ``tree_flatten`` name of a key path."""
+    return ".".join(str(key) for key in key_path)
+
+
+def _leaves(tree: Any, prefix: KeyPath = ()) -> list[tuple[KeyPath, Any]]:
+    """``(key path, leaf)`` for every leaf, in ``tree_flatten``'s order."""
+    if isinstance(tree, dict):
+        found = []
+        for key, child in tree.items():
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"optimizer state key {key!r} under {_dotted(prefix)!r} is a "
+                    f"{type(key).__name__}; a checkpoint keeps string keys only"
+                )
+            found.extend(_leaves(child, (*prefix, key)))
+        return found
+    if isinstance(tree, (list, tuple)):
+        return [
+            leaf for index, child in enumerate(tree) for leaf in _leaves(child, (*prefix, index))
+        ]
+    return [(prefix, tree)]
+
+
+def _names(key_paths: list[KeyPath]) -> list[str]:
+    """Array names for the file: the ``tree_flatten`` names MLX users know, except where two
+    paths share one (a key holding a dot beside the nesting it spells): those take their JSON
+    key path. ``state_paths`` maps every name back to its exact path either way."""
+    dotted = [_dotted(key_path) for key_path in key_paths]
+    counts: dict[str, int] = {}
+    for name in dotted:
+        counts[name] = counts.get(name, 0) + 1
+    names = [
+        name if counts[name] == 1 else json.dumps(list(key_path))
+        for name, key_path in zip(dotted, key_paths, strict=True)
+    ]
+    if len(set(names)) != len(names):  # a dotted name that reads like a JSON path
+        names = [f"#{index}" for index in range(len(names))]
+    return names
+
+
 def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
     """Write ``optimizer``'s whole state to ``path`` (a ``.safetensors`` file), atomically.
 
@@ -66,7 +118,9 @@ def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
                 "cannot save the optimizer state: its learning_rate must be a scalar array, "
                 f"got {_describe(learning_rate)}"
             )
-        arrays = dict(tree_flatten(optimizer.state))
+        leaves = _leaves(optimizer.state)
+        names = _names([key_path for key_path, _ in leaves])
+        arrays = {name: array for name, (_, array) in zip(names, leaves, strict=True)}
         mx.eval(arrays)
         step, learning_rate = optimizer.step.item(), learning_rate.item()
         config = optimizer.get_config()
@@ -83,6 +137,9 @@ def save_state(optimizer: Any, path: str | os.PathLike) -> Path:
         "learning_rate": repr(learning_rate),
         "crc32": json.dumps({key: _crc(value) for key, value in arrays.items()}, sort_keys=True),
         "float64_as_uint64": json.dumps(float64_keys),
+        "state_paths": json.dumps(
+            {name: list(key_path) for name, (key_path, _) in zip(names, leaves, strict=True)}
+        ),
     }
     directory = path.parent if str(path.parent) else Path(".")
     handle, temporary = tempfile.mkstemp(
@@ -217,15 +274,117 @@ def _check_integrity(path: Path, arrays: dict, metadata: dict) -> dict | None:
     return config
 
 
-def _per_parameter(arrays: dict) -> dict[str, dict[str, mx.array]]:
-    """``{"layers.0.weight": {"v": ..., "grad_avg": ...}}`` from the flat keys."""
-    grouped: dict[str, dict[str, mx.array]] = {}
-    for key, value in arrays.items():
-        if key in COUNTERS:
+def _saved_paths(path: Path, arrays: dict, metadata: dict) -> dict[str, KeyPath] | None:
+    """The exact key path of every array, from ``state_paths``; None for a file without it."""
+    if "state_paths" not in metadata:
+        return None
+    damaged = f"checkpoint {str(path)!r} has damaged metadata: state_paths "
+    try:
+        saved = json.loads(metadata["state_paths"])
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(damaged + f"is not JSON ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or set(saved) != set(arrays):
+        raise CheckpointError(damaged + "does not list exactly the arrays of the file")
+    key_paths = {}
+    for name, key_path in saved.items():
+        if not (
+            isinstance(key_path, list)
+            and 1 <= len(key_path) <= MAX_PATH_DEPTH
+            and isinstance(key_path[0], str)
+            and all(
+                isinstance(key, str) or (type(key) is int and 0 <= key <= MAX_LIST_INDEX)  # noqa: E721 (not bool)
+                for key in key_path
+            )
+        ):
+            raise CheckpointError(
+                damaged + f"gives {name!r} the path {str(key_path)[:200]}; a path is a list "
+                f"of 1 to {MAX_PATH_DEPTH} string keys and list indices (0 to "
+                f"{MAX_LIST_INDEX}), starting with a key"
+            )
+        key_paths[name] = tuple(key_path)
+    if len(set(key_paths.values())) != len(key_paths):
+        raise CheckpointError(damaged + "gives two arrays one path")
+    return key_paths
+
+
+def _dotted_paths(
+    path: Path, arrays: dict, reference: dict[KeyPath, Any] | None
+) -> dict[str, KeyPath]:
+    """Key paths for a file keyed by ``tree_flatten`` names only (written by MLX, or by an
+    earlier release): a name is split at its last dot into parameter and buffer, and the
+    parameter is found among the reference's paths by its own dotted name, which tells dict
+    keys holding dots or digits from nesting and list indices. Without a reference the names
+    are split at every dot, as MLX's ``tree_unflatten`` does."""
+    by_name: dict[str, KeyPath] = {}
+    shared: dict[str, list[str]] = {}
+    for key_path in reference or ():
+        name = _dotted(key_path)
+        if name in by_name:
+            shared.setdefault(name, [repr(by_name[name])]).append(repr(key_path))
+        by_name[name] = key_path
+    key_paths = {}
+    for name in arrays:
+        if name in COUNTERS:
+            key_paths[name] = (name,)
             continue
-        parameter, _, buffer = key.rpartition(".")
-        grouped.setdefault(parameter, {})[buffer] = value
+        parameter, _, buffer = name.rpartition(".")
+        if parameter in shared:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} names arrays by dotted paths, and the parameters "
+                f"{' and '.join(shared[parameter])} are both {parameter!r} there: it cannot "
+                f"say whose state {name!r} is (a checkpoint written by save_state keeps them "
+                f"apart)"
+            )
+        if parameter in by_name:
+            key_paths[name] = (*by_name[parameter], buffer)
+        else:
+            key_paths[name] = tuple(name.split("."))
+    return key_paths
+
+
+def _per_parameter(key_paths: dict[str, KeyPath]) -> dict[KeyPath, dict[str, str]]:
+    """``{parameter path: {"v": array name, ...}}``, the counters left out."""
+    grouped: dict[KeyPath, dict[str, str]] = {}
+    for name, key_path in key_paths.items():
+        if len(key_path) == 1 and key_path[0] in COUNTERS:
+            continue
+        grouped.setdefault(key_path[:-1], {})[str(key_path[-1])] = name
     return grouped
+
+
+def _unflatten(path: Path, entries: list[tuple[KeyPath, mx.array]]) -> dict:
+    """The state tree with each array at its key path: an integer makes a list (entries
+    without state padded with ``{}``, as ``tree_unflatten`` pads), a string a dict."""
+    root: dict = {}
+    for key_path, value in entries:
+        node: Any = root
+        for depth, key in enumerate(key_path):
+            last = depth == len(key_path) - 1
+            if isinstance(key, int):
+                if not isinstance(node, list):
+                    break
+                node.extend({} for _ in range(key + 1 - len(node)))
+                present = not (isinstance(node[key], dict) and not node[key])
+            else:
+                if not isinstance(node, dict):
+                    break
+                present = key in node
+            if last:
+                if present:
+                    break
+                node[key] = value
+            else:
+                kind = list if isinstance(key_path[depth + 1], int) else dict
+                if not present:
+                    node[key] = kind()
+                node = node[key]
+        else:
+            continue
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has damaged metadata: state_paths puts "
+            f"{_dotted(key_path)!r} where another array or container already is"
+        )
+    return root
 
 
 def load_state(
@@ -265,13 +424,18 @@ def load_state(
     saved_config = _check_integrity(path, arrays, metadata)
 
     _check_counters(path, arrays)
+    reference = _reference_shapes(optimizer, parameters)
+    key_paths = _saved_paths(path, arrays, metadata)
+    exact = key_paths is not None or reference is not None
+    if key_paths is None:
+        key_paths = _dotted_paths(path, arrays, reference)
     expected_keys = set(optimizer.state_keys)
-    grouped = _per_parameter(arrays)
-    for name, buffers in grouped.items():
+    grouped = _per_parameter(key_paths)
+    for key_path, buffers in grouped.items():
         if set(buffers) != expected_keys:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} keeps {sorted(buffers)} for {name!r}, but this "
-                f"configuration keeps {sorted(expected_keys)}: it was saved by another "
+                f"checkpoint {str(path)!r} keeps {sorted(buffers)} for {_dotted(key_path)!r}, "
+                f"but this configuration keeps {sorted(expected_keys)}: it was saved by another "
                 f"configuration"
             )
     restore_exclusions = None
@@ -310,11 +474,12 @@ def load_state(
 
     if optimizer.pipeline.skip_nonfinite and "skipped_steps" not in arrays:
         arrays["skipped_steps"] = mx.array(0, mx.uint64)
+        key_paths["skipped_steps"] = ("skipped_steps",)
 
-    reference = _reference_shapes(optimizer, parameters)
     if reference is not None:
-        missing = sorted(set(reference) - set(grouped))
-        extra = sorted(set(grouped) - set(reference))
+        # Parameters in a list whose entries had no gradient have no state: nothing to match.
+        missing = sorted(_dotted(p) for p in set(reference) - set(grouped))
+        extra = sorted(_dotted(p) for p in set(grouped) - set(reference))
         if missing or extra:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not match the parameters: "
@@ -322,9 +487,10 @@ def load_state(
                 + ("; " if missing and extra else "")
                 + (f"state for unknown parameters {extra}" if extra else "")
             )
-        for name, (shape, dtype) in reference.items():
-            for buffer, value in grouped[name].items():
-                key = f"{name}.{buffer}"
+        for key_path, (shape, dtype) in reference.items():
+            for buffer, name in grouped[key_path].items():
+                value = arrays[name]
+                key = _dotted((*key_path, buffer))
                 if tuple(value.shape) != shape:
                     raise CheckpointError(
                         f"checkpoint {str(path)!r}: {key!r} has shape {tuple(value.shape)}, the "
@@ -336,11 +502,14 @@ def load_state(
                             f"checkpoint {str(path)!r}: {key!r} is {value.dtype}, this optimizer "
                             f"keeps {dtype}; converting would lose precision"
                         )
-                    arrays[key] = value.astype(dtype)
+                    arrays[name] = value.astype(dtype)
 
-    state = tree_unflatten(list(arrays.items()))
-    if reference is not None and parameters is not None:
-        state = _shaped_like(parameters, state)
+    if exact:
+        state = _unflatten(path, [(key_paths[name], value) for name, value in arrays.items()])
+    else:
+        # A plain file and nothing to match it with: read as MLX reads it. Should a key have
+        # held a dot, the first step finds its state nested and refuses (trees.gather).
+        state = tree_unflatten(list(arrays.items()))
     with _exclusive(optimizer):
         if restore_exclusions is not None:
             optimizer._set_decay_exclusion(restore_exclusions)
@@ -354,41 +523,18 @@ def load_state(
         optimizer.state = state  # also marks the optimizer uninitialised, as MLX's setter does
 
 
-def _reference_shapes(optimizer: Any, parameters: dict | None) -> dict | None:
-    """``{path: (shape, dtype or None)}`` the loaded state must match, or None."""
+def _reference_shapes(optimizer: Any, parameters: Any) -> dict[KeyPath, tuple] | None:
+    """``{key path: (shape, dtype or None)}`` the loaded state must match, or None: the array
+    leaves of ``parameters`` (strings and other attributes a module keeps are not
+    parameters), else the parameters the optimizer holds state for now."""
     if parameters is not None:
         return {
-            name: (tuple(value.shape), optimizer.buffer_dtype(value.dtype))
-            for name, value in tree_flatten(parameters)
+            key_path: (tuple(value.shape), optimizer.buffer_dtype(value.dtype))
+            for key_path, value in _leaves(parameters)
+            if isinstance(value, mx.array)
         }
-    current = _per_parameter(dict(tree_flatten(optimizer.state)))
-    if not current:
-        return None
-    return {
-        name: (tuple(buffers["v"].shape), None)
-        for name, buffers in current.items()
-        if "v" in buffers
-    }
-
-
-def _shaped_like(parameters: Any, state: dict) -> dict:
-    """Rebuild the per-parameter part with the containers (lists) of ``parameters``: flat keys
-    such as "layers.0.weight" unflatten to lists already; this keeps tuples and dict keys that
-    look like integers as the parameters have them."""
-
-    def rebuild(node: Any, saved: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: rebuild(v, saved[k] if isinstance(saved, dict) else saved[int(k)])
-                for k, v in node.items()
-            }
-        if isinstance(node, (list, tuple)):
-            return [
-                rebuild(v, saved[i] if isinstance(saved, list) else saved[str(i)])
-                for i, v in enumerate(node)
-            ]
-        return saved
-
-    shaped = rebuild(parameters, {k: v for k, v in state.items() if k not in COUNTERS})
-    shaped.update({k: v for k, v in state.items() if k in COUNTERS})
-    return shaped
+    current = {}
+    for key_path, value in _leaves(optimizer.state):
+        if key_path[-1] == "v" and len(key_path) > 1 and isinstance(value, mx.array):
+            current[key_path[:-1]] = (tuple(value.shape), None)
+    return current or None

@@ -396,6 +396,11 @@ class RMSprop(Optimizer):
                 parameter.astype(dtype) if key == "ema" else mx.zeros(parameter.shape, dtype)
             )
 
+    def _new_state(self, parameter: mx.array) -> dict:
+        state: dict = {}
+        self.init_single(parameter, state)
+        return state
+
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         """Apply one step to every parameter that has a gradient and return the updated
         parameters, shaped like ``gradients``. Every gradient, parameter and state buffer is
@@ -408,11 +413,18 @@ class RMSprop(Optimizer):
         scheduled = {name: scheduler(self.step) for name, scheduler in self._schedulers.items()}
         if "learning_rate" in scheduled:
             scheduled["learning_rate"] = self._checked_schedule_value(scheduled["learning_rate"])
-        if not self._initialized:
-            leaves = match_gradients(gradients, parameters)  # before init creates any state
-            self.init(rebuild(gradients, iter([leaf.parameter for leaf in leaves])))
         excluding = self._decay_exclusion is not None
-        found = gather(gradients, parameters, self.state, self._state_keys, with_paths=excluding)
+        # Parameters without state (the first step, one added mid-training) get init_single's
+        # state here, once the whole tree has passed its checks: what `init` would create.
+        found = gather(
+            gradients,
+            parameters,
+            self.state,
+            self._state_keys,
+            with_paths=excluding,
+            new_state=self._new_state,
+        )
+        self._initialized = True
         if self._pipeline.skip_nonfinite and "skipped_steps" not in self.state:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)  # a state loaded from elsewhere
         self.state.update(scheduled)

@@ -11,6 +11,9 @@ The invariants between options are stated here once (``REQUIREMENTS``, ``EXCLUSI
 any of this: ``python tools/generate_spec_header.py`` writes ``mlx_rmsprop/_native/spec.h``
 (X-macro lists of the scalars, the flags and the invariants), which a test keeps equal to this
 module.
+
+It imports nothing but the standard library: benchmarks/gpu_kernel_check.py loads it by path on
+GPU machines where mlx_rmsprop is not installed.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 
 class Scalar(IntEnum):
@@ -182,9 +187,12 @@ def option_space() -> tuple[UpdateOptions, ...]:
     )
 
 
+# The signature of rmsprop_reference: (options, scalars, parameter, gradient, state) ->
+# (new parameter, new state). Spelled with strings so that this module imports nothing but the
+# standard library.
 UpdateFn = Callable[
-    [UpdateOptions, mx.array, mx.array, mx.array, dict[str, mx.array]],
-    tuple[mx.array, dict[str, mx.array]],
+    [UpdateOptions, "mx.array", "mx.array", "mx.array", "dict[str, mx.array]"],
+    "tuple[mx.array, dict[str, mx.array]]",
 ]
 
 

@@ -1,14 +1,24 @@
 """Pairing a gradient tree with its parameters and optimizer state, with every mismatch reported
-by the leaf's path before anything is changed."""
+by the leaf's path before anything is changed.
+
+The trees accepted are the ones MLX's optimizers accept (``tree_map`` over the gradients): a
+gradient container with no entries (the ``{}`` that ``nn.Module`` gives for a string attribute
+such as mlx-lm's ``layer_types``) updates nothing, whatever the parameter holds there; every
+array gradient needs an array parameter of its shape. A parameter without state (a first step,
+a parameter added mid-training, list entries that had no gradient so far) gets the state
+``init`` would create, attached only once the whole tree has passed its checks.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 
 from .validation import FLOATING_DTYPES
+
+NewState = Callable[[mx.array], dict]
 
 
 class Leaf(NamedTuple):
@@ -38,6 +48,8 @@ def _match_into(leaves: list[Leaf], grad: Any, param: Any, path: str) -> None:
     # cycle kept the leaves it collected (the previous step's parameters: +100 MB for the
     # 25M-parameter benchmark tree) alive until Python's cyclic collector happened to run.
     if isinstance(grad, dict):
+        if not grad:
+            return  # nothing to update here, whatever the parameter holds (MLX's tree_map)
         if not isinstance(param, dict):
             raise ValueError(
                 f"gradient {_shown(path)} is a dict but the parameter there is a "
@@ -48,6 +60,8 @@ def _match_into(leaves: list[Leaf], grad: Any, param: Any, path: str) -> None:
                 raise ValueError(f"gradient {_shown(_join(path, key))} has no matching parameter")
             _match_into(leaves, child, param[key], _join(path, key))
     elif isinstance(grad, (list, tuple)):
+        if not grad:
+            return
         if not isinstance(param, (list, tuple)):
             raise ValueError(
                 f"gradient {_shown(path)} is a {type(grad).__name__} but the parameter "
@@ -90,23 +104,62 @@ def match_gradients(gradients: Any, parameters: Any) -> list[Leaf]:
     return leaves
 
 
-def _states_into(found: list[dict], grad: Any, node: Any, path: str) -> None:
+def _missing(node: Any) -> bool:
+    """No state yet: absent, or the ``{}`` placeholder MLX's ``init`` and ``tree_unflatten``
+    leave for entries without leaves."""
+    return node is None or (isinstance(node, dict) and not node)
+
+
+def _split_by_dots(node: dict, key: Any) -> bool:
+    """True when ``node`` holds the state of dict key ``"a.b"`` nested as a -> b: what a
+    state file keyed by dotted paths gives when read without the parameters. Starting a fresh
+    state beside it would silently restart that parameter."""
+    if not (isinstance(key, str) and "." in key):
+        return False
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return not _missing(node)
+
+
+def _explain_states(leaves: list, grad: Any, node: Any, path: str) -> None:
+    """The per-parameter state of every leaf of ``gradients`` (None where there is none yet),
+    raising for a state tree whose containers differ from the gradients'."""
+    if isinstance(grad, (dict, list, tuple)) and not grad:
+        return
+    if _missing(node) and not isinstance(grad, mx.array):
+        node = {} if isinstance(grad, dict) else []
     if isinstance(grad, dict):
+        if not isinstance(node, dict):
+            raise ValueError(
+                f"optimizer state {_shown(path)} is a {type(node).__name__} but the gradient "
+                f"there is a dict (a state file keyed by dotted paths cannot tell dict keys "
+                f"such as '0' from list indices: pass the parameters to load_state)"
+            )
         for key, child in grad.items():
-            _states_into(found, child, node[key], _join(path, key))
+            if node.get(key) is None and _split_by_dots(node, key):
+                raise ValueError(
+                    f"optimizer state for {_shown(_join(path, key))} is nested under "
+                    f"{_shown(_join(path, key.split('.')[0]))}: it was loaded from a file keyed "
+                    f"by dotted paths without the parameters (pass them to load_state)"
+                )
+            _explain_states(leaves, child, node.get(key), _join(path, key))
     elif isinstance(grad, (list, tuple)):
+        if not isinstance(node, (list, tuple)):
+            raise ValueError(
+                f"optimizer state {_shown(path)} is a {type(node).__name__} but the gradient "
+                f"there is a {type(grad).__name__}"
+            )
         for index, child in enumerate(grad):
-            _states_into(found, child, node[index], _join(path, index))
+            _explain_states(
+                leaves, child, node[index] if index < len(node) else None, _join(path, index)
+            )
     else:
-        found.append(node)
-
-
-def state_leaves(gradients: Any, state: Any) -> list[dict]:
-    """The per-parameter state dicts of ``state`` in the leaf order of ``gradients``."""
-    found: list[dict] = []
-
-    _states_into(found, gradients, state, "")
-    return found
+        leaves.append(None if _missing(node) else node)
 
 
 def check_state(path: str, parameter: mx.array, state: Any, keys: tuple[str, ...]) -> None:
@@ -148,75 +201,153 @@ class Gathered(NamedTuple):
     states: list[dict]
 
 
+class _Walk(NamedTuple):
+    new_state: NewState
+    # (container, key, value) to store once every leaf has passed: state for parameters that
+    # had none. Containers made during the walk are detached until then.
+    attach: list
+
+
+_FAILED = object()
+
+
 def gather(
-    gradients: Any, parameters: Any, state: Any, keys: tuple[str, ...], with_paths: bool
+    gradients: Any,
+    parameters: Any,
+    state: Any,
+    keys: tuple[str, ...],
+    with_paths: bool,
+    new_state: NewState,
 ) -> Gathered:
     """Every leaf of ``gradients`` with its parameter and its per-parameter state, after the
-    checks of :func:`match_gradients` and :func:`check_state`.
+    checks of :func:`match_gradients` and :func:`check_state`. A parameter without state gets
+    ``new_state(parameter)``, stored in ``state`` only after every check has passed.
 
     One walk with cheap checks serves the usual case (about 1 us a leaf instead of 6: it is
     per-step overhead for models of many small tensors); when anything looks wrong the
     detailed walkers run to raise their path-naming error.
     """
     found = Gathered([] if with_paths else None, [], [], [])
-    if not _gather_into(found, gradients, parameters, state, "", keys, frozenset(keys)):
-        for leaf, node in zip(
-            match_gradients(gradients, parameters), state_leaves(gradients, state), strict=True
-        ):
-            check_state(leaf.path, leaf.parameter, node, keys)
+    walk = _Walk(new_state, [])
+    if (
+        _gather_into(found, gradients, parameters, state, "", keys, frozenset(keys), walk)
+        is _FAILED
+    ):
+        leaves = match_gradients(gradients, parameters)
+        nodes: list = []
+        _explain_states(nodes, gradients, state, "")
+        for leaf, node in zip(leaves, nodes, strict=True):
+            if node is not None:
+                check_state(leaf.path, leaf.parameter, node, keys)
         raise AssertionError("gather() refused a tree that the detailed checks accept")
+    for container, key, value in walk.attach:
+        if isinstance(container, list):
+            container.extend({} for _ in range(key + 1 - len(container)))
+        container[key] = value
     return found
 
 
 def _gather_into(
-    found: Gathered, grad: Any, param: Any, node: Any, path: str, keys: tuple, keyset: frozenset
-) -> bool:
+    found: Gathered,
+    grad: Any,
+    param: Any,
+    node: Any,
+    path: str,
+    keys: tuple,
+    keyset: frozenset,
+    walk: _Walk,
+) -> Any:
+    """The state node for ``grad`` (a new one where it had none), or ``_FAILED``."""
     if isinstance(grad, dict):
-        if not (isinstance(param, dict) and isinstance(node, dict)):
-            return False
+        if not grad:
+            return node
+        if not isinstance(param, dict):
+            return _FAILED
+        if _missing(node):
+            node = {}
+        elif not isinstance(node, dict):
+            return _FAILED
+        paths = found.paths is not None
         for key, child in grad.items():
-            if key not in param or key not in node:
-                return False
-            child_path = _join(path, key) if found.paths is not None else path
-            if not _gather_into(found, child, param[key], node[key], child_path, keys, keyset):
-                return False
-        return True
+            if key not in param:
+                return _FAILED
+            had = node.get(key)
+            if had is None and _split_by_dots(node, key):
+                return _FAILED
+            now = _gather_into(
+                found,
+                child,
+                param[key],
+                had,
+                _join(path, key) if paths else path,
+                keys,
+                keyset,
+                walk,
+            )
+            if now is not had:
+                if now is _FAILED:
+                    return _FAILED
+                walk.attach.append((node, key, now))
+        return node
     if isinstance(grad, (list, tuple)):
-        if not (isinstance(param, (list, tuple)) and isinstance(node, (list, tuple))):
-            return False
-        if len(param) < len(grad) or len(node) < len(grad):
-            return False
+        if not grad:
+            return node
+        if not isinstance(param, (list, tuple)) or len(param) < len(grad):
+            return _FAILED
+        if _missing(node):
+            node = []
+        elif not isinstance(node, (list, tuple)):
+            return _FAILED
+        paths = found.paths is not None
+        size = len(node)
         for index, child in enumerate(grad):
-            child_path = _join(path, index) if found.paths is not None else path
-            if not _gather_into(found, child, param[index], node[index], child_path, keys, keyset):
-                return False
-        return True
+            had = node[index] if index < size else None
+            now = _gather_into(
+                found,
+                child,
+                param[index],
+                had,
+                _join(path, index) if paths else path,
+                keys,
+                keyset,
+                walk,
+            )
+            if now is not had:
+                if now is _FAILED:
+                    return _FAILED
+                if isinstance(node, tuple):  # a state container from a tuple of parameters
+                    node = list(node)
+                walk.attach.append((node, index, now))
+        return node
     if not (isinstance(grad, mx.array) and isinstance(param, mx.array)):
-        return False
+        return _FAILED
     shape = grad.shape
     if shape != param.shape or grad.dtype not in _FLOATING or param.dtype not in _FLOATING:
-        return False
+        return _FAILED
     if not isinstance(node, dict) or node.keys() != keyset:
-        return False
+        if not _missing(node):
+            return _FAILED
+        node = walk.new_state(param)
     for key in keys:
         buffer = node[key]
         if not isinstance(buffer, mx.array) or buffer.shape != shape:
-            return False
+            return _FAILED
         if buffer.dtype not in _FLOATING:
-            return False
+            return _FAILED
     if found.paths is not None:
         found.paths.append(path)
     found.gradients.append(grad)
     found.parameters.append(param)
     found.states.append(node)
-    return True
+    return node
 
 
 _FLOATING = frozenset(FLOATING_DTYPES)
 
 
 def rebuild(template: Any, values: Iterator[Any]) -> Any:
-    """A tree shaped like ``template`` whose leaves are taken, in order, from ``values``."""
+    """A tree shaped like ``template`` whose leaves are taken, in order, from ``values``
+    (containers without entries are kept as they are)."""
     if isinstance(template, dict):
         return {key: rebuild(child, values) for key, child in template.items()}
     if isinstance(template, (list, tuple)):

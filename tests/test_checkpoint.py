@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from mlx.utils import tree_flatten
 
 from mlx_rmsprop import CheckpointError, RMSprop, load_state, save_state
 from mlx_rmsprop.backends import availability
+
+import optional
 
 HERE = Path(__file__).parent
 PATHS = [False] + [
@@ -714,3 +717,234 @@ def test_copies_and_unpickled_optimizers_get_a_fresh_unheld_lock():
         thread.start()
         thread.join()
         assert acquired.is_set()
+
+
+# --- Any key a dict can hold: dots, digits, lists with entries that have no state ---
+
+
+def ones(*shape):
+    return mx.ones(shape)
+
+
+KEY_KINDS = {
+    "dotted keys": {"layer1.weight": ones(3, 2), "layer1.bias": ones(2)},
+    "int-like keys": {"blocks": {"0": ones(3), "1": ones(2)}, "10": ones(2)},
+    "dotted beside nested": {"a.b": ones(2), "a": {"b": ones(3)}},
+    # Frozen entries: trainable_parameters() gives {} there, and so do the gradients.
+    "sparse list head": {"layers": [{}, {}, {"w": ones(3)}]},
+    "sparse list middle": {"layers": [{"w": ones(3)}, {}, {"w": ones(2)}, {}]},
+    "sparse list tail": {"layers": [ones(3), {}, {}]},
+}
+
+
+def gradients_like(tree, seed):
+    rng = np.random.default_rng(seed)
+
+    def draw(node):
+        if isinstance(node, dict):
+            return {k: draw(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [draw(v) for v in node]
+        return mx.array(rng.standard_normal(node.shape), mx.float32)
+
+    return draw(tree)
+
+
+def steps(optimizer, params, seeds):
+    for seed in seeds:
+        params = optimizer.apply_gradients(gradients_like(params, seed), params)
+        mx.eval(params, optimizer.state)
+    return params
+
+
+def file_arrays(path):
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize("with_parameters", [True, False], ids=["parameters", "no-parameters"])
+@pytest.mark.parametrize("kind", list(KEY_KINDS))
+def test_resume_is_bit_identical_for_any_key(kind, with_parameters, fused, tmp_path):
+    config = {"learning_rate": 0.05, "momentum": 0.9, "centered": True, "fused": fused}
+    straight = RMSprop(**config)
+    params = steps(straight, KEY_KINDS[kind], range(3))
+    save_state(straight, tmp_path / "first.safetensors")
+
+    resumed = RMSprop(**config)
+    load_state(resumed, tmp_path / "first.safetensors", params if with_parameters else None)
+    expected = steps(straight, params, range(3, 6))
+    got = steps(resumed, params, range(3, 6))
+
+    for (key, want), (other, have) in zip(tree_flatten(expected), tree_flatten(got), strict=True):
+        assert key == other
+        np.testing.assert_array_equal(np.array(have), np.array(want), err_msg=key)
+    # A later save keeps every entry: the same file as the uninterrupted run's.
+    save_state(straight, tmp_path / "straight.safetensors")
+    save_state(resumed, tmp_path / "resumed.safetensors")
+    want_file, have_file = (
+        file_arrays(tmp_path / "straight.safetensors"),
+        file_arrays(tmp_path / "resumed.safetensors"),
+    )
+    assert sorted(have_file) == sorted(want_file)
+    for key in want_file:
+        np.testing.assert_array_equal(have_file[key], want_file[key], err_msg=key)
+
+
+def plain_mlx_file(tmp_path, params):
+    builtin = optim.RMSprop(0.05)
+    params = builtin.apply_gradients(gradients_like(params, 0), params)
+    path = tmp_path / "builtin.safetensors"
+    mx.save_safetensors(str(path), dict(tree_flatten(builtin.state)))
+    return builtin, params, path
+
+
+def test_plain_mlx_file_of_a_dotted_model_resumes_exactly_with_the_parameters(tmp_path):
+    builtin, params, path = plain_mlx_file(tmp_path, dict(KEY_KINDS["dotted keys"]))
+    ours = RMSprop(0.05)
+    load_state(ours, path, params)
+    grads = gradients_like(params, 1)
+    expected, got = builtin.apply_gradients(grads, params), ours.apply_gradients(grads, params)
+    for key in params:
+        np.testing.assert_array_equal(np.array(got[key]), np.array(expected[key]), err_msg=key)
+
+
+def test_plain_mlx_file_of_a_dotted_model_without_parameters_refuses_the_next_step(tmp_path):
+    _, params, path = plain_mlx_file(tmp_path, dict(KEY_KINDS["dotted keys"]))
+    ours = RMSprop(0.05)
+    load_state(ours, path)  # MLX's reading: layer1 -> weight -> v
+    before = state_snapshot(ours)
+    with pytest.raises(
+        ValueError,
+        match="^optimizer state for 'layer1.weight' is nested under 'layer1': it was loaded "
+        "from a file keyed by dotted paths without the parameters",
+    ):
+        ours.apply_gradients(gradients_like(params, 1), params)
+    assert state_snapshot(ours).keys() == before.keys()  # nothing restarted from zero
+
+
+def test_plain_mlx_file_that_cannot_tell_two_parameters_apart_is_refused(tmp_path):
+    _, _, path = plain_mlx_file(tmp_path, {"a.b": ones(2)})
+    target = RMSprop(0.05)
+    with pytest.raises(
+        CheckpointError,
+        match="the parameters \\('a.b',\\) and \\('a', 'b'\\) are both 'a.b' there",
+    ):
+        load_state(target, path, {"a.b": ones(2), "a": {"b": ones(2)}})
+    assert "a.b" not in target.state
+
+
+def paths_with(path, name, key_path):
+    _, metadata = mx.load(str(path), return_metadata=True)
+    return json.dumps({**json.loads(metadata["state_paths"]), name: key_path})
+
+
+BAD_PATHS = [
+    ("not JSON", lambda p: "{", "state_paths is not JSON"),
+    ("too deep", lambda p: "[" * 100000 + "]" * 100000, "state_paths is not JSON|does not list"),
+    ("not a dict", lambda p: "[]", "does not list exactly the arrays of the file"),
+    ("an array left out", lambda p: json.dumps({"step": ["step"]}), "does not list exactly"),
+    ("huge index", lambda p: paths_with(p, "scale.v", ["scale", 2**40]), "a path is a list"),
+    ("bool index", lambda p: paths_with(p, "scale.v", ["scale", True]), "a path is a list"),
+    ("starts with an index", lambda p: paths_with(p, "scale.v", [0, "v"]), "a path is a list"),
+    ("two arrays one path", lambda p: paths_with(p, "scale.v", ["step"]), "two arrays one path"),
+]
+
+
+@pytest.mark.parametrize("name, paths, message", BAD_PATHS, ids=[b[0] for b in BAD_PATHS])
+def test_damaged_state_paths_are_refused_and_nothing_changes(name, paths, message, tmp_path):
+    source, params = trained()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    rewrite_metadata(path, state_paths=paths(path))
+    target, _ = trained(steps=1)
+    before = state_snapshot(target)
+    with pytest.raises(CheckpointError, match=message):
+        load_state(target, path, params)
+    with pytest.raises(CheckpointError, match=message):
+        load_state(target, path)
+    assert state_snapshot(target).keys() == before.keys()
+    assert all(np.array_equal(state_snapshot(target)[k], before[k]) for k in before)
+
+
+def test_state_paths_that_make_a_list_also_a_dict_are_refused(tmp_path):
+    source, _ = trained()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    _, metadata = mx.load(str(path), return_metadata=True)
+    paths = json.loads(metadata["state_paths"])
+    paths["scale.v"] = ["layers", "weight", "v"]  # "layers" holds a list (layers.0...)
+    paths["scale.momentum_buffer"] = ["layers", "weight", "momentum_buffer"]
+    rewrite_metadata(path, state_paths=json.dumps(paths))
+    fresh = RMSprop(0.05, momentum=0.9)
+    with pytest.raises(
+        CheckpointError,
+        match="state_paths puts 'layers.*' where another array or container already is",
+    ):
+        load_state(fresh, path)
+    assert sorted(fresh.state) == ["learning_rate", "step"]
+
+
+class WithStrings(nn.Module):
+    """Strings in the module's tree, as mlx-lm's ``layer_types``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_types = ["full_attention", "sliding_attention"]
+        self.layers = [nn.Linear(4, 4), nn.Linear(4, 2)]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def tiny_llama():
+    llama = optional.module("mlx_lm.models.llama")
+    return llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=16,
+            num_hidden_layers=2,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-5,
+            vocab_size=32,
+            layer_types=["full_attention", "sliding_attention"],
+            sliding_window=4,
+        )
+    )
+
+
+def module_steps(model, optimizer, count):
+    if isinstance(model, WithStrings):
+        batch = mx.array(np.random.default_rng(2).standard_normal((8, 4)), mx.float32)
+        loss = lambda m, x: (m(x) ** 2).mean()  # noqa: E731
+    else:
+        batch = mx.array([[1, 5, 2, 7, 3, 9, 4, 11]])
+        loss = lambda m, x: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean()  # noqa: E731
+    loss_and_grad = nn.value_and_grad(model, loss)
+    for _ in range(count):
+        _, grads = loss_and_grad(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize("reference", ["trainable_parameters", "module"])
+@pytest.mark.parametrize("make", [WithStrings, tiny_llama], ids=["module", "mlx-lm-llama"])
+def test_module_with_string_attributes_resumes_exactly(make, reference, fused, tmp_path):
+    mx.random.seed(4)
+    model = make()
+    optimizer = RMSprop(0.01, momentum=0.9, fused=fused)
+    module_steps(model, optimizer, 2)
+    save_state(optimizer, tmp_path / "ckpt.safetensors")
+    at_save = model.parameters()
+    module_steps(model, optimizer, 2)
+    expected = tree_flatten(model.parameters())
+
+    model.update(at_save)
+    resumed = RMSprop(0.01, momentum=0.9, fused=fused)
+    parameters = model.trainable_parameters() if reference == "trainable_parameters" else model
+    load_state(resumed, tmp_path / "ckpt.safetensors", parameters)
+    module_steps(model, resumed, 2)
+    for (key, want), (_, have) in zip(expected, tree_flatten(model.parameters()), strict=True):
+        np.testing.assert_array_equal(np.array(have), np.array(want), err_msg=key)

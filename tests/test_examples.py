@@ -19,6 +19,8 @@ sys.path.insert(0, str(EXAMPLES))
 import digits  # noqa: E402
 import plotting  # noqa: E402
 
+import optional  # noqa: E402
+
 
 def run(*args: str, timeout: int = 900) -> str:
     result = subprocess.run(
@@ -60,6 +62,16 @@ def test_finetune_lora_fast():
     before, after = float(line.split()[0]), float(line.split(", ")[1].split()[0])
     assert after < before
     assert "optimizer state dtype mlx.core.float32; adapters mlx.core.bfloat16" in output
+
+
+def test_finetune_mlx_lm_fast():
+    optional.module("mlx_lm")
+    output = run("examples/finetune_mlx_lm.py", "--fast")
+    line = output.split("validation loss: ")[1]
+    before, after = float(line.split()[0]), float(line.split(", ")[1].split()[0])
+    assert after < 0.8 * before
+    assert "model: llama, 2 layers" in output
+    assert "optimizer state (step 40)" in output
 
 
 def test_data_parallel_two_local_ranks():

@@ -54,9 +54,11 @@ def test_cuda_translation_units_compile_with_nvcc(tmp_path):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")
 def test_nvcc_check_can_fail(tmp_path):
-    # The compile check must reject a body that is not valid CUDA (here: a Metal-only name).
+    # The compile check must reject a body that is not valid CUDA (here: Metal's primitive).
     variant = Variant(UpdateOptions())
-    text = translation_unit(variant, "cuda").replace("sqrt(", "metal::sqrt(", 1)
+    text = translation_unit(variant, "cuda")
+    assert "__fsqrt_rn(x)" in text
+    text = text.replace("__fsqrt_rn(x)", "metal::precise::sqrt(x)")
     source = tmp_path / "broken.cu"
     source.write_text(text)
     command = [NVCC, "-std=c++17", "--ptx", f"-I{CUDA_SHIM}", str(source), "-o", "/dev/null"]

@@ -26,12 +26,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs
+from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
 from mlx_rmsprop.kernels import source
-from mlx_rmsprop.kernels.launch import grid_for, kernel_shape, make_update, plan
+from mlx_rmsprop.kernels.launch import (
+    MAX_1D_GRID,
+    ROW_WIDTH,
+    THREADGROUP,
+    grid_for,
+    kernel_shape,
+    make_update,
+    plan,
+)
 from mlx_rmsprop.kernels.source import Variant
 from mlx_rmsprop.kernels.variants import (
     dtype_combinations,
+    every_flag_on,
     pairwise_option_sets,
     verification_plan,
 )
@@ -40,12 +49,15 @@ from mlx_rmsprop.spec import FLAGS, UpdateOptions, option_space
 
 from metal_emulation.harness import (
     CUDA_INCLUDE,
+    LAUNCH_SIZES,
     NUMPY_STORAGE,
     Emulator,
     _from_numpy,
     _to_numpy,
     compile_library,
+    cpu_has_fma,
     cuda_variants,
+    mlx_cuda_launch,
 )
 from tolerances import assert_close
 
@@ -391,3 +403,91 @@ def test_emulation_catches_wrong_indexing(tmp_path, mutate_source, backend, old,
     mutate_source(old, new, index_line)
     with pytest.raises(AssertionError):
         run_past_2_31_elements(tmp_path / "build", tmp_path, backend)
+
+
+def test_mlx_cuda_launch_arithmetic_never_overflows():
+    assert MAX_1D_GRID == 2**31 - 256
+    for size in LAUNCH_SIZES:
+        grid = grid_for(size)
+        blocks, block = mlx_cuda_launch(grid)  # MLX's signed 32-bit arithmetic, or raises
+        width, rows, _ = grid
+        if rows == 1:
+            assert blocks[0] * block[0] >= size > blocks[0] * block[0] - block[0], size
+        else:
+            # Whole blocks tile each row exactly: the row pitch is ROW_WIDTH on both backends.
+            assert width == ROW_WIDTH and blocks[0] * block[0] == ROW_WIDTH, size
+            assert (rows - 1) * ROW_WIDTH < size <= rows * ROW_WIDTH, size
+    # The replay itself: MLX's arithmetic overflows for the 1-D grids the launcher avoids.
+    for size in (MAX_1D_GRID + 1, 2**31 - 1):
+        with pytest.raises(OverflowError, match="overflows int"):
+            mlx_cuda_launch((size, 1, 1))
+    assert mlx_cuda_launch((MAX_1D_GRID, 1, 1)) == ((2**23 - 1, 1, 1), (THREADGROUP[0], 1, 1))
+
+
+NO_FUSING_REASON = "the fusing emulation needs CUDA's headers and a CPU with FMA instructions"
+NO_FUSING = NO_CUDA_HEADERS or not cpu_has_fma()
+
+
+def fusing_failures(variants: list[Variant], build_dir: Path) -> list[tuple[Variant, dict]]:
+    """``check``'s own verification (its shapes, steps, inputs and tolerance table) of the CUDA kernels built as the fusing emulation."""
+    emulator = Emulator(variants, build_dir, backend="cuda", fusing=True)
+    failures = []
+    for k, variant in enumerate(variants):
+
+        def run_update(scalars, parameter, gradient, state, variant=variant):
+            call = plan(variant.options, scalars, parameter, gradient, state)
+            return call.unpack(emulator.run(call))
+
+        pool = SHAPES[variant.small]
+        shapes = [pool[(k + j) % len(pool)] for j in range(2)]
+        errors, failure = verify(variant, run_update, shapes, seed=k)
+        if failure is not None:
+            failures.append((variant, failure))
+    return failures
+
+
+def centred_unclipped() -> list[Variant]:
+    """Every centred buffer layout with every flag on but the gradient clipping and scaling, in
+    float32: the kernels a fused multiply-add breaks (where g^2 overflows)."""
+    return [
+        Variant(dataclasses.replace(every_flag_on(keys), clip_value=False, scale_gradient=False))
+        for keys in LAYOUTS
+        if "grad_avg" in keys
+    ]
+
+
+def fusing_sample() -> list[Variant]:
+    """The pairwise option sets in float32 and ``centred_unclipped``."""
+    return [Variant(o) for o in pairwise_option_sets()] + centred_unclipped()
+
+
+@pytest.mark.skipif(NO_FUSING, reason=NO_FUSING_REASON)
+def test_fusing_emulation_passes_check():
+    # A compiler that fuses every a*b + c it may: the primitives leave it nothing to fuse.
+    assert fusing_failures(fusing_sample(), BUILD_DIR) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NO_FUSING, reason=NO_FUSING_REASON)
+def test_fusing_emulation_passes_check_quick_plan():
+    # The variants of `check --quick` on a GPU: 15 dtype combinations x both size classes x
+    # the pairwise option sets (330).
+    variants = [
+        Variant(o, p, g, s, small)
+        for (p, g, s), small in itertools.product(dtype_combinations(), (False, True))
+        for o in pairwise_option_sets()
+    ]
+    assert len(variants) == 330
+    assert fusing_failures(variants, BUILD_DIR) == []
+
+
+@pytest.mark.skipif(NO_FUSING, reason=NO_FUSING_REASON)
+def test_fusing_emulation_catches_a_plain_multiply_add(tmp_path, mutate_source):
+    # The centred variance written with plain operators: the fusing emulation contracts it,
+    # and check's verification must then fail (g^2 overflowing to inf: the reference gives
+    # inf - inf = NaN, the fused multiply-add a finite or infinite value).
+    mutate_source(
+        "RMS_SUB(variance, RMS_MUL(grad_avg_hat, grad_avg_hat))",
+        "variance - grad_avg_hat * grad_avg_hat",
+    )
+    assert fusing_failures(centred_unclipped(), tmp_path)

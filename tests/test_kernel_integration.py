@@ -83,7 +83,8 @@ def test_kernel_shape_merges_dimensions_below_2_31(shape, expected):
 def test_grid_for_sizes_around_2_31():
     assert grid_for(1) == (1, 1, 1)
     assert grid_for(257) == (257, 1, 1)
-    assert grid_for(MAX_GRID_DIM) == (MAX_GRID_DIM, 1, 1)
+    assert grid_for(MAX_GRID_DIM - 255) == (MAX_GRID_DIM - 255, 1, 1)
+    assert grid_for(MAX_GRID_DIM) == (ROW_WIDTH, 2, 1)
     assert grid_for(MAX_GRID_DIM + 1) == (ROW_WIDTH, 2, 1)
     assert grid_for(2**31 + 18) == (ROW_WIDTH, 3, 1)
     assert grid_for(2**32 + 36) == (ROW_WIDTH, 5, 1)

@@ -14,16 +14,13 @@ from functools import partial
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop import RMSprop, backends
-from mlx_rmsprop.check import RTOL as CHECK_RTOL
+from mlx_rmsprop import RMSprop, backends, probe
 from mlx_rmsprop.check import step_scalars, verification_inputs
 from mlx_rmsprop.kernels import metal, source
 from mlx_rmsprop.kernels.launch import make_update, plan
 from mlx_rmsprop.kernels.source import Variant, translation_unit
 from mlx_rmsprop.kernels.variants import every_flag_on
 from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
-
-from tolerances import RTOL
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -107,6 +104,8 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, m
     # float64 one (reference math), and the sources are the ones RMSprop.kernel_source reports.
     metal_path = dataclasses.replace(backends.PATHS["metal"], load=lambda: verbose_update)
     monkeypatch.setitem(backends.PATHS, "metal", metal_path)
+    # Export only traces: the per-variant probe, which runs the kernel, cannot run here.
+    monkeypatch.setattr(probe, "kernel_verdict", lambda *args: None)
     optimizer = RMSprop.from_torch(lr=0.01, momentum=0.9, centered=True, fused="metal")
     assert optimizer.path == "metal" and metal_path.compile_step
 
@@ -161,7 +160,8 @@ NOT_METAL = {
 }
 # Every call in the kernel body: Metal built-ins and the control keywords, nothing user-defined
 # (so no recursion is possible).
-ALLOWED_CALLS = {"if", "constexpr", "for", "sqrt", "isnan", "size_t"}
+ALLOWED_CALLS = {"if", "constexpr", "for", "isnan", "size_t", *source.PRIMITIVE_NAMES}
+ALLOWED_CALLS |= {"divide", "sqrt"}  # metal::precise::, in the primitives' definitions
 
 
 def _metal_subset_violations(code: str) -> list[str]:
@@ -174,7 +174,8 @@ def test_every_metal_kernel_stays_in_the_metal_subset():
     for keys in sorted({o.state_keys for o in option_space()}):
         body = _code(source.kernel_body("metal", keys))
         assert not _metal_subset_violations(body), keys
-        calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", body))
+        statements = re.sub(r"^#pragma [^\n]*", "", body, flags=re.M)
+        calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", statements))
         assert calls <= ALLOWED_CALLS, f"calls {calls - ALLOWED_CALLS} for {keys}"
     for options in option_space():
         variant = Variant(options, mx.bfloat16, mx.float16, mx.float32)
@@ -218,10 +219,15 @@ def test_body_reads_each_input_once_and_writes_each_output_once():
 
 
 def test_cuda_and_metal_share_the_body():
-    # Only the index line and the spelling of absent buffers differ between the backends.
+    # Only the arithmetic primitives, the index line and the spelling of absent buffers differ
+    # between the backends.
     for keys in sorted({o.state_keys for o in option_space()}):
-        metal_text = source.kernel_body("metal", keys).splitlines()
-        cuda_text = source.kernel_body("cuda", keys).splitlines()
+        metal_text = source.kernel_body("metal", keys)
+        cuda_text = source.kernel_body("cuda", keys)
+        assert metal_text.startswith(source.PRIMITIVES["metal"] + "\n")
+        assert cuda_text.startswith(source.PRIMITIVES["cuda"] + "\n")
+        metal_text = metal_text.removeprefix(source.PRIMITIVES["metal"] + "\n").splitlines()
+        cuda_text = cuda_text.removeprefix(source.PRIMITIVES["cuda"] + "\n").splitlines()
         differing = [(m, c) for m, c in zip(metal_text, cuda_text, strict=True) if m != c]
         assert len(metal_text) == len(cuda_text)
         assert differing[0] == (source.INDEX_LINES["metal"], source.INDEX_LINES["cuda"])
@@ -243,5 +249,46 @@ def test_every_update_option_is_a_template_argument():
     assert ("COUPLED_DECAY", False) in decoupled
 
 
-def test_check_tolerances_are_the_test_suites():
-    assert CHECK_RTOL == {dtype: RTOL[dtype] for dtype in ("float32", "float16", "bfloat16")}
+# A float operator between two operands (a * b, a / b, a + b, a - b, compound assignments
+# included); unary minus (-g) is exact and allowed.
+_BINARY_FLOAT_OPERATOR = re.compile(r"[\w)\]]\s*[-+*/]=?\s*[\w(]")
+
+
+def _plain_float_arithmetic(body: str) -> list[str]:
+    """Lines of the body doing float arithmetic with plain operators (the size_t element
+    count and index lines are integer arithmetic)."""
+    return [
+        line
+        for line in _code(body).splitlines()
+        if "size_t" not in line and _BINARY_FLOAT_OPERATOR.search(line)
+    ]
+
+
+def test_body_arithmetic_goes_through_the_primitives():
+    # Every float operation is an RMS_* primitive, each backend's IEEE-rounded and unfusable
+    # operation (source.PRIMITIVES): a plain a*b + c could be fused by the GPU compiler.
+    body = source.body_text()
+    assert not _plain_float_arithmetic(body)
+    for name in source.PRIMITIVE_NAMES:
+        assert f"{name}(" in _code(body), name
+    for backend in source.BACKENDS:
+        defined = re.findall(r"^#define (RMS_\w+)\(", source.PRIMITIVES[backend], re.M)
+        assert sorted(defined) == sorted(source.PRIMITIVE_NAMES), backend
+    assert "metal::precise::sqrt" in source.PRIMITIVES["metal"]
+    assert "metal::precise::divide" in source.PRIMITIVES["metal"]
+    assert "#pragma METAL fp contract(off)" in source.PRIMITIVES["metal"]
+    for intrinsic in ("__fmul_rn", "__fadd_rn", "__fsub_rn", "__fdiv_rn", "__fsqrt_rn"):
+        assert intrinsic in source.PRIMITIVES["cuda"], intrinsic
+
+
+def test_primitive_rule_can_fail():
+    for bad in [
+        "float v_new = alpha * v_old + one_minus_alpha * RMS_MUL(g, g);",
+        "  g = g / grad_divisor;",
+        "p_new = p_new - delta;",
+        "  denom = RMS_SQRT(variance) + eps;",
+        "ema_value *= ema_momentum;",
+    ]:
+        assert _plain_float_arithmetic(bad), bad
+    for good in ["g = -g;", "const float low = -clip_value;", "n *= size_t(parameter_shape[d]);"]:
+        assert not _plain_float_arithmetic(good), good

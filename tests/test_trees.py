@@ -1,15 +1,21 @@
-"""Mismatched trees are refused with the parameter's path, before any state changes."""
+"""Mismatched trees are refused with the parameter's path, before any state changes; the
+trees MLX's optimizers accept (non-array attributes, parameters added mid-training) train."""
 
 from __future__ import annotations
 
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rmsprop import RMSprop
+
+import optional
+from native_available import native_path
 
 
 def params():
@@ -126,3 +132,189 @@ def test_state_from_another_configuration_is_refused():
         ),
     ):
         centered.apply_gradients(grads(), params())
+
+
+# --- Trees MLX's optimizers accept: non-array attributes, parameters added mid-training ---
+
+EVERY_PATH = [False, "compiled", native_path()]
+
+
+class WithStrings(nn.Module):
+    """What mlx-lm's models keep: strings in a list (``layer_types``) and in a dict. In
+    ``model.parameters()`` and the gradients they are ``{}``; ``Optimizer.update`` passes the
+    module itself as the parameters, where they are the strings."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_types = ["full_attention", "sliding_attention"]
+        self.settings = {"rope": "default", "kind": "llama"}
+        self.layers = [nn.Linear(4, 4), nn.Linear(4, 2)]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def train_module(model, optimizer, steps=4):
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.standard_normal((8, 4)), mx.float32)
+    loss_and_grad = nn.value_and_grad(model, lambda m, x: (m(x) ** 2).mean())
+    for _ in range(steps):
+        _, grads = loss_and_grad(model, x)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    return model
+
+
+def seeded(cls, *args):
+    mx.random.seed(11)
+    return cls(*args)
+
+
+def assert_same_parameters(a, b):
+    flat_a, flat_b = tree_flatten(a.parameters()), tree_flatten(b.parameters())
+    assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
+    for (key, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=key)
+
+
+@pytest.mark.parametrize("fused", EVERY_PATH, ids=lambda f: f"fused={f}")
+def test_module_with_string_attributes_trains_as_mlx_rmsprop_does(fused):
+    ours = train_module(seeded(WithStrings), RMSprop(0.01, fused=fused))
+    builtin = train_module(seeded(WithStrings), optim.RMSprop(0.01))
+    assert ours.layer_types == ["full_attention", "sliding_attention"]
+    assert ours.settings == {"rope": "default", "kind": "llama"}
+    assert_same_parameters(ours, builtin)
+
+
+def test_an_empty_gradient_subtree_is_skipped_and_a_real_mismatch_still_named():
+    params = {"names": ["a", "b"], "w": mx.ones((2,))}
+    grads = {"names": [{}, {}], "w": mx.ones((2,))}
+    new = RMSprop(0.1).apply_gradients(grads, params)
+    assert new["names"] == [{}, {}]  # shaped like the gradients, as MLX's tree_map returns it
+    with pytest.raises(
+        ValueError, match="^gradient 'names.0' is an array but the parameter there is a str"
+    ):
+        RMSprop(0.1).apply_gradients({"names": [mx.ones((2,))]}, params)
+    with pytest.raises(ValueError, match="^gradient 'gone' has no matching parameter"):
+        RMSprop(0.1).apply_gradients({"gone": mx.ones((2,))}, params)
+
+
+NEW_PARAMETER_CONFIGS = {
+    "mlx-default": {"learning_rate": 0.01},
+    "centered-momentum-decay": {
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "centered": True,
+        "weight_decay": 0.1,
+    },
+}
+
+
+def random_tree(shapes, seed):
+    rng = np.random.default_rng(seed)
+    return {k: mx.array(rng.standard_normal(s), mx.float32) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("fused", EVERY_PATH, ids=lambda f: f"fused={f}")
+@pytest.mark.parametrize("config", list(NEW_PARAMETER_CONFIGS))
+def test_a_parameter_added_mid_training_starts_as_a_fresh_optimizer_would(config, fused):
+    kwargs = dict(NEW_PARAMETER_CONFIGS[config], fused=fused)
+    optimizer = RMSprop(**kwargs)
+    params = random_tree({"a": (3, 2)}, 0)
+    for step in range(3):
+        params = optimizer.apply_gradients(random_tree({"a": (3, 2)}, 10 + step), params)
+    # Gradual unfreezing / a new head: "head" (a nested dict) and a list entry appear.
+    new = random_tree({"w": (4,), "b": ()}, 1)
+    grown = {**params, "head": {"w": new["w"]}, "blocks": [{}, {"b": new["b"]}]}
+    grads = random_tree({"a": (3, 2), "w": (4,), "b": ()}, 20)
+    grown_grads = {"a": grads["a"], "head": {"w": grads["w"]}, "blocks": [{}, {"b": grads["b"]}]}
+    expected_a = RMSprop(**kwargs)
+    expected_a.state = tree_unflatten(tree_flatten(optimizer.state))
+    expected_a_params = expected_a.apply_gradients({"a": grads["a"]}, params)
+
+    result = optimizer.apply_gradients(grown_grads, grown)
+
+    fresh = RMSprop(**kwargs)
+    fresh_result = fresh.apply_gradients(
+        {"w": grads["w"], "b": grads["b"]}, {"w": new["w"], "b": new["b"]}
+    )
+    pairs = [
+        (result["a"], expected_a_params["a"]),
+        (result["head"]["w"], fresh_result["w"]),
+        (result["blocks"][1]["b"], fresh_result["b"]),
+    ]
+    for key in optimizer.state_keys:
+        pairs += [
+            (optimizer.state["a"][key], expected_a.state["a"][key]),
+            (optimizer.state["head"]["w"][key], fresh.state["w"][key]),
+            (optimizer.state["blocks"][1]["b"][key], fresh.state["b"][key]),
+        ]
+    for got, want in pairs:
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert optimizer.state["blocks"][0] == {}
+    assert optimizer.step.item() == 4
+
+
+def test_apply_single_creates_the_state_of_a_new_parameter():
+    optimizer = RMSprop(0.01, momentum=0.9)
+    optimizer.state["step"] = mx.array(1, mx.uint64)  # as MLX's apply_gradients leaves it
+    state: dict = {}
+    got = optimizer.apply_single(mx.full((3,), 0.5), mx.ones((3,)), state)
+    fresh = RMSprop(0.01, momentum=0.9)
+    want = fresh.apply_gradients({"p": mx.full((3,), 0.5)}, {"p": mx.ones((3,))})["p"]
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert sorted(state) == ["momentum_buffer", "v"]
+
+
+def test_a_new_parameter_gets_no_state_when_the_step_is_refused():
+    optimizer = RMSprop(0.1)
+    params = optimizer.apply_gradients({"a": mx.ones((2,))}, {"a": mx.ones((2,))})
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match="^gradient 'a' has shape \\(3,\\)"):
+        optimizer.apply_gradients(
+            {"new": mx.ones((2,)), "a": mx.ones((3,))}, {"new": mx.ones((2,)), **params}
+        )
+    assert "new" not in optimizer.state
+    assert snapshot(optimizer).keys() == before.keys()
+
+
+def tiny_llama():
+    """A two-layer model from mlx-lm's own llama classes, whose ``layer_types`` are strings in
+    the module and ``{}`` in its parameters and gradients (no download: built from a config)."""
+    llama = optional.module("mlx_lm.models.llama")
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=16,
+        num_hidden_layers=2,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rms_norm_eps=1e-5,
+        vocab_size=32,
+        layer_types=["full_attention", "sliding_attention"],
+        sliding_window=4,
+    )
+    mx.random.seed(3)
+    return llama.Model(args)
+
+
+def train_llama(model, optimizer, steps=3):
+    tokens = mx.array([[1, 5, 2, 7, 3, 9, 4, 11]])
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, x: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean()
+    )
+    for _ in range(steps):
+        _, grads = loss_and_grad(model, tokens)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    return model
+
+
+@pytest.mark.parametrize("fused", EVERY_PATH, ids=lambda f: f"fused={f}")
+def test_mlx_lm_llama_with_layer_types_trains_as_mlx_rmsprop_does(fused):
+    ours = train_llama(tiny_llama(), RMSprop(0.01, fused=fused))
+    builtin = train_llama(tiny_llama(), optim.RMSprop(0.01))
+    assert ours.model.layer_types == ["full_attention", "sliding_attention"]
+    assert_same_parameters(ours, builtin)

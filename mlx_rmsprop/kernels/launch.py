@@ -45,10 +45,19 @@ def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(merged) or (1,)
 
 
+# The largest 1-D grid MLX's CUDA launch arithmetic takes: it computes the block count as
+# (gx + tx - 1) / tx in signed 32-bit int (mlx/backend/cuda/custom_kernel.cpp,
+# CustomKernel::eval_gpu, "Make the grid"; grid and threadgroup are std::tuple<int, int, int>),
+# which overflows for gx > 2^31 - tx, i.e. sizes 2^31 - 255 .. 2^31 - 1 with 256 threads.
+# From there on the grid is 2-D on both backends (one index computation for both).
+MAX_1D_GRID = MAX_GRID_DIM - (THREADGROUP[0] - 1)
+
+
 def grid_for(size: int) -> tuple[int, int, int]:
-    """Threads to launch for ``size`` elements: one row of ``size`` threads below 2^31, else
-    rows of ``ROW_WIDTH`` (the body computes the 64-bit index and skips the overhang)."""
-    if size <= MAX_GRID_DIM:
+    """Threads to launch for ``size`` elements: one row of ``size`` threads up to
+    ``MAX_1D_GRID`` (2^31 - 256), else rows of ``ROW_WIDTH`` (the body computes the 64-bit
+    index and skips the overhang)."""
+    if size <= MAX_1D_GRID:
         return (size, 1, 1)
     rows = -(-size // ROW_WIDTH)
     if rows > MAX_ROWS:

@@ -1,12 +1,13 @@
 """The kernel's source text: the shared body wrapped the way MLX wraps a custom-kernel body.
 
 ``kernel_body`` is what the launchers pass as ``source=`` to ``mx.fast.metal_kernel`` /
-``mx.fast.cuda_kernel``: a short backend-specific prologue (the index line and the type
-spelling of absent buffers) followed by the body in ``mlx_rmsprop/metal/rmsprop_update.inc``,
-identical for both backends. ``translation_unit`` then reproduces the complete text MLX
-generates around it (signature, template instantiation), so that the exact code a GPU compiles
-can be shown (``RMSprop.kernel_source``), compiled by the emulation tests and compared with
-MLX's own output (tests capture it through ``mx.export_function(..., verbose=True)``).
+``mx.fast.cuda_kernel``: a short backend-specific prologue (the arithmetic primitives, the
+index line and the type spelling of absent buffers) followed by the body in
+``mlx_rmsprop/metal/rmsprop_update.inc``, identical for both backends. ``translation_unit``
+then reproduces the complete text MLX generates around it (signature, template
+instantiation), so that the exact code a GPU compiles can be shown
+(``RMSprop.kernel_source``), compiled by the emulation tests and compared with MLX's own
+output (tests capture it through ``mx.export_function(..., verbose=True)``).
 """
 
 from __future__ import annotations
@@ -55,13 +56,57 @@ METAL_ATTRIBUTES = (
 )
 
 # The one line per backend that finds this thread's element. It must agree with
-# `launch.grid_for`: a 1-D grid of n threads below 2^31 elements, else rows of ROW_WIDTH.
+# `launch.grid_for`: a 1-D grid of n threads up to 2^31 - 256 elements, else rows of ROW_WIDTH.
 INDEX_LINES = {
     "metal": "const size_t i = size_t(thread_position_in_grid.y) * threads_per_grid.x"
     " + thread_position_in_grid.x;",
     "cuda": "const size_t i = (size_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x"
     " + threadIdx.x;",
 }
+# The arithmetic primitives of the shared body, per backend: each one IEEE float32 operation
+# rounded to nearest even on its own, which no compiler may fuse with another (a fused
+# multiply-add rounds once and so differs from the reference) nor replace by an approximation.
+# - CUDA: MLX compiles custom kernels with NVRTC and passes no --fmad=false (MLX
+#   mlx/backend/cuda/jit_module.cpp, compile(): the options are --device-as-default-execution-
+#   space, --gpu-architecture and the include paths), so NVRTC contracts a*b + c into fma.rn.f32
+#   by default. The CUDA Math API documents __fmul_rn, __fadd_rn and __fsub_rn ("Single
+#   Precision Intrinsics") as round-to-nearest operations that are never merged into a
+#   multiply-add; __fdiv_rn and __fsqrt_rn are the IEEE-rounded division and square root
+#   whatever -prec-div/-prec-sqrt/-use_fast_math say. tests/test_kernel_ptx.py compiles
+#   the kernels with NVRTC and MLX's options and finds no fma.rn.f32, no mul/add/sub.f32
+#   without .rn and no .approx instruction.
+# - Metal: MLX builds custom kernels with MTLMathModeSafe on macOS 15+ (fastMathEnabled = NO
+#   before: mlx/backend/metal/device.cpp, set_compile_options; default math_mode "safe",
+#   python/src/fast.cpp) and MSL 3.2 or later there (get_metal_version). Safe mode leaves the
+#   FP32 math functions fast by default (MTLCompileOptions.mathFloatingPointFunctions defaults
+#   to .fast; MLX never sets it), so sqrt and division are metal::precise:: explicitly, as
+#   MLX's own mx.sqrt does. Contraction is switched off by `#pragma METAL fp contract(off)`, the
+#   source-level control MSL 3.2 introduced with the math-mode pragmas (it must open the
+#   compound statement, which the prologue does, and is compiled only where
+#   __METAL_VERSION__ >= 320); on macOS 14 (MSL 3.1) Apple documents safe mode as "preventing
+#   the compiler from making any transformations that could affect the results" (MTLMathMode
+#   .safe). Whether Metal honours this is only measurable on a Mac: `python -m mlx_rmsprop
+#   check` there compares every variant with the reference.
+PRIMITIVES = {
+    "metal": (
+        "#if __METAL_VERSION__ >= 320\n"
+        "#pragma METAL fp contract(off)\n"
+        "#endif\n"
+        "#define RMS_MUL(a, b) ((a) * (b))\n"
+        "#define RMS_ADD(a, b) ((a) + (b))\n"
+        "#define RMS_SUB(a, b) ((a) - (b))\n"
+        "#define RMS_DIV(a, b) metal::precise::divide((a), (b))\n"
+        "#define RMS_SQRT(x) metal::precise::sqrt(x)"
+    ),
+    "cuda": (
+        "#define RMS_MUL(a, b) __fmul_rn((a), (b))\n"
+        "#define RMS_ADD(a, b) __fadd_rn((a), (b))\n"
+        "#define RMS_SUB(a, b) __fsub_rn((a), (b))\n"
+        "#define RMS_DIV(a, b) __fdiv_rn((a), (b))\n"
+        "#define RMS_SQRT(x) __fsqrt_rn(x)"
+    ),
+}
+PRIMITIVE_NAMES = ("RMS_MUL", "RMS_ADD", "RMS_SUB", "RMS_DIV", "RMS_SQRT")
 # How an absent optional buffer is declared (input, output) so the body compiles without it.
 ABSENT_BUFFERS = {
     "metal": ("const device S* {name} = nullptr;", "device S* new_{name} = nullptr;"),
@@ -149,13 +194,14 @@ def body_text() -> str:
 
 @cache
 def kernel_body(backend: str, state_keys: tuple[str, ...]) -> str:
-    """The ``source=`` argument of the kernel object: prologue + shared body.
+    """The ``source=`` argument of the kernel object: prologue (the arithmetic primitives, the
+    index line, the scalars, absent buffers) + shared body.
 
     It depends on the backend and on which state buffers exist (``UpdateOptions.state_keys``),
     not on dtypes or on the other flags (those are template arguments), nor on any per-step
     number: one kernel object serves every step of every optimizer with that layout."""
     _check_backend(backend)
-    lines = [INDEX_LINES[backend]]
+    lines = [PRIMITIVES[backend], INDEX_LINES[backend]]
     lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
     absent_input, absent_output = ABSENT_BUFFERS[backend]
     for name in OPTIONAL_STATE:

@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_rmsprop.kernels.launch import THREADGROUP, KernelCall
+from mlx_rmsprop.kernels.launch import MAX_1D_GRID, MAX_ROWS, ROW_WIDTH, THREADGROUP, KernelCall
 from mlx_rmsprop.kernels.source import Variant, translation_unit
 from mlx_rmsprop.kernels.variants import (
     dtype_combinations,
@@ -73,6 +73,25 @@ CXXFLAGS = [
     "-Wdouble-promotion",
     "-Wfloat-conversion",
 ]
+# The fusing emulation: a compiler that contracts every a*b + c it is allowed to (GCC fuses
+# across statements at -O2 with -ffp-contract=fast), on a CPU with FMA instructions. Only the
+# kernel's arithmetic primitives (the __f*_rn stand-ins in cuda_shim/host/cuda_host.h and
+# metal::precise:: in metal_shim.h) stay unfused, as they must on the GPU.
+FUSING_CXXFLAGS = [
+    "-O2" if flag == "-O0" else "-ffp-contract=fast" if flag == "-ffp-contract=off" else flag
+    for flag in CXXFLAGS
+] + ["-mfma"]
+
+
+def cpu_has_fma() -> bool:
+    """Whether this CPU runs FMA3 instructions (x86-64 Linux: the fma flag of /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"^flags\s*:.*\bfma\b", flags, re.M) is not None
+
+
 SENTINEL_BYTE = 0x5A  # outputs start as this pattern: an element the kernel skips stands out
 
 _METAL_SIGNATURE = re.compile(r"\[\[kernel\]\] void (\w+)\(\n(.*?)\) \{\n", re.S)
@@ -196,17 +215,65 @@ extern "C" void run_grid(ThreadFunction thread, void* const* buffers, const int*
 """
 
 
+INT32_MAX = 2**31 - 1
+
+
+def mlx_cuda_launch(
+    grid: tuple[int, int, int], threadgroup: tuple[int, int, int] = THREADGROUP
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(blocks, block) as MLX's CUDA backend computes them for a custom kernel, in its own
+    arithmetic: grid and threadgroup are std::tuple<int, int, int> (mlx/fast_primitives.h,
+    CustomKernel::grid_) and mlx/backend/cuda/custom_kernel.cpp (CustomKernel::eval_gpu, "Make
+    the grid") computes ``dim3 block(std::min(tx, gx), ...)`` and
+    ``dim3 grid((gx + tx - 1) / tx, ...)`` in signed 32-bit int. Raises OverflowError where
+    that int arithmetic overflows (undefined behaviour in C++; in practice a negative block
+    count that turns into a huge unsigned one and a failed launch)."""
+    blocks, block = [], []
+    for g, t in zip(grid, threadgroup, strict=True):
+        if not (0 < g <= INT32_MAX and 0 < t <= INT32_MAX):
+            raise OverflowError(f"grid {grid} / threadgroup {threadgroup} is not a 32-bit int")
+        if g + t - 1 > INT32_MAX:
+            raise OverflowError(f"(gx + tx - 1) overflows int for grid {grid}, threadgroup {t}")
+        blocks.append((g + t - 1) // t)
+        block.append(min(t, g))
+    return tuple(blocks), tuple(block)
+
+
+# Sizes around every edge of MLX's CUDA launch arithmetic: a partial block, 2^31 - 256 (the
+# largest 1-D grid whose block count (gx + 255) / 256 fits in an int), 2^31 - 255 .. 2^31 - 1
+# (where it would overflow), 2^31 and beyond (2-D), and the largest size the kernel takes.
+LAUNCH_SIZES = [
+    1,
+    255,
+    256,
+    257,
+    MAX_1D_GRID,
+    MAX_1D_GRID + 1,
+    2**31 - 2,
+    2**31 - 1,
+    2**31,
+    2**31 + 18,
+    2**32 + 36,
+    MAX_ROWS * ROW_WIDTH,
+]
+
+
 def launched_extent(grid: tuple[int, int, int], backend: str) -> tuple[int, int, int]:
-    """Threads launched per dimension: exactly the grid on Metal, whole blocks on CUDA."""
+    """Threads launched per dimension: exactly the grid on Metal, whole blocks on CUDA (with
+    MLX's launch arithmetic, which raises where MLX's would overflow)."""
     if backend == "metal":
         return grid
-    return tuple(-(-g // t) * min(t, g) for g, t in zip(grid, THREADGROUP, strict=True))
+    blocks, block = mlx_cuda_launch(grid)
+    return tuple(b * t for b, t in zip(blocks, block, strict=True))
 
 
-def compile_library(source: Path, library: Path, backend: str = "metal") -> None:
+def compile_library(
+    source: Path, library: Path, backend: str = "metal", fusing: bool = False
+) -> None:
     """g++ with the backend's shims; the library appears only once complete."""
     partial = library.with_suffix(f".{os.getpid()}.tmp")
-    command = ["g++", *CXXFLAGS, *BACKEND_FLAGS[backend], str(source), "-o", str(partial)]
+    flags = FUSING_CXXFLAGS if fusing else CXXFLAGS
+    command = ["g++", *flags, *BACKEND_FLAGS[backend], str(source), "-o", str(partial)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise AssertionError(f"g++ failed on {source}:\n{result.stderr[-6000:]}")
@@ -217,7 +284,8 @@ NUMPY_STORAGE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np
 
 
 class Emulator:
-    """A shared library with one entry point per variant, built by one g++ call per chunk."""
+    """A shared library with one entry point per variant, built by one g++ call per chunk.
+    ``fusing=True`` builds it as the fusing emulation (FUSING_CXXFLAGS)."""
 
     def __init__(
         self,
@@ -225,8 +293,10 @@ class Emulator:
         build_dir: Path,
         chunks: int | None = None,
         backend: str = "metal",
+        fusing: bool = False,
     ):
         self.backend = backend
+        self.fusing = fusing
         chunks = chunks or os.cpu_count() or 1
         units: dict[str, tuple[Variant, str]] = {}
         self.entries: dict[Variant, str] = {}
@@ -249,7 +319,8 @@ class Emulator:
             text = prelude + RUN_GRID + "\n".join(chunk)
             # Content-addressed, so a rerun with nothing changed reuses the library.
             shims = (SHIM_DIR / "metal_shim.h", CUDA_SHIM_DIR / "host" / "cuda_host.h")
-            key = text + " ".join(CXXFLAGS) + "".join(path.read_text() for path in shims)
+            flags = FUSING_CXXFLAGS if self.fusing else CXXFLAGS
+            key = text + " ".join(flags) + "".join(path.read_text() for path in shims)
             digest = hashlib.sha256(key.encode()).hexdigest()[:20]
             source = build_dir / f"{self.backend}_kernels_{digest}.cpp"
             paths.append((source, source.with_suffix(".so")))
@@ -258,7 +329,7 @@ class Emulator:
 
         def compile_one(paths: tuple[Path, Path]) -> None:
             if not paths[1].exists():
-                compile_library(*paths, self.backend)
+                compile_library(*paths, self.backend, self.fusing)
 
         with ThreadPoolExecutor(len(paths)) as pool:
             list(pool.map(compile_one, paths))

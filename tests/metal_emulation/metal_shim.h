@@ -24,9 +24,10 @@ struct uint3 {
 typedef _Float16 half;
 typedef half float16_t;
 
-// bfloat16_t: MLX's Metal preamble names it (a struct before Metal 3.1, Metal's `bfloat` after);
-// both convert from float with round-to-nearest-even, which is spelled out here. Conversions
-// are explicit so that a store that forgets its cast does not compile.
+// bfloat16_t: MLX's Metal preamble defines it as Metal's native `bfloat` (unconditionally since
+// MLX 0.29.4, which requires macOS 14 / Metal 3.1: mlx/backend/metal/kernels/bf16.h). It
+// converts from float with round-to-nearest-even, which is spelled out here. Conversions are
+// explicit so that a store that forgets its cast does not compile.
 struct bfloat16_t {
   uint16_t bits;
 
@@ -58,6 +59,22 @@ inline bool isinf(float x) { return __builtin_isinf(x); }
 inline float abs(float x) { return __builtin_fabsf(x); }
 inline float max(float a, float b) { return __builtin_fmaxf(a, b); }
 inline float min(float a, float b) { return __builtin_fminf(a, b); }
+// The IEEE-rounded variants the kernel's arithmetic primitives name (source.py, PRIMITIVES).
+// Each result passes through an empty asm that the optimizer cannot see through, so that
+// even the fusing emulation (harness.py, FUSING_CXXFLAGS) rounds it on its own, as Metal must
+// under `fp contract(off)`: the compiler cannot fuse what it cannot see.
+namespace precise {
+inline float sqrt(float x) {
+  float r = __builtin_sqrtf(x);
+  __asm__("" : "+m"(r));
+  return r;
+}
+inline float divide(float a, float b) {
+  float r = a / b;
+  __asm__("" : "+m"(r));
+  return r;
+}
+}  // namespace precise
 }  // namespace metal
 
 using namespace metal;

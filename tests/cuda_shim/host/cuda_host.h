@@ -22,3 +22,18 @@ inline thread_local dim3 blockDim, gridDim;
 
 using std::isnan;
 using std::sqrt;
+
+// CUDA's IEEE round-to-nearest intrinsics (device-only in CUDA's headers), which the kernel's
+// arithmetic primitives are (source.py, PRIMITIVES). Each result passes through an empty asm
+// the optimizer cannot see through: like the intrinsics on the GPU, they are never merged into
+// a multiply-add, even by the fusing emulation (-ffp-contract=fast -mfma).
+#define MLX_RMSPROP_ROUNDED(expression) \
+  float r = (expression);               \
+  __asm__("" : "+m"(r));                \
+  return r
+inline float __fmul_rn(float a, float b) { MLX_RMSPROP_ROUNDED(a * b); }
+inline float __fadd_rn(float a, float b) { MLX_RMSPROP_ROUNDED(a + b); }
+inline float __fsub_rn(float a, float b) { MLX_RMSPROP_ROUNDED(a - b); }
+inline float __fdiv_rn(float a, float b) { MLX_RMSPROP_ROUNDED(a / b); }
+inline float __fsqrt_rn(float x) { MLX_RMSPROP_ROUNDED(std::sqrt(x)); }
+#undef MLX_RMSPROP_ROUNDED

@@ -1,0 +1,174 @@
+"""Proving an update path on this machine before it touches a user's parameters.
+
+A probe runs a few steps of the path's update on a small awkward input (rows with a NaN, an
+infinite, a zero and an overflowing gradient, a zero state, a NaN state) and compares every
+output with :func:`~mlx_rmsprop.reference.rmsprop_reference` on the CPU under the tolerance
+table (:mod:`mlx_rmsprop.tolerance`). The native path probes its extension once when it loads,
+bit for bit; the GPU kernel paths probe each kernel variant (options x dtypes x size class) on
+its first use in a process (:func:`kernel_verdict`), and ``fused="auto"`` keeps the compiled
+reference for a variant whose probe fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .kernels.source import METAL_CONSTANT_BELOW, Variant
+from .reference import rmsprop_reference
+from .spec import FLAGS, NUM_SCALARS, Scalar
+from .tolerance import compare
+
+logger = logging.getLogger(__name__)
+
+STEPS = 3
+# Errors a path can raise when it cannot run a variant: a kernel that does not compile or
+# launch, an extension that cannot exchange arrays with this mlx.
+RUN_ERRORS = (RuntimeError, ValueError, TypeError)
+# One row per pattern; `size` columns each (a single column below Metal's constant limit).
+ROWS = (
+    "finite",
+    "nan_gradient",
+    "inf_gradient",
+    "negative_inf_gradient",
+    "zero_gradient_and_state",
+    "overflowing_gradient",
+    "nan_state",
+)
+LARGE_COLUMNS = 5
+
+
+def step_scalars(step: int) -> mx.array:
+    """The float32 scalars vector of verification step ``step`` (1-based). Every entry is
+    away from its neutral value; the learning rate changes every step; the update gate is 0 on
+    step 2; the EMA gate is 0 on step 2 and the EMA overwrites the parameter from step 2 on,
+    so three steps see every gate combination."""
+    values = [0.0] * NUM_SCALARS
+    values[Scalar.LR] = 0.01 * (1 + 0.5 * step)
+    values[Scalar.ALPHA] = 0.9
+    values[Scalar.ONE_MINUS_ALPHA] = 1 - 0.9
+    values[Scalar.EPS] = 1e-6
+    values[Scalar.MOMENTUM] = 0.8
+    values[Scalar.WEIGHT_DECAY] = 0.1
+    values[Scalar.BIAS_CORRECTION] = 1 - 0.9**step
+    values[Scalar.GRAD_DIVISOR] = 2.0
+    values[Scalar.CLIP_MULTIPLIER] = 0.75
+    values[Scalar.CLIP_DIVISOR] = 1.5
+    values[Scalar.CLIP_VALUE] = 0.25
+    values[Scalar.UPDATE_GATE] = 0.0 if step == 2 else 1.0
+    values[Scalar.EMA_MOMENTUM] = 0.99
+    values[Scalar.EMA_ONE_MINUS_MOMENTUM] = 1 - 0.99
+    values[Scalar.EMA_GATE] = 0.0 if step == 2 else 1.0
+    values[Scalar.EMA_OVERWRITE] = 1.0 if step >= 2 else 0.0
+    return mx.array(values, mx.float32)
+
+
+def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+    """Parameter, gradient and state in ``variant``'s dtypes and size class: one row per
+    pattern of ROWS. Finite values are conditioned as ``check``'s (the centred variance far
+    from cancellation), so a correct kernel meets the tolerance with room to spare."""
+    shape = (len(ROWS),) if variant.small else (len(ROWS), LARGE_COLUMNS)
+    assert (math.prod(shape) < METAL_CONSTANT_BELOW) == variant.small
+    rng = np.random.default_rng(20240613)
+    values = {
+        "parameter": rng.normal(0.0, 1.0, shape),
+        "gradient": rng.uniform(-1.0, 1.0, shape),
+        "v": rng.uniform(0.5, 2.0, shape),
+        "grad_avg": rng.uniform(-0.05, 0.05, shape),
+        "momentum_buffer": rng.normal(0.0, 0.1, shape),
+    }
+    values["ema"] = values["parameter"] + 0.01
+    patterns = {
+        "nan_gradient": {"gradient": math.nan},
+        "inf_gradient": {"gradient": math.inf},
+        "negative_inf_gradient": {"gradient": -math.inf},
+        "zero_gradient_and_state": {"gradient": 0.0, "v": 0.0, "grad_avg": 0.0},
+        "overflowing_gradient": {"gradient": 1e30},
+        "nan_state": {"v": math.nan},
+    }
+    for row, pattern in enumerate(ROWS):
+        for name, value in patterns.get(pattern, {}).items():
+            values[name][row] = value
+    dtypes = {"parameter": variant.parameter_dtype, "gradient": variant.gradient_dtype}
+
+    def array(name: str) -> mx.array:
+        return mx.array(values[name].astype(np.float32)).astype(
+            dtypes.get(name, variant.state_dtype)
+        )
+
+    state = {key: array(key) for key in variant.options.state_keys}
+    return array("parameter"), array("gradient"), state
+
+
+def difference(update: Callable, variant: Variant, rtol: float | None = None) -> str | None:
+    """``None`` when ``update`` (signature of ``rmsprop_reference``) gives the reference's
+    outputs on the probe input for STEPS steps, each from its own previous outputs; else the
+    first difference. ``rtol`` overrides the tolerance table (0: bit for bit). Errors the
+    update raises propagate (the caller knows what they mean for its path)."""
+    parameter, gradient, state = probe_inputs(variant)
+    for step in range(1, STEPS + 1):
+        scalars = step_scalars(step)
+        new_parameter, new_state = update(variant.options, scalars, parameter, gradient, state)
+        mx.eval(new_parameter, new_state)
+        with mx.stream(mx.cpu):
+            expected = rmsprop_reference(variant.options, scalars, parameter, gradient, state)
+        actual = {"parameter": new_parameter, **new_state}
+        for name, value in {"parameter": expected[0], **expected[1]}.items():
+            mismatch = compare(actual[name], value, rtol=rtol)
+            if mismatch is not None:
+                return f"step {step}, {name} {mismatch}"
+        parameter, state = new_parameter, new_state
+    return None
+
+
+# (path, variant) -> None (adopted) or why not; filled on first use, kept for the process.
+_verdicts: dict[tuple[str, Variant], str | None] = {}
+_warned: set[tuple[str, Variant]] = set()
+
+
+def kernel_verdict(path: str, variant: Variant, update: Callable, fall_back: bool) -> str | None:
+    """Whether the kernel ``update`` of ``path`` may run ``variant`` in this process: ``None``,
+    or why not (its probe differs from the reference, or it fails to compile or launch).
+    Probed once per variant and process. With ``fall_back`` (``fused="auto"``, which then
+    takes the compiled reference) a refusal is logged once, at warning level."""
+    key = (path, variant)
+    if key not in _verdicts:
+        try:
+            verdict = difference(update, variant)
+            if verdict is not None:
+                verdict = f"its probe differs from the reference: {verdict}"
+        except RUN_ERRORS as error:
+            verdict = f"it does not run: {type(error).__name__}: {error}"
+        _verdicts[key] = verdict
+    verdict = _verdicts[key]
+    if verdict is not None and fall_back and key not in _warned:
+        _warned.add(key)
+        logger.warning(
+            "fused='auto': the %s kernel is not used for %s, the compiled reference runs it "
+            "instead: %s",
+            path,
+            describe(variant),
+            verdict,
+        )
+    return verdict
+
+
+def kernel_verdicts() -> dict[tuple[str, Variant], str | None]:
+    """Every kernel verdict of this process so far (a copy)."""
+    return dict(_verdicts)
+
+
+def describe(variant: Variant) -> str:
+    """The variant in a few words: the options that are on, the dtypes, the size class."""
+    options = variant.options
+    on = [name for name in FLAGS if getattr(options, name)]
+    dtypes = "/".join(
+        str(d).split(".")[-1]
+        for d in (variant.parameter_dtype, variant.gradient_dtype, variant.state_dtype)
+    )
+    size = f"<{METAL_CONSTANT_BELOW}" if variant.small else f">={METAL_CONSTANT_BELOW}"
+    return f"{'+'.join(on) or 'no options'}, parameter/gradient/state {dtypes}, {size} elements"
