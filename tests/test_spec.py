@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,28 @@ def test_update_fn_is_defined_once():
         if "UpdateFn = " in path.read_text("utf-8")
     ]
     assert definitions == ["spec.py"]
+
+
+SECTIONS = [
+    "prepare gradient",
+    "moments",
+    "denominator",
+    "step",
+    "decoupled decay",
+    "gate",
+    "EMA",
+]
+MATH_BODIES = [
+    PACKAGE_DIR / "reference.py",
+    REPOSITORY / "metal" / "rmsprop_update.inc",
+    SOURCE_DIR / "update_kernel.h",
+    SOURCE_DIR / "transforms.cpp",
+]
+
+
+@pytest.mark.parametrize("path", MATH_BODIES, ids=lambda path: path.name)
+def test_math_bodies_have_the_same_sections_in_the_same_order(path):
+    # So that the bodies read side by side (the native gate lives in rmsprop_update.cpp; its
+    # place in update_kernel.h is a pointer comment).
+    headers = re.findall(r"^\s*(?:#|//) --- (.+?) ---$", path.read_text("utf-8"), re.M)
+    assert headers == SECTIONS
