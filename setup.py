@@ -5,15 +5,15 @@ The module is compiled with CMake against the mlx of the build environment (MLX'
 mechanism: its headers, libmlx and CMake config ship in the ``mlx`` wheel) and stamped with that
 mlx version and the digest of its sources. When it cannot be built here (no C++ compiler, no
 Python headers, an mlx without its CMake config) the package installs without it, and
-``fused="auto"`` uses the compiled path; ``python -m mlx_rmsprop check`` says why.
+``fused="auto"`` uses the compiled path; ``python -m mlx_rmsprop check`` says why. When mlx is
+later changed to another version, the loader rebuilds the module into a per-user cache
+(:mod:`mlx_rmsprop.native`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +23,10 @@ from setuptools.command.build_ext import build_ext
 NATIVE_DIR = Path(__file__).resolve().parent / "mlx_rmsprop" / "_native"
 
 
-def _native_sources():
-    """``mlx_rmsprop/_native/__init__.py`` loaded by path (importing the package would import
-    mlx_rmsprop and everything it imports)."""
-    spec = importlib.util.spec_from_file_location(
-        "_mlx_rmsprop_sources", NATIVE_DIR / "__init__.py"
-    )
+def _load_by_path(name: str, path: Path):
+    """A module of ``mlx_rmsprop/_native`` loaded by path (importing it as part of the package
+    would import mlx_rmsprop and everything it imports)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -57,40 +55,24 @@ class OptionalNativeBuild(build_ext):
         self.extensions = built
 
     def _build_with_cmake(self, extension: Extension) -> None:
+        import mlx
         import mlx.core
-        import nanobind
 
+        sources = _load_by_path("_mlx_rmsprop_sources", NATIVE_DIR / "__init__.py")
+        build = _load_by_path("_mlx_rmsprop_build", NATIVE_DIR / "build.py")
         target = Path(self.get_ext_fullpath(extension.name)).resolve()
-        # A fresh tree every time: a cached one may point at headers of an earlier, deleted
-        # isolated build environment.
         build_dir = Path(self.build_temp).resolve() / "native-cmake"
-        shutil.rmtree(build_dir, ignore_errors=True)
-        output_dir = build_dir / "out"
-        mlx_cmake_dir = Path(mlx.__path__[0]) / "share" / "cmake" / "MLX"
-        digest = _native_sources().source_digest(NATIVE_DIR)
-        subprocess.run(
-            [
-                "cmake",
-                "-S",
-                str(NATIVE_DIR),
-                "-B",
-                str(build_dir),
-                "-DCMAKE_BUILD_TYPE=Release",
-                f"-DPython_EXECUTABLE={sys.executable}",
-                f"-DMLX_ROOT={mlx_cmake_dir}",
-                f"-Dnanobind_ROOT={nanobind.cmake_dir()}",
-                f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
-                f"-DMLX_RMSPROP_MLX_VERSION={mlx.core.__version__}",
-                f"-DMLX_RMSPROP_SOURCE_DIGEST={digest}",
-            ],
-            check=True,
-        )
-        subprocess.run(
-            ["cmake", "--build", str(build_dir), "--config", "Release", f"-j{os.cpu_count() or 1}"],
-            check=True,
+        built = build.compile_extension(
+            NATIVE_DIR,
+            build_dir,
+            build_dir / "out",
+            cmake=build.find_cmake(),
+            mlx_version=mlx.core.__version__,
+            mlx_package_dir=Path(mlx.__path__[0]),
+            nanobind_dir=build.nanobind_cmake_dir(),
+            source_digest=sources.source_digest(NATIVE_DIR),
         )
         # nanobind names a stable-ABI module _ext.abi3.so; setuptools expects its own suffix.
-        (built,) = [path for path in output_dir.glob("_ext.*") if path.suffix in (".so", ".pyd")]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, target)
 

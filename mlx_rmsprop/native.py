@@ -6,32 +6,41 @@ The module ``mlx_rmsprop._native._ext`` is built when the package is installed w
 toolchain exists. It is used only after it proves to match this installation: built against
 the running mlx version (it links against libmlx's C++ ABI), from the sources beside it, with
 this package's option and scalar layout, and giving the reference's result on a probe update.
-Otherwise :func:`load` raises ``RuntimeError`` with the reason, logged once at debug level, and
-``fused="auto"`` takes the next path.
+
+When it was built against another mlx version or from other sources (mlx was upgraded, or the
+C++ sources of a checkout changed), it is rebuilt on first use into the per-user cache
+(:mod:`mlx_rmsprop._native.cache`) where CMake, nanobind and a C++ compiler are available, and
+that module is used. Otherwise :func:`load` raises ``RuntimeError`` with the reason and the
+command that rebuilds it, and ``fused="auto"`` takes the next path; the reason is logged once,
+at warning level when a rebuild would have fixed it, else (not built at install) at debug level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import logging
+from pathlib import Path
 from types import ModuleType
 
+import mlx
 import mlx.core as mx
 
 from . import probe
-from ._native import source_digest
+from ._native import SOURCE_DIR, build, cache, source_digest
 from .kernels.source import Variant
 from .spec import FLAGS, Scalar, UpdateFn, UpdateOptions
 
 logger = logging.getLogger(__name__)
 
 _EXTENSION = "mlx_rmsprop._native._ext"
-_REBUILD = (
-    "reinstall mlx-rmsprop to rebuild it against the installed mlx (pip's isolated build "
-    "compiles against the newest mlx; `pip install --no-build-isolation` against the installed "
-    "one, with pyproject.toml's build requirements installed)"
-)
+
+
+class _Mismatch(RuntimeError):
+    """The module was built against another mlx or from other sources: building it again here
+    fixes that."""
 
 
 def update(
@@ -66,36 +75,62 @@ def load() -> UpdateFn:
 
 
 def status() -> str:
-    """One line: whether the native path runs here, and why not when it does not."""
-    extension, reason = _probe()
+    """One line: whether the native path runs here and where its module came from (built at
+    install, or rebuilt into the per-user cache), or why it does not run."""
+    verdict = _probe()
+    extension = verdict.extension
     if extension is None:
-        return f"not available: {reason}"
+        return f"not available: {verdict.reason}"
+    origin = (
+        "built at install"
+        if verdict.cache_entry is None
+        else f"rebuilt into the cache at {verdict.cache_entry}"
+    )
     return (
-        f"built and loaded (mlx {extension.MLX_VERSION}; {extension.worker_threads()} threads "
-        f"from {extension.PARALLEL_THRESHOLD} elements)"
+        f"{origin} and loaded (mlx {extension.MLX_VERSION}; {extension.worker_threads()} "
+        f"threads from {extension.PARALLEL_THRESHOLD} elements)"
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    extension: ModuleType | None
+    reason: str | None = None
+    # The per-user cache directory the module was loaded from; None: the installed module.
+    cache_entry: Path | None = None
+
+
 def _loaded() -> ModuleType:
-    extension, reason = _probe()
-    if extension is None:
-        raise RuntimeError(reason)
-    return extension
+    verdict = _probe()
+    if verdict.extension is None:
+        raise RuntimeError(verdict.reason)
+    return verdict.extension
 
 
 @functools.cache
-def _probe() -> tuple[ModuleType | None, str | None]:
+def _probe() -> _Verdict:
     try:
-        extension, reason = _import_checked(), None
+        return _Verdict(_checked(_import_installed()))
+    except _Mismatch as error:
+        mismatch = str(error)
     except RuntimeError as error:
-        extension, reason = None, str(error)
+        reason = f"{error}; to rebuild it: {build.rebuild_command()}"
         logger.debug("native CPU update unavailable: %s", reason)
-    return extension, reason
-
-
-def _import_checked() -> ModuleType:
+        return _Verdict(None, reason)
     try:
-        extension = importlib.import_module(_EXTENSION)
+        entry, extension = _rebuilt(mismatch)
+    except RuntimeError as error:
+        # Warning level: the user had the native path and is losing it (typically after
+        # changing the mlx version). Once per process: this verdict is cached.
+        reason = f"{mismatch}; {error}; to rebuild it: {build.rebuild_command()}"
+        logger.warning("mlx-rmsprop's native CPU update is unavailable: %s", reason)
+        return _Verdict(None, reason)
+    return _Verdict(extension, cache_entry=entry)
+
+
+def _import_installed() -> ModuleType:
+    try:
+        return importlib.import_module(_EXTENSION)
     except ModuleNotFoundError as error:
         if error.name != _EXTENSION:
             raise
@@ -104,20 +139,53 @@ def _import_checked() -> ModuleType:
             "compiler and the Python headers; `pip install -v` shows why it failed)"
         ) from None
     except ImportError as error:
-        raise RuntimeError(f"the native extension cannot be loaded ({error}); {_REBUILD}") from None
+        raise _Mismatch(f"the native extension cannot be loaded ({error})") from None
 
+
+def _rebuilt(mismatch: str) -> tuple[Path, ModuleType]:
+    """The module built against the running mlx from the sources beside this package, from the
+    per-user cache, built there first when missing (``mismatch``: what is wrong with the
+    installed one)."""
+    digest = source_digest()
+    if digest is None:
+        raise RuntimeError("its C++ sources are not installed, so it cannot be rebuilt here")
+    entry = cache.entry(mx.__version__, digest)
+    cache.ensure_built(
+        entry,
+        mlx_version=mx.__version__,
+        mlx_package_dir=Path(mlx.__path__[0]),
+        source_dir=SOURCE_DIR,
+        source_digest=digest,
+        why=mismatch,
+    )
+    path = cache.module_file(entry)
+    try:
+        spec = importlib.util.spec_from_file_location(_EXTENSION, path)
+        extension = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(extension)
+    except ImportError as error:
+        raise RuntimeError(f"the module rebuilt into {entry} cannot be loaded ({error})") from None
+    try:
+        return entry, _checked(extension)
+    except RuntimeError as error:
+        raise RuntimeError(f"the module rebuilt into {entry} is unusable too ({error})") from None
+
+
+def _checked(extension: ModuleType) -> ModuleType:
+    """``extension`` once it proves to match this installation; ``_Mismatch`` or
+    ``RuntimeError`` saying how it does not."""
     if extension.MLX_VERSION != mx.__version__:
-        raise RuntimeError(
+        raise _Mismatch(
             f"the native extension was built against mlx {extension.MLX_VERSION} but mlx "
-            f"{mx.__version__} is installed (their C++ ABIs must match); {_REBUILD}"
+            f"{mx.__version__} is installed (their C++ ABIs must match)"
         )
     digest = source_digest()
     if digest is not None and digest != extension.SOURCE_DIGEST:
-        raise RuntimeError(f"the native extension was built from older sources; {_REBUILD}")
+        raise _Mismatch("the native extension was built from older sources")
     if tuple(extension.SCALAR_NAMES) != tuple(Scalar.__members__):
-        raise RuntimeError(f"the native extension has another scalar layout; {_REBUILD}")
+        raise RuntimeError("the native extension has another scalar layout")
     if set(extension.FLAG_BITS) != set(FLAGS):
-        raise RuntimeError(f"the native extension has another set of options; {_REBUILD}")
+        raise RuntimeError("the native extension has another set of options")
     _check_against_reference(extension)
     return extension
 
@@ -148,11 +216,8 @@ def _check_against_reference(extension: ModuleType) -> None:
     try:
         difference = probe.difference(update, variant, rtol=0.0)
     except probe.RUN_ERRORS as error:
-        raise RuntimeError(
-            f"the native extension does not run with this mlx ({error}); {_REBUILD}"
-        ) from None
+        raise _Mismatch(f"the native extension does not run with this mlx ({error})") from None
     if difference is not None:
         raise RuntimeError(
-            f"the native extension's probe update differs from the reference ({difference}); "
-            f"{_REBUILD}"
+            f"the native extension's probe update differs from the reference ({difference})"
         )

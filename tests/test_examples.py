@@ -56,6 +56,7 @@ def test_compiled_step_resumes_bit_for_bit():
     assert "resumed run matches the uninterrupted one bit for bit: yes" in output
 
 
+@pytest.mark.slow
 def test_finetune_lora_fast():
     output = run("examples/finetune_lora.py", "--fast")
     line = output.split("held-out weather loss: ")[1]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx
 import mlx.core as mx
+import pytest
 
 from mlx_rmsprop import RMSprop
 
@@ -34,6 +35,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow
 def test_wheel_installs_the_kernel_body(tmp_path):
     dist = tmp_path / "dist"
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)]
@@ -44,6 +46,8 @@ def test_wheel_installs_the_kernel_body(tmp_path):
         assert BODY in names
         assert archive.read(BODY).decode() == (ROOT / "metal" / "rmsprop_update.inc").read_text()
         assert "mlx_rmsprop/kernels/source.py" in names
+        license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+        assert archive.read(license_file).decode() == (ROOT / "LICENSE").read_text()
 
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=False)

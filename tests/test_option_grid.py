@@ -44,6 +44,7 @@ def check(config: dict, fused) -> None:
         assert_close(state[key], expected_state[key], "float64", what=f"{label(config)} {key}")
 
 
+@pytest.mark.slow
 def test_every_option_combination_reference_ops():
     for config in full_product():
         check(config, fused=False)
