@@ -287,10 +287,8 @@ def test_an_extension_built_against_another_mlx_is_rebuilt_into_the_cache(
     rng = np.random.default_rng(7)
     option_sets = [
         UpdateOptions(),
-        UpdateOptions(centered=True, momentum=True, nesterov=True, weight_decay="coupled"),
-        UpdateOptions(
-            momentum=True, eps_in_sqrt=True, lr_in_momentum=True, weight_decay="decoupled"
-        ),
+        UpdateOptions(centered=True, momentum=True, nesterov=True, coupled_decay=True),
+        UpdateOptions(momentum=True, eps_in_sqrt=True, lr_in_momentum=True, decoupled_decay=True),
         UpdateOptions(
             centered=True,
             maximize=True,
