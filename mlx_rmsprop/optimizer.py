@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.optimizers import Optimizer
 
 from . import backends, presets, spec, validation
@@ -470,9 +471,17 @@ class RMSprop(Optimizer):
         raise here (unless ``check_value`` is False). Inside mx.compile the value cannot be
         read: the step function then skips the update in the graph instead
         (``PipelineConfig.guard_learning_rate``)."""
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(()).item() if value.dtype.kind in "iuf" else value
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             # Any real scalar the constructor accepts (int, numpy.float32, ...), as float32.
             value = mx.array(float(value))
+        if (
+            isinstance(value, mx.array)
+            and value.size == 1
+            and mx.issubdtype(value.dtype, mx.integer)
+        ):
+            value = value.astype(mx.float32)  # an integer scalar array, as MLX's RMSprop takes
         if (
             not isinstance(value, mx.array)
             or value.size != 1

@@ -16,13 +16,23 @@ def from_torch(
     weight_decay: float = 0,
     momentum: float = 0,
     centered: bool = False,
+    capturable: bool = False,
+    foreach: bool | None = None,
     maximize: bool = False,
+    differentiable: bool = False,
     **options: Any,
 ) -> Any:
     """``torch.optim.RMSprop(params, lr, alpha, eps, weight_decay, momentum, centered,
-    maximize)``: eps outside the square root, coupled weight decay, learning rate applied
-    after the momentum buffer. ``options`` go to ``RMSprop`` (``state_dtype``, ``fused``)."""
+    capturable, foreach, maximize, differentiable)``: eps outside the square root, coupled
+    weight decay, learning rate applied after the momentum buffer. ``capturable``, ``foreach``
+    and ``differentiable`` choose torch's implementation, not its numbers: they are checked and
+    have no effect here (every path is one fused update, and ``mx.grad`` runs through a step
+    on the CPU paths). ``options`` go to ``RMSprop`` (``state_dtype``, ``fused``)."""
     _check_forwarded(options)
+    validation.flag("capturable", capturable)
+    validation.flag("differentiable", differentiable)
+    if foreach is not None:
+        validation.flag("foreach", foreach)
     return _with_eps(
         cls,
         validation.non_negative("eps", eps),
@@ -107,12 +117,17 @@ def from_tensorflow(
     decay: float = 0.9,
     momentum: float = 0.0,
     epsilon: float = 1e-10,
+    use_locking: bool = False,
     centered: bool = False,
+    name: str = "RMSProp",
     **options: Any,
 ) -> Any:
-    """TF1 ``tf.compat.v1.train.RMSPropOptimizer``: like Keras, but the accumulator ``v``
-    starts at 1.0 and the default epsilon is 1e-10."""
+    """TF1 ``tf.compat.v1.train.RMSPropOptimizer(learning_rate, decay, momentum, epsilon,
+    use_locking, centered, name)``: like Keras, but the accumulator ``v`` starts at 1.0 and the
+    default epsilon is 1e-10. ``use_locking`` (TF's variable locking) is checked and has no
+    effect: an update and a checkpoint are always exclusive (``optimizer.update_lock``)."""
     _check_forwarded(options)
+    validation.flag("use_locking", use_locking)
     return _with_eps(
         cls,
         validation.non_negative("epsilon", epsilon),
@@ -123,6 +138,7 @@ def from_tensorflow(
         initial_accumulator_value=1.0,
         eps_in_sqrt=True,
         lr_in_momentum=True,
+        name=name,
         **options,
     )
 

@@ -281,6 +281,37 @@ def test_body_arithmetic_goes_through_the_primitives():
         assert intrinsic in source.PRIMITIVES["cuda"], intrinsic
 
 
+# The calls the shared body may make itself: control keywords, the exact isnan, the integer
+# size_t conversion and the primitives. A math function called directly (sqrt, divide, fma,
+# rsqrt, ...) would bypass the primitives: on Metal a plain sqrt is the fast one under MLX's
+# compile options, while g++ and NVRTC (prec-sqrt is on by default) compile it IEEE-rounded,
+# so neither the emulation nor the PTX check would notice.
+BODY_CALLS = {"if", "constexpr", "for", "isnan", "size_t", *source.PRIMITIVE_NAMES}
+
+
+def _calls_outside_the_primitives(body: str) -> set[str]:
+    return set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", _code(body))) - BODY_CALLS
+
+
+def test_body_calls_no_math_function_outside_the_primitives():
+    assert not _calls_outside_the_primitives(source.body_text())
+
+
+def test_body_call_rule_can_fail():
+    body = source.body_text()
+    old = "RMS_SQRT(RMS_ADD(variance, eps))"
+    assert old in body
+    for new in [
+        "sqrt(RMS_ADD(variance, eps))",
+        "metal::precise::sqrt(RMS_ADD(variance, eps))",
+        "metal::fast::sqrt(RMS_ADD(variance, eps))",
+        "fma(variance, 1.0f, eps)",
+        "__fsqrt_rn(RMS_ADD(variance, eps))",
+        "RMS_DIV(1.0f, rsqrt(RMS_ADD(variance, eps)))",
+    ]:
+        assert _calls_outside_the_primitives(body.replace(old, new)), new
+
+
 def test_primitive_rule_can_fail():
     for bad in [
         "float v_new = alpha * v_old + one_minus_alpha * RMS_MUL(g, g);",

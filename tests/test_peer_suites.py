@@ -356,3 +356,30 @@ def test_keras_configurations_match_keras_live(config):
         optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), variable)])
     ours = run(RMSprop.from_keras(learning_rate=0.01, **config), start, grads)
     np.testing.assert_allclose(ours, np.array(variable.value), rtol=1e-5, atol=1e-6)
+
+
+def test_presets_take_their_frameworks_implementation_only_arguments():
+    # torch.optim.RMSprop(..., capturable, foreach, differentiable) and TF1's
+    # RMSPropOptimizer(..., use_locking, name) choose an implementation, not the numbers: the
+    # presets accept them (checked as flags) and give the same trajectory.
+    params = {"w": mx.array([1.0, -2.0, 0.5])}
+    grads = {"w": mx.array([0.3, -0.4, 0.0])}
+    for preset, extra in [
+        (RMSprop.from_torch, {"capturable": True, "foreach": True, "differentiable": True}),
+        (RMSprop.from_torch, {"foreach": None}),
+        (RMSprop.from_tensorflow, {"use_locking": True, "name": "rms"}),
+    ]:
+        plain, configured = preset(), preset(**extra)
+        np.testing.assert_array_equal(
+            np.array(configured.apply_gradients(grads, params)["w"]),
+            np.array(plain.apply_gradients(grads, params)["w"]),
+        )
+    assert RMSprop.from_tensorflow(name="rms").name == "rms"
+    for preset, name in [
+        (RMSprop.from_torch, "foreach"),
+        (RMSprop.from_torch, "capturable"),
+        (RMSprop.from_torch, "differentiable"),
+        (RMSprop.from_tensorflow, "use_locking"),
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'yes'"):
+            preset(**{name: "yes"})

@@ -186,7 +186,7 @@ def test_presets_name_the_frameworks_own_argument(preset, kwargs, message):
 
 def test_presets_refuse_unknown_arguments():
     with pytest.raises(TypeError, match="unexpected argument"):
-        RMSprop.from_torch(lr=0.1, foreach=True)
+        RMSprop.from_torch(lr=0.1, betas=(0.9, 0.999))
 
 
 def test_hyperparameters_are_read_only():
@@ -207,12 +207,32 @@ def test_valid_edges_are_accepted():
 
 @pytest.mark.parametrize(
     "value",
-    [1, np.float32(0.5), np.float64(0.5), np.int64(1), 0.5, mx.array(0.5)],
-    ids=["int", "numpy.float32", "numpy.float64", "numpy.int64", "float", "mx.array"],
+    [
+        1,
+        np.float32(0.5),
+        np.float64(0.5),
+        np.int64(1),
+        0.5,
+        mx.array(0.5),
+        mx.array(1),
+        np.array(0.5),
+        np.array([2], np.int32),
+    ],
+    ids=[
+        "int",
+        "numpy.float32",
+        "numpy.float64",
+        "numpy.int64",
+        "float",
+        "mx.array",
+        "integer mx.array",
+        "0-d numpy array",
+        "size-1 integer numpy array",
+    ],
 )
 def test_a_schedule_may_return_any_real_scalar_the_constructor_accepts(value):
     scheduled = RMSprop(lambda step: value, momentum=0.5)
-    constant = RMSprop(float(np.asarray(value)), momentum=0.5)
+    constant = RMSprop(float(np.asarray(value).reshape(())), momentum=0.5)
     params = {"w": mx.array([1.0, -2.0])}
     grads = {"w": mx.array([0.3, 0.4])}
     for _ in range(2):
