@@ -11,7 +11,7 @@ import pytest
 
 from mlx_rmsprop import native
 from mlx_rmsprop.reference import rmsprop_reference
-from mlx_rmsprop.spec import Scalar, UpdateOptions, option_space
+from mlx_rmsprop.spec import FLAGS, Scalar, UpdateOptions, option_space
 
 from native_available import requires_native
 
@@ -341,6 +341,39 @@ def test_gradient_from_the_same_lazy_graph():
     )
     assert_same(new_parameter, expected_parameter, "lazy gradient parameter")
     assert_same(new_state["grad_avg"], expected_state["grad_avg"], "lazy gradient grad_avg")
+
+
+def _with_flag(name: str) -> UpdateOptions:
+    """The option set of spec.option_space() with flag ``name`` on and the fewest others."""
+    sets = [options for options in option_space() if getattr(options, name)]
+    return min(sets, key=lambda options: sum(getattr(options, f) for f in FLAGS))
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_every_flag_differentiates_as_the_reference(flag):
+    # The primitive's vjp runs transforms.cpp, a fourth copy of the update: each flag of the
+    # spec, a new one included, must reach it (cotangents bit for bit).
+    options = _with_flag(flag)
+    parameter, gradient, state = random_inputs(options, (37,), 13, *[mx.float32] * 3)
+    scalars = scalars_for(options)
+    keys = options.state_keys
+
+    def through(update):
+        def step(parameter, gradient, *buffers):
+            new_parameter, new_state = update(
+                options, scalars, parameter, gradient, dict(zip(keys, buffers, strict=True))
+            )
+            return [new_parameter, *(new_state[key] for key in keys)]
+
+        return step
+
+    primals = [parameter, gradient, *(state[key] for key in keys)]
+    cotangents = [mx.full(parameter.shape, 0.5 + k, mx.float32) for k in range(1 + len(keys))]
+    ours = mx.vjp(through(native.update), primals, cotangents)
+    expected = mx.vjp(through(rmsprop_reference), primals, cotangents)
+    for part, (actual, wanted) in enumerate(zip(ours, expected, strict=True)):
+        for k, (a, e) in enumerate(zip(actual, wanted, strict=True)):
+            assert_same(a, e, f"{flag}: vjp part {part} entry {k}")
 
 
 def _address(array: mx.array) -> int:
