@@ -3,8 +3,8 @@
 from ._version import __version__
 from .checkpoint import CheckpointError, load_state, save_state
 from .optimizer import RMSprop
-from .options import Scalar, UpdateOptions
 from .reference import rmsprop_reference
+from .spec import Scalar, UpdateOptions
 
 __all__ = [
     "CheckpointError",

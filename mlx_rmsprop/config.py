@@ -16,10 +16,10 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import paths, validation
-from .options import Scalar, UpdateOptions
+from . import paths, spec, validation
 from .pipeline import PipelineConfig, pipeline_config
-from .step import ACCUMULATOR, constant_scalars
+from .spec import ACCUMULATOR, Scalar, UpdateOptions
+from .step import constant_scalars
 
 # The boolean constructor arguments that change the update rule, in the constructor's order
 # (``get_config`` and ``repr`` list them so).
@@ -149,8 +149,6 @@ def rmsprop_config(
         "bias_correction": bias_correction,
     }
     flags = {name: validation.flag(name, given[name]) for name in FLAG_ARGUMENTS}
-    if flags["nesterov"] and momentum == 0:
-        raise ValueError("nesterov=True requires momentum > 0, got momentum=0.0")
     if flags["bias_correction"] and validation.in_float32(alpha) == 1:
         raise ValueError(
             "bias_correction=True requires alpha < 1 in float32 (the correction "
@@ -195,24 +193,27 @@ def rmsprop_config(
 def _update_options(
     momentum: float, weight_decay: float, flags: dict[str, bool], pipeline: PipelineConfig
 ) -> UpdateOptions:
-    if weight_decay == 0:
-        decay_mode = "none"
-    else:
-        decay_mode = "decoupled" if flags["decoupled_weight_decay"] else "coupled"
-    return UpdateOptions(
-        centered=flags["centered"],
-        momentum=momentum > 0,
-        nesterov=flags["nesterov"],
-        eps_in_sqrt=flags["eps_in_sqrt"],
-        lr_in_momentum=flags["lr_in_momentum"],
-        weight_decay=decay_mode,
-        maximize=flags["maximize"],
-        bias_correction=flags["bias_correction"],
-        scale_gradient=pipeline.scales_in_update,
-        clip_value=pipeline.clipvalue is not None,
-        gated=pipeline.gated,
-        ema=pipeline.use_ema,
+    decays = weight_decay > 0
+    option_flags = spec.normalised(
+        {
+            "centered": flags["centered"],
+            "momentum": momentum > 0,
+            "nesterov": flags["nesterov"],
+            "eps_in_sqrt": flags["eps_in_sqrt"],
+            "lr_in_momentum": flags["lr_in_momentum"],
+            "coupled_decay": decays and not flags["decoupled_weight_decay"],
+            "decoupled_decay": decays and flags["decoupled_weight_decay"],
+            "maximize": flags["maximize"],
+            "bias_correction": flags["bias_correction"],
+            "scale_gradient": pipeline.scales_in_update,
+            "clip_value": pipeline.clipvalue is not None,
+            "gated": pipeline.gated,
+            "ema": pipeline.use_ema,
+        }
     )
+    # The spec's invariants, worded with this constructor's arguments.
+    spec.check(option_flags, {"momentum": ("momentum > 0", f"momentum={momentum!r}")})
+    return UpdateOptions(**option_flags)
 
 
 def _constants(

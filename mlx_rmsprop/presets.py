@@ -95,8 +95,6 @@ def from_optax(
     correction, Nesterov momentum as ``optax.trace`` computes it."""
     _check_forwarded(options)
     mu = 0.0 if momentum is None else validation.in_range("momentum", momentum, 0.0, 1.0)
-    if validation.flag("nesterov", nesterov) and mu == 0:
-        raise ValueError(f"nesterov=True requires momentum > 0, got momentum={momentum!r}")
     return _with_eps(
         cls,
         validation.non_negative("eps", eps),
@@ -106,7 +104,7 @@ def from_optax(
         eps_in_sqrt=validation.flag("eps_in_sqrt", eps_in_sqrt),
         centered=validation.flag("centered", centered),
         momentum=mu,
-        nesterov=nesterov,
+        nesterov=validation.flag("nesterov", nesterov),
         bias_correction=validation.flag("bias_correction", bias_correction),
         lr_in_momentum=True,
         **options,

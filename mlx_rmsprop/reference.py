@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .options import Scalar, UpdateOptions
+from .spec import Scalar, UpdateOptions
 
 
 def rmsprop_reference(
@@ -21,7 +21,7 @@ def rmsprop_reference(
 
     Arithmetic runs in ``scalars.dtype`` (float32, or float64 for float64 runs); each result is
     cast back to the dtype of the array it replaces. With ``s[k]`` the entries of ``scalars``
-    (see :class:`~mlx_rmsprop.options.Scalar`), in this order:
+    (see :class:`~mlx_rmsprop.spec.Scalar`), in this order:
 
     .. math::
 
@@ -69,6 +69,7 @@ def rmsprop_reference(
     p = parameter.astype(compute)
     g = gradient.astype(compute)
 
+    # --- prepare gradient ---
     if options.maximize:
         g = -g
     if options.scale_gradient:
@@ -76,27 +77,26 @@ def rmsprop_reference(
         g = g * s(Scalar.CLIP_MULTIPLIER) / s(Scalar.CLIP_DIVISOR)
     if options.clip_value:
         g = mx.minimum(mx.maximum(g, -s(Scalar.CLIP_VALUE)), s(Scalar.CLIP_VALUE))
-    if options.weight_decay == "coupled":
+    if options.coupled_decay:
         g = g + s(Scalar.WEIGHT_DECAY) * p
 
+    # --- moments ---
     alpha, one_minus_alpha = s(Scalar.ALPHA), s(Scalar.ONE_MINUS_ALPHA)
-    v_old = state["v"].astype(compute)
-    v = alpha * v_old + one_minus_alpha * mx.square(g)
+    v = alpha * state["v"].astype(compute) + one_minus_alpha * mx.square(g)
     new_state = {"v": v}
-    v_hat = v / s(Scalar.BIAS_CORRECTION) if options.bias_correction else v
-
     if options.centered:
         grad_avg = alpha * state["grad_avg"].astype(compute) + one_minus_alpha * g
         new_state["grad_avg"] = grad_avg
-        if options.bias_correction:
-            grad_avg = grad_avg / s(Scalar.BIAS_CORRECTION)
-        variance = mx.maximum(v_hat - mx.square(grad_avg), 0.0)
-    else:
-        variance = v_hat
 
+    # --- denominator ---
+    variance = v / s(Scalar.BIAS_CORRECTION) if options.bias_correction else v
+    if options.centered:
+        grad_avg_hat = grad_avg / s(Scalar.BIAS_CORRECTION) if options.bias_correction else grad_avg
+        variance = mx.maximum(variance - mx.square(grad_avg_hat), 0.0)
     eps = s(Scalar.EPS)
     denom = mx.sqrt(variance + eps) if options.eps_in_sqrt else mx.sqrt(variance) + eps
 
+    # --- step ---
     lr = s(Scalar.LR)
     if options.momentum:
         mu = s(Scalar.MOMENTUM)
@@ -113,18 +113,19 @@ def rmsprop_reference(
     else:
         delta = lr * g / denom
 
-    if options.weight_decay == "decoupled":
-        p_new = p - p * s(Scalar.WEIGHT_DECAY) * lr
-    else:
-        p_new = p
-    p_new = p_new - delta
+    # --- decoupled decay ---
+    # The shrink uses the parameter before the step; the step then applies to the result.
+    shrunk = p - p * s(Scalar.WEIGHT_DECAY) * lr if options.decoupled_decay else p
+    p_new = shrunk - delta
 
+    # --- gate ---
     if options.gated:
         keep = s(Scalar.UPDATE_GATE) == 0
         p_new = mx.where(keep, p, p_new)
         for key in new_state:
             new_state[key] = mx.where(keep, state[key].astype(compute), new_state[key])
 
+    # --- EMA ---
     if options.ema:
         ema_old = state["ema"].astype(compute)
         ema = s(Scalar.EMA_MOMENTUM) * ema_old + s(Scalar.EMA_ONE_MINUS_MOMENTUM) * p_new

@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .options import NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 from .pipeline import (
     PipelineConfig,
     all_finite,
@@ -25,8 +24,7 @@ from .pipeline import (
     ema_factors,
     global_clip_factor,
 )
-
-ACCUMULATOR = "accumulated_gradient"
+from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 
 
 def compute_dtype(parameter: mx.array, gradient: mx.array, state: dict) -> mx.Dtype:

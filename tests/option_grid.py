@@ -1,36 +1,48 @@
-"""Configurations to sweep: the full product of RMSprop's options, and a pairwise covering subset
-(every value of every option, and every pair of values of two options, appears at least once)
-for paths where each configuration costs a compilation."""
+"""Configurations to sweep through the constructor: the update-rule part of
+``spec.option_space()`` projected onto constructor arguments, crossed with the initial
+accumulator value, and a pairwise covering subset (every value of every argument, and every
+pair of values of two arguments, appears at least once) for paths where each configuration
+costs a compilation.
+
+The projection: pipeline flags (``spec.PIPELINE_FLAGS``, set by the Keras pipeline arguments
+and swept by test_pipeline) stay off; ``momentum`` becomes the number 0.0 or 0.9, the two decay
+flags become ``weight_decay`` and ``decoupled_weight_decay``; every other flag is the
+constructor argument of the same name.
+"""
 
 from __future__ import annotations
 
 import itertools
 
-OPTION_VALUES = {
-    "centered": (False, True),
-    "momentum": (0.0, 0.9),
-    "nesterov": (False, True),
-    "eps_in_sqrt": (False, True),
-    "lr_in_momentum": (False, True),
-    "weight_decay": (0.0, 0.1),
-    "decoupled_weight_decay": (False, True),
-    "maximize": (False, True),
-    "bias_correction": (False, True),
-    "initial_accumulator_value": (0.0, 0.5),
-}
+from mlx_rmsprop.spec import FLAGS, PIPELINE_FLAGS, UpdateOptions, option_space
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 0.1
+INITIAL_ACCUMULATOR_VALUES = (0.0, 0.5)
 
 
-def _valid(config: dict) -> bool:
-    return not (config["nesterov"] and config["momentum"] == 0)
+def constructor_arguments(options: UpdateOptions) -> dict:
+    """The ``RMSprop`` arguments whose optimizer runs ``options`` (pipeline flags off)."""
+    config: dict = {}
+    for name in FLAGS:
+        value = getattr(options, name)
+        if name == "momentum":
+            config["momentum"] = MOMENTUM if value else 0.0
+        elif name in ("coupled_decay", "decoupled_decay"):
+            decays = options.coupled_decay or options.decoupled_decay
+            config["weight_decay"] = WEIGHT_DECAY if decays else 0.0
+            config["decoupled_weight_decay"] = options.decoupled_decay
+        elif name not in PIPELINE_FLAGS:
+            config[name] = value
+    return config
 
 
 def full_product() -> list[dict]:
-    names = list(OPTION_VALUES)
-    configs = (
-        dict(zip(names, values, strict=True))
-        for values in itertools.product(*OPTION_VALUES.values())
-    )
-    return [c for c in configs if _valid(c)]
+    rules = [o for o in option_space() if not any(getattr(o, n) for n in PIPELINE_FLAGS)]
+    return [
+        {**constructor_arguments(options), "initial_accumulator_value": initial}
+        for options, initial in itertools.product(rules, INITIAL_ACCUMULATOR_VALUES)
+    ]
 
 
 def _pairs(config: dict) -> set:

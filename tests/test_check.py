@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop import check, paths
-from mlx_rmsprop.options import Scalar, UpdateOptions
 from mlx_rmsprop.paths.kernels.source import Variant
 from mlx_rmsprop.paths.kernels.variants import pairwise_option_sets
 from mlx_rmsprop.reference import rmsprop_reference
+from mlx_rmsprop.spec import Scalar, UpdateOptions
 from mlx_rmsprop.tolerance import RTOL, compare, relative_error
 
 from tolerances import assert_close

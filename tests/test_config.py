@@ -13,8 +13,8 @@ import pytest
 
 from mlx_rmsprop import RMSprop
 from mlx_rmsprop.config import RMSpropConfig
-from mlx_rmsprop.options import Scalar
 from mlx_rmsprop.paths import FUSED_CHOICES
+from mlx_rmsprop.spec import Scalar
 
 
 def _fused_documentation() -> str:

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop.check import step_scalars
-from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.paths.kernels.launch import grid_for
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
 from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
 from mlx_rmsprop.reference import rmsprop_reference
+from mlx_rmsprop.spec import UpdateOptions
 
 import cuda_nvrtc
 import optional
@@ -74,7 +74,7 @@ def test_plan_file_is_the_emulated_cuda_set():
     assert json.loads(script.PLAN.read_text()) == plan_rows(), (
         "regenerate it: python tests/test_gpu_kernel_check.py"
     )
-    assert len(script.load_plan()) == 173
+    assert len(script.load_plan()) == len(cuda_variants())
 
 
 def test_script_never_imports_mlx():
@@ -90,7 +90,7 @@ def test_script_never_imports_mlx():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[0] == "173"
+    assert result.stdout.split()[0] == str(len(plan_rows()))
 
 
 def test_script_units_are_the_launchers():
@@ -210,6 +210,8 @@ def test_script_units_compile_with_its_header_and_options():
         pytest.skip("CUDA's runtime headers are not installed")
     variants = [Variant(o) for o in pairwise_option_sets()[:3]]
     variants.append(Variant(every_flag_on(("v", "grad_avg", "momentum_buffer", "ema"))))
+    # One definition per kernel: the greedy covering set may already hold every flag on.
+    variants = list(dict.fromkeys(variants))
     source = "".join(script.translation_unit(as_script_variant(v)) for v in variants)
     options = [
         "--device-as-default-execution-space",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
+from mlx_rmsprop.spec import UpdateOptions
 
 from metal_emulation.harness import cuda_variants
 

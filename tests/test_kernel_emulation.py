@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
-from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.paths.kernels import source
 from mlx_rmsprop.paths.kernels.launch import (
     MAX_1D_GRID,
@@ -42,11 +41,11 @@ from mlx_rmsprop.paths.kernels.source import Variant
 from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
-    every_option_set,
     pairwise_option_sets,
     verification_plan,
 )
 from mlx_rmsprop.reference import rmsprop_reference
+from mlx_rmsprop.spec import FLAGS, UpdateOptions, option_space
 
 from metal_emulation.harness import (
     CUDA_INCLUDE,
@@ -63,7 +62,7 @@ from metal_emulation.harness import (
 from tolerances import assert_close
 
 BUILD_DIR = Path(tempfile.gettempdir()) / "mlx_rmsprop_emulation"
-LAYOUTS = sorted({options.state_keys for options in every_option_set()})
+LAYOUTS = sorted({options.state_keys for options in option_space()})
 
 
 NO_CUDA_HEADERS = not (CUDA_INCLUDE / "cuda_fp16.h").exists()
@@ -124,8 +123,9 @@ def run_emulated(emulator: Emulator, variant: Variant, shape, seed: int, steps: 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda keys: "+".join(keys))
 def test_every_option_set_float32(emulator, layout):
-    # 4608 option sets in all, split by buffer layout; each runs one shape of the rotation.
-    options = [o for o in every_option_set() if o.state_keys == layout]
+    # Every option set of spec.option_space(), split by buffer layout; each runs one shape of the
+    # rotation.
+    options = [o for o in option_space() if o.state_keys == layout]
     shapes = SHAPES[False]
     for k, option_set in enumerate(options):
         run_emulated(emulator, Variant(option_set), shapes[k % len(shapes)], seed=k, steps=2)
@@ -155,29 +155,23 @@ def test_cuda_twin_run_on_the_cpu(cuda_emulator):
 
 
 def test_plan_counts():
-    # What the README states about the emulation's coverage.
-    assert len(every_option_set()) == 4608
+    # Every option set once in float32, then the pairwise sets for the 15 dtype combinations
+    # and 2 address-space classes (less the float32 large-array repeats of the first part).
     assert len(dtype_combinations()) == 15
-    assert len(verification_plan()) == 4608 + 15 * 2 * len(pairwise_option_sets()) - 11
-    pairs = set()
-    for options in pairwise_option_sets():
-        row = [
-            ("centered", options.centered),
-            ("momentum", (options.momentum, options.nesterov)),
-            ("eps_in_sqrt", options.eps_in_sqrt),
-            ("lr_in_momentum", options.lr_in_momentum),
-            ("weight_decay", options.weight_decay),
-            ("maximize", options.maximize),
-            ("bias_correction", options.bias_correction),
-            ("scale_gradient", options.scale_gradient),
-            ("clip_value", options.clip_value),
-            ("gated", options.gated),
-            ("ema", options.ema),
-        ]
-        pairs |= set(itertools.combinations(row, 2))
-    # 11 factors: 2 of 3 values (momentum mode, weight decay), 9 of 2.
-    expected = sum(a * b for a, b in itertools.combinations([2, 3, 2, 2, 3, 2, 2, 2, 2, 2, 2], 2))
-    assert len(pairs) == expected
+    pairwise = pairwise_option_sets()
+    expected = len(option_space()) + 15 * 2 * len(pairwise) - len(pairwise)
+    assert len(verification_plan()) == expected
+    covered = set()
+    for options in pairwise:
+        covered |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
+    # Every (flag, value) pair some valid option set holds.
+    possible = set()
+    for options in option_space():
+        possible |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
+    assert covered == possible
+    # 4 value pairs for each two flags, less the 3 the invariants forbid (nesterov or
+    # lr_in_momentum without momentum, both decays).
+    assert len(possible) == 4 * math.comb(len(FLAGS), 2) - 3
 
 
 def test_empty_parameter_launches_nothing():
@@ -298,7 +292,7 @@ def run_past_2_31_elements(build_dir: Path, data_dir: Path, backend: str = "meta
     what they wrote against the reference, and that nothing else was written."""
     size = math.prod(LARGE_SHAPE)
     options = UpdateOptions(
-        centered=True, momentum=True, ema=True, gated=True, weight_decay="decoupled"
+        centered=True, momentum=True, ema=True, gated=True, decoupled_decay=True
     )
     variant = Variant(options, mx.float16, mx.bfloat16, mx.float32)
     emulator = Emulator([variant], build_dir, chunks=1, backend=backend)
@@ -477,13 +471,13 @@ def test_fusing_emulation_passes_check():
 @pytest.mark.skipif(NO_FUSING, reason=NO_FUSING_REASON)
 def test_fusing_emulation_passes_check_quick_plan():
     # The variants of `check --quick` on a GPU: 15 dtype combinations x both size classes x
-    # the pairwise option sets (330).
+    # the pairwise option sets.
     variants = [
         Variant(o, p, g, s, small)
         for (p, g, s), small in itertools.product(dtype_combinations(), (False, True))
         for o in pairwise_option_sets()
     ]
-    assert len(variants) == 330
+    assert len(variants) == 15 * 2 * len(pairwise_option_sets())
     assert fusing_failures(variants, BUILD_DIR) == []
 
 

@@ -25,14 +25,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.paths.kernels.source import Variant, body_text, kernel_body, translation_unit
 from mlx_rmsprop.paths.kernels.variants import (
     every_flag_on,
-    every_option_set,
     pairwise_option_sets,
     verification_plan,
 )
+from mlx_rmsprop.spec import UpdateOptions, option_space
 
 STRICT_HEADER = Path(__file__).parent / "metal_emulation" / "metal_strict.h"
 CLANG = shutil.which("clang")
@@ -114,7 +113,7 @@ def unqualified_indirections(ast_dump: str) -> list[str]:
 def representative_variants() -> list[Variant]:
     """Every buffer layout with all its flags on, in mixed dtypes and both address-space
     classes, plus the pairwise option sets in float32 for both classes."""
-    layouts = sorted({options.state_keys for options in every_option_set()})
+    layouts = sorted({options.state_keys for options in option_space()})
     variants = [
         Variant(every_flag_on(keys), parameter, gradient, state, small)
         for keys in layouts

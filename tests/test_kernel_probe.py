@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop import RMSprop, check, paths
-from mlx_rmsprop.options import UpdateOptions
 from mlx_rmsprop.paths import probe
 from mlx_rmsprop.paths.kernels import metal, source
 from mlx_rmsprop.paths.kernels.launch import KernelCall
 from mlx_rmsprop.paths.kernels.source import Variant
 from mlx_rmsprop.reference import rmsprop_reference
+from mlx_rmsprop.spec import UpdateOptions
 
 from metal_emulation.harness import Emulator
 

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import re
 import tempfile
-from dataclasses import fields
 from functools import partial
 
 import mlx.core as mx
@@ -17,12 +16,12 @@ import pytest
 
 from mlx_rmsprop import RMSprop, paths
 from mlx_rmsprop.check import step_scalars, verification_inputs
-from mlx_rmsprop.options import Scalar, UpdateOptions
 from mlx_rmsprop.paths import probe
 from mlx_rmsprop.paths.kernels import metal, source
 from mlx_rmsprop.paths.kernels.launch import make_update, plan
 from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
-from mlx_rmsprop.paths.kernels.variants import every_flag_on, every_option_set
+from mlx_rmsprop.paths.kernels.variants import every_flag_on
+from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -51,7 +50,7 @@ CAPTURED = [
     ),
     (UpdateOptions(centered=True, momentum=True), mx.float16, mx.float16, mx.float16, (3,), False),
     (
-        UpdateOptions(maximize=True, weight_decay="coupled", bias_correction=True),
+        UpdateOptions(maximize=True, coupled_decay=True, bias_correction=True),
         mx.bfloat16,
         mx.float32,
         mx.bfloat16,
@@ -173,13 +172,13 @@ def _metal_subset_violations(code: str) -> list[str]:
 def test_every_metal_kernel_stays_in_the_metal_subset():
     # The body text depends only on the buffer layout: check each layout's body once, then
     # the rest of every option set's translation unit (signature, template instantiation).
-    for keys in sorted({o.state_keys for o in every_option_set()}):
+    for keys in sorted({o.state_keys for o in option_space()}):
         body = _code(source.kernel_body("metal", keys))
         assert not _metal_subset_violations(body), keys
         statements = re.sub(r"^#pragma [^\n]*", "", body, flags=re.M)
         calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", statements))
         assert calls <= ALLOWED_CALLS, f"calls {calls - ALLOWED_CALLS} for {keys}"
-    for options in every_option_set():
+    for options in option_space():
         variant = Variant(options, mx.bfloat16, mx.float16, mx.float32)
         unit = translation_unit(variant, "metal")
         # MLX's wrapper has no comments: what is left once the body is taken out is code.
@@ -189,7 +188,7 @@ def test_every_metal_kernel_stays_in_the_metal_subset():
         assert buffers == list(range(len(buffers)))
         assert len(buffers) == source.metal_buffer_count(variant) <= source.METAL_MAX_BUFFERS
     # The largest layout: 7 inputs, the parameter's shape and ndim, 5 outputs.
-    assert max(source.metal_buffer_count(Variant(o)) for o in every_option_set()) == 14
+    assert max(source.metal_buffer_count(Variant(o)) for o in option_space()) == 14
 
 
 def test_metal_subset_check_can_fail():
@@ -223,7 +222,7 @@ def test_body_reads_each_input_once_and_writes_each_output_once():
 def test_cuda_and_metal_share_the_body():
     # Only the arithmetic primitives, the index line and the spelling of absent buffers differ
     # between the paths.
-    for keys in sorted({o.state_keys for o in every_option_set()}):
+    for keys in sorted({o.state_keys for o in option_space()}):
         metal_text = source.kernel_body("metal", keys)
         cuda_text = source.kernel_body("cuda", keys)
         assert metal_text.startswith(source.PRIMITIVES["metal"] + "\n")
@@ -239,19 +238,16 @@ def test_cuda_and_metal_share_the_body():
 
 
 def test_every_update_option_is_a_template_argument():
-    default = Variant(UpdateOptions()).template_args()
-    for field in fields(UpdateOptions):
-        changed = {"weight_decay": "coupled"}.get(field.name, True)
-        if field.name == "nesterov":
-            options = UpdateOptions(momentum=True, nesterov=True)
-            baseline = Variant(UpdateOptions(momentum=True)).template_args()
-        else:
-            options = UpdateOptions(**{field.name: changed})
-            baseline = default
-        assert Variant(options).template_args() != baseline, field.name
-    decoupled = Variant(UpdateOptions(weight_decay="decoupled")).template_args()
-    assert ("DECOUPLED_WEIGHT_DECAY", True) in decoupled
-    assert ("COUPLED_WEIGHT_DECAY", False) in decoupled
+    needs = dict(REQUIREMENTS)
+    for name in FLAGS:
+        # Each flag switched on alone (with the flag it needs): the template must change.
+        base = {needs[name]: True} if name in needs else {}
+        baseline = Variant(UpdateOptions(**base)).template_args()
+        options = UpdateOptions(**base, **{name: True})
+        assert Variant(options).template_args() != baseline, name
+    decoupled = Variant(UpdateOptions(decoupled_decay=True)).template_args()
+    assert ("DECOUPLED_DECAY", True) in decoupled
+    assert ("COUPLED_DECAY", False) in decoupled
 
 
 # A float operator between two operands (a * b, a / b, a + b, a - b, compound assignments

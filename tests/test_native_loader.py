@@ -27,31 +27,16 @@ import pytest
 
 from mlx_rmsprop import RMSprop, paths
 from mlx_rmsprop.check import step_scalars
-from mlx_rmsprop.options import Scalar, UpdateOptions
 from mlx_rmsprop.paths import native
 from mlx_rmsprop.paths.native import build, cache
 from mlx_rmsprop.paths.native.sources import source_digest
 from mlx_rmsprop.reference import rmsprop_reference
+from mlx_rmsprop.spec import FLAGS, Scalar, UpdateOptions
 
 import native_available
 from native_available import requires_native
 
 EXTENSION = "mlx_rmsprop.paths.native._ext"
-FLAG_NAMES = [
-    "centered",
-    "momentum",
-    "nesterov",
-    "eps_in_sqrt",
-    "lr_in_momentum",
-    "weight_decay=coupled",
-    "weight_decay=decoupled",
-    "maximize",
-    "bias_correction",
-    "scale_gradient",
-    "clip_value",
-    "gated",
-    "ema",
-]
 
 
 @pytest.fixture
@@ -72,16 +57,13 @@ def _stand_in() -> types.ModuleType:
     module.MLX_VERSION = mx.__version__
     module.SOURCE_DIGEST = source_digest()
     module.SCALAR_NAMES = tuple(Scalar.__members__)
-    module.FLAG_BITS = {name: 1 << bit for bit, name in enumerate(FLAG_NAMES)}
+    module.FLAG_BITS = {name: 1 << bit for bit, name in enumerate(FLAGS)}
     module.PARALLEL_THRESHOLD = 65536
     module.worker_threads = lambda: 2
 
     def update(scalars, gradient, parameter, state, flags):
-        enabled = {name for name, bit in module.FLAG_BITS.items() if flags & bit}
-        decay = [name.split("=")[1] for name in enabled if name.startswith("weight_decay")]
         options = UpdateOptions(
-            weight_decay=decay[0] if decay else "none",
-            **{name: True for name in enabled if "=" not in name},
+            **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()}
         )
         new_parameter, new_state = rmsprop_reference(
             options, scalars, parameter, gradient, dict(zip(options.state_keys, state, strict=True))
@@ -197,9 +179,8 @@ def test_extension_with_wrong_results_falls_back(stand_in, caplog):
 
 def test_every_option_has_a_flag_bit(stand_in):
     # The wrapper maps each UpdateOptions field to the extension's bit by name.
-    assert set(native._flag_names()) == set(FLAG_NAMES)
-    assert native._flags(UpdateOptions(weight_decay="decoupled", ema=True)) == (
-        stand_in.FLAG_BITS["weight_decay=decoupled"] | stand_in.FLAG_BITS["ema"]
+    assert native._flags(UpdateOptions(decoupled_decay=True, ema=True)) == (
+        stand_in.FLAG_BITS["decoupled_decay"] | stand_in.FLAG_BITS["ema"]
     )
 
 
@@ -307,10 +288,8 @@ def test_an_extension_built_against_another_mlx_is_rebuilt_into_the_cache(
     rng = np.random.default_rng(7)
     option_sets = [
         UpdateOptions(),
-        UpdateOptions(centered=True, momentum=True, nesterov=True, weight_decay="coupled"),
-        UpdateOptions(
-            momentum=True, eps_in_sqrt=True, lr_in_momentum=True, weight_decay="decoupled"
-        ),
+        UpdateOptions(centered=True, momentum=True, nesterov=True, coupled_decay=True),
+        UpdateOptions(momentum=True, eps_in_sqrt=True, lr_in_momentum=True, decoupled_decay=True),
         UpdateOptions(
             centered=True,
             maximize=True,

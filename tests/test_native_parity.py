@@ -5,35 +5,36 @@ reference's IEEE operations in the reference's order, and casts exactly as MLX's
 
 from __future__ import annotations
 
-import itertools
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop.options import WEIGHT_DECAY_MODES, Scalar, UpdateOptions
 from mlx_rmsprop.paths import native
 from mlx_rmsprop.reference import rmsprop_reference
+from mlx_rmsprop.spec import FLAGS, Scalar, UpdateOptions, option_space
 
 from native_available import requires_native
 
 pytestmark = requires_native
 
-MOMENTUM_MODES = {
-    "no-momentum": {},
-    "momentum": {"momentum": True},
-    "nesterov": {"momentum": True, "nesterov": True},
-    "lr-in-momentum": {"momentum": True, "lr_in_momentum": True},
-    "lr-in-nesterov": {"momentum": True, "lr_in_momentum": True, "nesterov": True},
-}
-PIPELINE_FLAGS = ("maximize", "scale_gradient", "clip_value", "gated", "ema")
+# The flags that pick the native loop's template instantiation (select_core); the others (the
+# gradient preparation, the gates, the EMA) are per-chunk passes.
+CORE_FLAGS = (
+    "centered",
+    "momentum",
+    "nesterov",
+    "eps_in_sqrt",
+    "lr_in_momentum",
+    "decoupled_decay",
+    "bias_correction",
+)
 EVERYTHING = UpdateOptions(
     centered=True,
     momentum=True,
     nesterov=True,
     eps_in_sqrt=True,
     lr_in_momentum=True,
-    weight_decay="coupled",
+    coupled_decay=True,
     maximize=True,
     bias_correction=True,
     scale_gradient=True,
@@ -45,11 +46,9 @@ OPTION_SETS = {
     "defaults": UpdateOptions(),
     "everything": EVERYTHING,
     "keras-like": UpdateOptions(
-        momentum=True, eps_in_sqrt=True, lr_in_momentum=True, weight_decay="decoupled"
+        momentum=True, eps_in_sqrt=True, lr_in_momentum=True, decoupled_decay=True
     ),
-    "torch-like": UpdateOptions(
-        centered=True, momentum=True, weight_decay="coupled", maximize=True
-    ),
+    "torch-like": UpdateOptions(centered=True, momentum=True, coupled_decay=True, maximize=True),
 }
 
 
@@ -134,25 +133,24 @@ def assert_steps_match(options, scalars, parameter, gradients, state, what):
             assert_same(ours_state[key], ref_state[key], f"{what} step {step} {key}")
 
 
-@pytest.mark.parametrize("weight_decay", WEIGHT_DECAY_MODES)
-@pytest.mark.parametrize("bias_correction", [False, True], ids=["", "bias-corrected"])
-@pytest.mark.parametrize("eps_in_sqrt", [False, True], ids=["eps-outside", "eps-in-sqrt"])
-@pytest.mark.parametrize("centered", [False, True], ids=["", "centered"])
-@pytest.mark.parametrize("momentum", list(MOMENTUM_MODES))
-def test_every_option_combination_is_bit_exact(
-    momentum, centered, eps_in_sqrt, bias_correction, weight_decay
-):
-    # The template parameters of the native loop are crossed here; the gradient pipeline and
-    # the gates (per-chunk passes) are crossed inside: 3840 configurations in all.
-    for enabled in itertools.product([False, True], repeat=len(PIPELINE_FLAGS)):
-        options = UpdateOptions(
-            centered=centered,
-            eps_in_sqrt=eps_in_sqrt,
-            bias_correction=bias_correction,
-            weight_decay=weight_decay,
-            **MOMENTUM_MODES[momentum],
-            **dict(zip(PIPELINE_FLAGS, enabled, strict=True)),
-        )
+def _core(options: UpdateOptions) -> tuple[bool, ...]:
+    return tuple(getattr(options, name) for name in CORE_FLAGS)
+
+
+def _core_label(core: tuple[bool, ...]) -> str:
+    return ",".join(name for name, on in zip(CORE_FLAGS, core, strict=True) if on) or "plain"
+
+
+# option_space() grouped by instantiation: one test per instantiation, its passes crossed inside.
+OPTIONS_BY_CORE: dict[tuple[bool, ...], list[UpdateOptions]] = {}
+for _options in option_space():
+    OPTIONS_BY_CORE.setdefault(_core(_options), []).append(_options)
+
+
+@pytest.mark.parametrize("core", list(OPTIONS_BY_CORE), ids=_core_label)
+def test_every_option_combination_is_bit_exact(core):
+    # Together the cases run every option set of spec.option_space().
+    for options in OPTIONS_BY_CORE[core]:
         parameter, gradient, state = random_inputs(
             options, (301,), 0, mx.float32, mx.float32, mx.float32
         )
@@ -345,6 +343,39 @@ def test_gradient_from_the_same_lazy_graph():
     assert_same(new_state["grad_avg"], expected_state["grad_avg"], "lazy gradient grad_avg")
 
 
+def _with_flag(name: str) -> UpdateOptions:
+    """The option set of spec.option_space() with flag ``name`` on and the fewest others."""
+    sets = [options for options in option_space() if getattr(options, name)]
+    return min(sets, key=lambda options: sum(getattr(options, f) for f in FLAGS))
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_every_flag_differentiates_as_the_reference(flag):
+    # The primitive's vjp runs transforms.cpp, a fourth copy of the update: each flag of the
+    # spec, a new one included, must reach it (cotangents bit for bit).
+    options = _with_flag(flag)
+    parameter, gradient, state = random_inputs(options, (37,), 13, *[mx.float32] * 3)
+    scalars = scalars_for(options)
+    keys = options.state_keys
+
+    def through(update):
+        def step(parameter, gradient, *buffers):
+            new_parameter, new_state = update(
+                options, scalars, parameter, gradient, dict(zip(keys, buffers, strict=True))
+            )
+            return [new_parameter, *(new_state[key] for key in keys)]
+
+        return step
+
+    primals = [parameter, gradient, *(state[key] for key in keys)]
+    cotangents = [mx.full(parameter.shape, 0.5 + k, mx.float32) for k in range(1 + len(keys))]
+    ours = mx.vjp(through(native.update), primals, cotangents)
+    expected = mx.vjp(through(rmsprop_reference), primals, cotangents)
+    for part, (actual, wanted) in enumerate(zip(ours, expected, strict=True)):
+        for k, (a, e) in enumerate(zip(actual, wanted, strict=True)):
+            assert_same(a, e, f"{flag}: vjp part {part} entry {k}")
+
+
 def _address(array: mx.array) -> int:
     view = np.array(array, copy=False)
     return view.__array_interface__["data"][0]
@@ -423,9 +454,18 @@ _ERROR_CASES = {
         "float32), got shape (2, 2) and dtype float32",
     ),
     "unknown flag": (lambda s, p, g, st: (s, g, p, [st], 1 << 20), "flags has unknown bits: "),
+    # The spec's invariants, with the spec's messages (spec.h is generated from it).
     "nesterov alone": (
         lambda s, p, g, st: (s, g, p, [st], 4),
-        "flags: nesterov needs momentum",
+        "flags: nesterov=True requires momentum=True, got momentum=False",
+    ),
+    "lr_in_momentum alone": (
+        lambda s, p, g, st: (s, g, p, [st], 16),
+        "flags: lr_in_momentum=True requires momentum=True, got momentum=False",
+    ),
+    "both decays": (
+        lambda s, p, g, st: (s, g, p, [st], 32 | 64),
+        "flags: coupled_decay=True and decoupled_decay=True exclude each other",
     ),
 }
 

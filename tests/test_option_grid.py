@@ -1,4 +1,5 @@
-"""Every combination of options (768) in float64 against the independent NumPy statement, with a
+"""Every combination of the constructor's update-rule options (spec.option_space() projected onto
+constructor arguments, see option_grid) in float64 against the independent NumPy statement, with a
 decaying learning rate; the compiled path on a pairwise covering subset."""
 
 from __future__ import annotations

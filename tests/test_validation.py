@@ -165,7 +165,8 @@ PRESET_CASES = [
     (
         RMSprop.from_optax,
         {"learning_rate": 0.1, "nesterov": True},
-        "nesterov=True requires momentum > 0, got momentum=None",
+        # optax's momentum=None reaches the constructor as its momentum=0.0.
+        "nesterov=True requires momentum > 0, got momentum=0.0",
     ),
     (
         RMSprop.from_optax,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..options import UpdateFn, UpdateOptions
 from ..reference import rmsprop_reference
+from ..spec import UpdateFn, UpdateOptions
 from . import native, probe
 
 

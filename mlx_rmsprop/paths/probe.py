@@ -11,7 +11,6 @@ reference for a variant whose probe fails.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -19,8 +18,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..options import NUM_SCALARS, Scalar
 from ..reference import rmsprop_reference
+from ..spec import FLAGS, NUM_SCALARS, Scalar
 from ..tolerance import compare
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 
@@ -166,9 +165,7 @@ def kernel_verdicts() -> dict[tuple[str, Variant], str | None]:
 def describe(variant: Variant) -> str:
     """The variant in a few words: the options that are on, the dtypes, the size class."""
     options = variant.options
-    on = [f.name for f in dataclasses.fields(options) if getattr(options, f.name) is True]
-    if options.weight_decay != "none":
-        on.append(f"weight_decay={options.weight_decay}")
+    on = [name for name in FLAGS if getattr(options, name)]
     dtypes = "/".join(
         str(d).split(".")[-1]
         for d in (variant.parameter_dtype, variant.gradient_dtype, variant.state_dtype)

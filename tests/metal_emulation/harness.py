@@ -37,9 +37,9 @@ from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
 from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
-    every_option_set,
     pairwise_option_sets,
 )
+from mlx_rmsprop.spec import option_space
 
 SHIM_DIR = Path(__file__).parent
 CUDA_SHIM_DIR = SHIM_DIR.parent / "cuda_shim"
@@ -403,6 +403,6 @@ def cuda_variants() -> list[Variant]:
         for parameter, gradient, state in dtype_combinations()
         for options in pairwise_option_sets()
     ]
-    for keys in sorted({o.state_keys for o in every_option_set()}):
+    for keys in sorted({o.state_keys for o in option_space()}):
         variants.append(Variant(every_flag_on(keys), mx.bfloat16, mx.float16, mx.bfloat16))
     return list(dict.fromkeys(variants))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ...options import UpdateOptions
 from ...reference import rmsprop_reference
+from ...spec import UpdateFn, UpdateOptions
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
 # MLX takes each grid dimension as an int, and array dimensions are 32-bit too.
@@ -135,12 +135,6 @@ def launch_with(kernel: Callable, call: KernelCall, verbose: bool = False) -> li
         output_dtypes=list(call.variant.output_dtypes),
         verbose=verbose,
     )
-
-
-UpdateFn = Callable[
-    [UpdateOptions, mx.array, mx.array, mx.array, dict],
-    tuple[mx.array, dict],
-]
 
 
 def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:

@@ -7,7 +7,8 @@ from functools import cache
 
 import mlx.core as mx
 
-from .launch import KernelCall, UpdateFn, launch_with, make_update
+from ...spec import UpdateFn
+from .launch import KernelCall, launch_with, make_update
 from .source import kernel_arguments
 
 

@@ -12,13 +12,13 @@ output (tests capture it through ``mx.export_function(..., verbose=True)``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
 import mlx.core as mx
 
-from ...options import NUM_SCALARS, Scalar, UpdateOptions
+from ...spec import EMA, FLAGS, GRAD_AVG, MOMENTUM_BUFFER, NUM_SCALARS, Scalar, UpdateOptions
 
 BACKENDS = ("metal", "cuda")
 KERNEL_NAME = "rmsprop"
@@ -112,7 +112,7 @@ ABSENT_BUFFERS = {
     "metal": ("const device S* {name} = nullptr;", "device S* new_{name} = nullptr;"),
     "cuda": ("const S* {name} = nullptr;", "S* new_{name} = nullptr;"),
 }
-OPTIONAL_STATE = ("grad_avg", "momentum_buffer", "ema")
+OPTIONAL_STATE = (GRAD_AVG, MOMENTUM_BUFFER, EMA)
 
 
 def input_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -177,15 +177,7 @@ class Variant:
             ("G", self.gradient_dtype),
             ("S", self.state_dtype),
         ]
-        for field in fields(UpdateOptions):
-            value = getattr(self.options, field.name)
-            if field.name == "weight_decay":
-                args.append(("COUPLED_WEIGHT_DECAY", value == "coupled"))
-                args.append(("DECOUPLED_WEIGHT_DECAY", value == "decoupled"))
-            elif isinstance(value, bool):
-                args.append((field.name.upper(), value))
-            else:
-                raise TypeError(f"no kernel template argument for UpdateOptions.{field.name}")
+        args += [(name.upper(), getattr(self.options, name)) for name in FLAGS]
         return args
 
 

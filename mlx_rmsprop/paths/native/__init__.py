@@ -28,7 +28,7 @@ from types import ModuleType
 import mlx
 import mlx.core as mx
 
-from ...options import WEIGHT_DECAY_MODES, Scalar, UpdateFn, UpdateOptions
+from ...spec import FLAGS, Scalar, UpdateFn, UpdateOptions
 from .. import probe
 from ..kernels.source import Variant
 from . import build, cache
@@ -185,20 +185,10 @@ def _checked(extension: ModuleType) -> ModuleType:
         raise _Mismatch("the native extension was built from older sources")
     if tuple(extension.SCALAR_NAMES) != tuple(Scalar.__members__):
         raise RuntimeError("the native extension has another scalar layout")
-    if set(extension.FLAG_BITS) != set(_flag_names()):
+    if set(extension.FLAG_BITS) != set(FLAGS):
         raise RuntimeError("the native extension has another set of options")
     _check_against_reference(extension)
     return extension
-
-
-def _flag_names() -> list[str]:
-    names = []
-    for field in dataclasses.fields(UpdateOptions):
-        if field.name == "weight_decay":
-            names += [f"weight_decay={mode}" for mode in WEIGHT_DECAY_MODES if mode != "none"]
-        else:
-            names.append(field.name)
-    return names
 
 
 @functools.cache
@@ -207,14 +197,7 @@ def _flags(options: UpdateOptions) -> int:
 
 
 def _flags_from(bits: dict[str, int], options: UpdateOptions) -> int:
-    flags = 0
-    for field in dataclasses.fields(UpdateOptions):
-        value = getattr(options, field.name)
-        if field.name == "weight_decay":
-            flags |= bits[f"weight_decay={value}"] if value != "none" else 0
-        elif value:
-            flags |= bits[field.name]
-    return flags
+    return sum(bits[name] for name in FLAGS if getattr(options, name))
 
 
 def _check_against_reference(extension: ModuleType) -> None:

@@ -5,7 +5,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "rmsprop_update.h"
-#include "update_kernel.h"
+#include "spec.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -34,41 +34,20 @@ NB_MODULE(_ext, m) {
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
 
+  // Both tables expand the X-macros of spec.h, generated from mlx_rmsprop/spec.py; the loader
+  // compares them with the Python spec before it trusts a build.
   nb::dict flag_bits;
-  flag_bits["centered"] = uint32_t(mlx_rmsprop::kCentered);
-  flag_bits["momentum"] = uint32_t(mlx_rmsprop::kMomentumBuffer);
-  flag_bits["nesterov"] = uint32_t(mlx_rmsprop::kNesterov);
-  flag_bits["eps_in_sqrt"] = uint32_t(mlx_rmsprop::kEpsInSqrt);
-  flag_bits["lr_in_momentum"] = uint32_t(mlx_rmsprop::kLrInMomentum);
-  flag_bits["weight_decay=coupled"] = uint32_t(mlx_rmsprop::kCoupledDecay);
-  flag_bits["weight_decay=decoupled"] = uint32_t(mlx_rmsprop::kDecoupledDecay);
-  flag_bits["maximize"] = uint32_t(mlx_rmsprop::kMaximize);
-  flag_bits["bias_correction"] = uint32_t(mlx_rmsprop::kBiasCorrected);
-  flag_bits["scale_gradient"] = uint32_t(mlx_rmsprop::kScaleGradient);
-  flag_bits["clip_value"] = uint32_t(mlx_rmsprop::kClipGradient);
-  flag_bits["gated"] = uint32_t(mlx_rmsprop::kGated);
-  flag_bits["ema"] = uint32_t(mlx_rmsprop::kEma);
+#define RMSPROP_X(name, constant) flag_bits[#name] = uint32_t(mlx_rmsprop::Flag::constant);
+  RMSPROP_FLAGS(RMSPROP_X)
+#undef RMSPROP_X
   m.attr("FLAG_BITS") = flag_bits;
 
-  // Scalar names in index order, as mlx_rmsprop.options.Scalar spells them.
-  m.attr("SCALAR_NAMES") = nb::make_tuple(
-      "LR",
-      "ALPHA",
-      "ONE_MINUS_ALPHA",
-      "EPS",
-      "MOMENTUM",
-      "WEIGHT_DECAY",
-      "BIAS_CORRECTION",
-      "GRAD_DIVISOR",
-      "CLIP_MULTIPLIER",
-      "CLIP_DIVISOR",
-      "CLIP_VALUE",
-      "UPDATE_GATE",
-      "EMA_MOMENTUM",
-      "EMA_ONE_MINUS_MOMENTUM",
-      "EMA_GATE",
-      "EMA_OVERWRITE");
-  static_assert(mlx_rmsprop::kNumScalars == 16, "SCALAR_NAMES lists every ScalarIndex");
+  // Scalar names in index order, as mlx_rmsprop.spec.Scalar spells them.
+  nb::list scalar_names;
+#define RMSPROP_X(name, constant) scalar_names.append(#name);
+  RMSPROP_SCALARS(RMSPROP_X)
+#undef RMSPROP_X
+  m.attr("SCALAR_NAMES") = nb::tuple(scalar_names);
 
   m.attr("PARALLEL_THRESHOLD") = mlx_rmsprop::kParallelThreshold;
   m.attr("MLX_VERSION") = MLX_RMSPROP_MLX_VERSION;

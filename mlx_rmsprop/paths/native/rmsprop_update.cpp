@@ -153,7 +153,8 @@ void store_as(const C* src, void* dst, mx::Dtype dtype, int64_t start, int64_t n
   }
 }
 
-constexpr uint32_t kGradientPipeline = kMaximize | kScaleGradient | kClipGradient | kCoupledDecay;
+constexpr uint32_t kGradientPipeline =
+    Flag::kMaximize | Flag::kScaleGradient | Flag::kClipValue | Flag::kCoupledDecay;
 
 // Updates elements [begin, end). Buffers already in the compute type are read and written
 // where they lie; the others go through per-chunk staging spans in the compute type.
@@ -210,6 +211,7 @@ void update_range(
           m < 0 ? nullptr : in[m],
           m < 0 ? nullptr : out[m]);
     } else {
+      // --- gate ---
       // The update gate is 0: the parameter and every buffer but the EMA keep their values.
       for (int k = 0; k < plan.buffers; ++k) {
         if (k != plan.ema && out[k] != in[k]) {
@@ -236,7 +238,7 @@ void run_plan(const Plan& plan) {
   for (int i = 0; i < kNumScalars; ++i) {
     s.value[i] = scalars[i * plan.scalar_stride];
   }
-  const bool apply = !(plan.flags & kGated) || !(s[kUpdateGate] == C(0));
+  const bool apply = !(plan.flags & Flag::kGated) || !(s[kUpdateGate] == C(0));
   const CoreFn<C> core = select_core<C>(plan.flags);
 
   const int64_t size = plan.size;
@@ -304,7 +306,7 @@ void gather(const mx::array& src, mx::array& dst) {
 } // namespace
 
 int state_buffer_count(uint32_t flags) {
-  return 1 + !!(flags & kCentered) + !!(flags & kMomentumBuffer) + !!(flags & kEma);
+  return 1 + !!(flags & Flag::kCentered) + !!(flags & Flag::kMomentum) + !!(flags & Flag::kEma);
 }
 
 int worker_threads() {
@@ -318,12 +320,17 @@ std::vector<mx::array> rmsprop_update(
     const std::vector<mx::array>& state,
     uint32_t flags) {
   require(
-      (flags & ~uint32_t(kAllFlags)) == 0,
-      "flags has unknown bits: " + std::to_string(flags & ~uint32_t(kAllFlags)));
-  require(!(flags & kNesterov) || (flags & kMomentumBuffer), "flags: nesterov needs momentum");
-  require(
-      !((flags & kCoupledDecay) && (flags & kDecoupledDecay)),
-      "flags: weight decay cannot be both coupled and decoupled");
+      (flags & ~uint32_t(Flag::kAll)) == 0,
+      "flags has unknown bits: " + std::to_string(flags & ~uint32_t(Flag::kAll)));
+  // The spec's invariants (mlx_rmsprop/spec.py), with its messages.
+#define RMSPROP_X(flag, needed, message) \
+  require(!(flags & Flag::flag) || (flags & Flag::needed), std::string("flags: ") + message);
+  RMSPROP_REQUIREMENTS(RMSPROP_X)
+#undef RMSPROP_X
+#define RMSPROP_X(first, second, message) \
+  require(!((flags & Flag::first) && (flags & Flag::second)), std::string("flags: ") + message);
+  RMSPROP_EXCLUSIONS(RMSPROP_X)
+#undef RMSPROP_X
   require(
       scalars.ndim() == 1 && scalars.size() == kNumScalars &&
           (scalars.dtype() == mx::float32 || scalars.dtype() == mx::float64),
@@ -425,13 +432,13 @@ void RMSpropUpdate::eval_cpu(
     plan.buffer[k] = Buffer{source, outputs[k].data<void>(), in.dtype()};
   }
   int next = 2; // state order: v, grad_avg, momentum_buffer, ema
-  if (flags_ & kCentered) {
+  if (flags_ & Flag::kCentered) {
     plan.grad_avg = next++;
   }
-  if (flags_ & kMomentumBuffer) {
+  if (flags_ & Flag::kMomentum) {
     plan.momentum = next++;
   }
-  if (flags_ & kEma) {
+  if (flags_ & Flag::kEma) {
     plan.ema = next++;
   }
 

@@ -20,7 +20,7 @@ namespace mx = mlx::core;
 // worker's wake-up is a sizeable share.
 constexpr int64_t kParallelThreshold = int64_t(1) << 16;
 
-// The state buffers `flags` asks for, in mlx_rmsprop.options.UpdateOptions.state_keys order:
+// The state buffers `flags` asks for, in mlx_rmsprop.spec.UpdateOptions.state_keys order:
 // v, then grad_avg (centered), momentum_buffer (momentum), ema (EMA).
 int state_buffer_count(uint32_t flags);
 

@@ -18,6 +18,7 @@ SOURCE_FILES = (
     "half_convert.h",
     "rmsprop_update.cpp",
     "rmsprop_update.h",
+    "spec.h",
     "transforms.cpp",
     "update_kernel.h",
     "worker_pool.h",

@@ -38,27 +38,29 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
 
   int next = 3; // state order: v, grad_avg, momentum_buffer, ema
   const int v_index = next++;
-  const int grad_avg_index = (flags & kCentered) ? next++ : -1;
-  const int momentum_index = (flags & kMomentumBuffer) ? next++ : -1;
-  const int ema_index = (flags & kEma) ? next++ : -1;
+  const int grad_avg_index = (flags & Flag::kCentered) ? next++ : -1;
+  const int momentum_index = (flags & Flag::kMomentum) ? next++ : -1;
+  const int ema_index = (flags & Flag::kEma) ? next++ : -1;
 
   mx::array p = mx::astype(parameter, compute);
   mx::array g = mx::astype(gradient, compute);
 
-  if (flags & kMaximize) {
+  // --- prepare gradient ---
+  if (flags & Flag::kMaximize) {
     g = mx::negative(g);
   }
-  if (flags & kScaleGradient) {
+  if (flags & Flag::kScaleGradient) {
     g = mx::divide(g, s(kGradDivisor));
     g = mx::divide(mx::multiply(g, s(kClipMultiplier)), s(kClipDivisor));
   }
-  if (flags & kClipGradient) {
+  if (flags & Flag::kClipValue) {
     g = mx::minimum(mx::maximum(g, mx::negative(s(kClipValue))), s(kClipValue));
   }
-  if (flags & kCoupledDecay) {
+  if (flags & Flag::kCoupledDecay) {
     g = mx::add(g, mx::multiply(s(kWeightDecay), p));
   }
 
+  // --- moments ---
   const mx::array alpha = s(kAlpha), one_minus_alpha = s(kOneMinusAlpha);
   const mx::array v_old = mx::astype(inputs[v_index], compute);
   const mx::array v =
@@ -66,38 +68,40 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
   // New values in input order: parameter, v, grad_avg, momentum_buffer, ema.
   std::vector<mx::array> new_values(inputs.size() - 2, zero);
   new_values[v_index - 2] = v;
-  const mx::array v_hat = (flags & kBiasCorrected) ? mx::divide(v, s(kBiasCorrection)) : v;
-
-  mx::array variance = v_hat;
-  if (flags & kCentered) {
-    mx::array grad_avg = mx::add(
+  mx::array grad_avg = zero;
+  if (flags & Flag::kCentered) {
+    grad_avg = mx::add(
         mx::multiply(alpha, mx::astype(inputs[grad_avg_index], compute)),
         mx::multiply(one_minus_alpha, g));
     new_values[grad_avg_index - 2] = grad_avg;
-    if (flags & kBiasCorrected) {
-      grad_avg = mx::divide(grad_avg, s(kBiasCorrection));
-    }
-    variance = mx::maximum(mx::subtract(v_hat, mx::square(grad_avg)), zero);
   }
 
+  // --- denominator ---
+  mx::array variance = (flags & Flag::kBiasCorrection) ? mx::divide(v, s(kBiasCorrection)) : v;
+  if (flags & Flag::kCentered) {
+    const mx::array grad_avg_hat =
+        (flags & Flag::kBiasCorrection) ? mx::divide(grad_avg, s(kBiasCorrection)) : grad_avg;
+    variance = mx::maximum(mx::subtract(variance, mx::square(grad_avg_hat)), zero);
+  }
   const mx::array eps = s(kEps);
-  const mx::array denom = (flags & kEpsInSqrt) ? mx::sqrt(mx::add(variance, eps))
+  const mx::array denom = (flags & Flag::kEpsInSqrt) ? mx::sqrt(mx::add(variance, eps))
                                                : mx::add(mx::sqrt(variance), eps);
 
+  // --- step ---
   const mx::array lr = s(kLr);
   mx::array delta = zero;
-  if (flags & kMomentumBuffer) {
+  if (flags & Flag::kMomentum) {
     const mx::array mu = s(kMomentum);
     const mx::array buf_old = mx::astype(inputs[momentum_index], compute);
     mx::array buf = zero;
-    if (flags & kLrInMomentum) {
+    if (flags & Flag::kLrInMomentum) {
       const mx::array increment = mx::divide(mx::multiply(lr, g), denom);
       buf = mx::add(mx::multiply(mu, buf_old), increment);
-      delta = (flags & kNesterov) ? mx::add(increment, mx::multiply(mu, buf)) : buf;
+      delta = (flags & Flag::kNesterov) ? mx::add(increment, mx::multiply(mu, buf)) : buf;
     } else {
       const mx::array direction = mx::divide(g, denom);
       buf = mx::add(mx::multiply(mu, buf_old), direction);
-      delta = (flags & kNesterov)
+      delta = (flags & Flag::kNesterov)
           ? mx::multiply(lr, mx::add(direction, mx::multiply(mu, buf)))
           : mx::multiply(lr, buf);
     }
@@ -106,13 +110,16 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
     delta = mx::divide(mx::multiply(lr, g), denom);
   }
 
+  // --- decoupled decay ---
+  // The shrink uses the parameter before the step; the step then applies to the result.
   mx::array p_new = p;
-  if (flags & kDecoupledDecay) {
+  if (flags & Flag::kDecoupledDecay) {
     p_new = mx::subtract(p, mx::multiply(mx::multiply(p, s(kWeightDecay)), lr));
   }
   p_new = mx::subtract(p_new, delta);
 
-  if (flags & kGated) {
+  // --- gate ---
+  if (flags & Flag::kGated) {
     const mx::array keep = mx::equal(s(kUpdateGate), zero);
     p_new = mx::where(keep, p, p_new);
     for (int k = v_index; k < static_cast<int>(inputs.size()); ++k) {
@@ -123,7 +130,8 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
     }
   }
 
-  if (flags & kEma) {
+  // --- EMA ---
+  if (flags & Flag::kEma) {
     const mx::array ema_old = mx::astype(inputs[ema_index], compute);
     mx::array ema = mx::add(
         mx::multiply(s(kEmaMomentum), ema_old), mx::multiply(s(kEmaOneMinusMomentum), p_new));

@@ -12,48 +12,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include "spec.h"
+
 namespace mlx_rmsprop {
-
-// Index of each per-step value in the scalars vector: mirrors mlx_rmsprop.options.Scalar, which
-// the Python loader checks against this table (SCALAR_NAMES) before it trusts a build.
-enum ScalarIndex : int {
-  kLr = 0,
-  kAlpha,
-  kOneMinusAlpha,
-  kEps,
-  kMomentum,
-  kWeightDecay,
-  kBiasCorrection,
-  kGradDivisor,
-  kClipMultiplier,
-  kClipDivisor,
-  kClipValue,
-  kUpdateGate,
-  kEmaMomentum,
-  kEmaOneMinusMomentum,
-  kEmaGate,
-  kEmaOverwrite,
-  kNumScalars,
-};
-
-// Bits of the `flags` integer: one per mlx_rmsprop.options.UpdateOptions flag (weight_decay's
-// three modes take two bits). The Python wrapper builds the integer from FLAG_BITS.
-enum Flag : uint32_t {
-  kCentered = 1u << 0,
-  kMomentumBuffer = 1u << 1,
-  kNesterov = 1u << 2,
-  kEpsInSqrt = 1u << 3,
-  kLrInMomentum = 1u << 4,
-  kCoupledDecay = 1u << 5,
-  kDecoupledDecay = 1u << 6,
-  kMaximize = 1u << 7,
-  kBiasCorrected = 1u << 8,
-  kScaleGradient = 1u << 9,
-  kClipGradient = 1u << 10,
-  kGated = 1u << 11,
-  kEma = 1u << 12,
-  kAllFlags = (1u << 13) - 1,
-};
 
 template <typename C>
 struct StepScalars {
@@ -93,7 +54,8 @@ inline C mlx_minimum(C a, C b) {
 #define MLX_RMSPROP_ELEMENTWISE
 #endif
 
-// The gradient pipeline that precedes the moments, in place on `g`:
+// --- prepare gradient ---
+// In place on `g`, before the moments:
 // g <- -g; g <- g / s_div * s_cmul / s_cdiv; g <- min(max(g, -c), c); g <- g + lambda p.
 // Kept out of line: inlined into the chunk loop, GCC 12 no longer vectorises the clip loop.
 template <typename C>
@@ -103,12 +65,12 @@ MLX_RMSPROP_NOINLINE void prepare_gradient(
     const StepScalars<C>& s,
     C* __restrict g,
     const C* __restrict p) {
-  if (flags & kMaximize) {
+  if (flags & Flag::kMaximize) {
     for (int64_t i = 0; i < n; ++i) {
       g[i] = -g[i];
     }
   }
-  if (flags & kScaleGradient) {
+  if (flags & Flag::kScaleGradient) {
     const C divisor = s[kGradDivisor];
     const C multiplier = s[kClipMultiplier];
     const C clip_divisor = s[kClipDivisor];
@@ -116,14 +78,14 @@ MLX_RMSPROP_NOINLINE void prepare_gradient(
       g[i] = g[i] / divisor * multiplier / clip_divisor;
     }
   }
-  if (flags & kClipGradient) {
+  if (flags & Flag::kClipValue) {
     const C c = s[kClipValue];
     const C minus_c = -c;
     for (int64_t i = 0; i < n; ++i) {
       g[i] = mlx_minimum(mlx_maximum(g[i], minus_c), c);
     }
   }
-  if (flags & kCoupledDecay) {
+  if (flags & Flag::kCoupledDecay) {
     const C decay = s[kWeightDecay];
     for (int64_t i = 0; i < n; ++i) {
       g[i] = g[i] + decay * p[i];
@@ -133,7 +95,7 @@ MLX_RMSPROP_NOINLINE void prepare_gradient(
 
 enum class Momentum { kNone, kLrOutside, kLrInside };
 
-// The moments, the denominator, the step and the parameter. Options that change which
+// The moments, the denominator, the step and the decoupled decay. Options that change which
 // operations run are template parameters, so each combination is one straight loop that the
 // compiler vectorises; per-step numbers come from `s`.
 template <
@@ -166,17 +128,25 @@ void update_core(
   MLX_RMSPROP_ELEMENTWISE
   for (int64_t i = 0; i < n; ++i) {
     const C gi = g[i];
+
+    // --- moments ---
     const C vi = alpha * v[i] + one_minus_alpha * (gi * gi);
     v_out[i] = vi;
-    const C v_hat = kBiasCorrectionT ? vi / correction : vi;
-    C variance = v_hat;
+    C ai = C(0);
     if constexpr (kCenteredT) {
-      const C ai = alpha * grad_avg[i] + one_minus_alpha * gi;
+      ai = alpha * grad_avg[i] + one_minus_alpha * gi;
       grad_avg_out[i] = ai;
+    }
+
+    // --- denominator ---
+    C variance = kBiasCorrectionT ? vi / correction : vi;
+    if constexpr (kCenteredT) {
       const C a_hat = kBiasCorrectionT ? ai / correction : ai;
-      variance = mlx_maximum(v_hat - a_hat * a_hat, C(0));
+      variance = mlx_maximum(variance - a_hat * a_hat, C(0));
     }
     const C denom = kEpsInSqrtT ? std::sqrt(variance + eps) : std::sqrt(variance) + eps;
+
+    // --- step ---
     C delta;
     if constexpr (kMomentumT == Momentum::kNone) {
       delta = lr * gi / denom;
@@ -191,6 +161,9 @@ void update_core(
       buf_out[i] = bi;
       delta = kNesterovT ? lr * (direction + mu * bi) : lr * bi;
     }
+
+    // --- decoupled decay ---
+    // The shrink uses the parameter before the step; the step then applies to the result.
     const C pi = p[i];
     const C shrunk = kDecoupledT ? pi - pi * decay * lr : pi;
     p_out[i] = shrunk - delta;
@@ -224,9 +197,9 @@ auto with_bool(bool value, F&& f) {
 template <typename C>
 CoreFn<C> select_core(uint32_t flags) {
   using detail::with_bool;
-  const Momentum momentum = !(flags & kMomentumBuffer) ? Momentum::kNone
-      : (flags & kLrInMomentum)                        ? Momentum::kLrInside
-                                                       : Momentum::kLrOutside;
+  const Momentum momentum = !(flags & Flag::kMomentum) ? Momentum::kNone
+      : (flags & Flag::kLrInMomentum)                    ? Momentum::kLrInside
+                                                         : Momentum::kLrOutside;
   auto with_momentum = [&](auto centered, auto eps_in_sqrt, auto corrected, auto decoupled) {
     auto pick = [&](auto nesterov) -> CoreFn<C> {
       switch (momentum) {
@@ -259,12 +232,12 @@ CoreFn<C> select_core(uint32_t flags) {
               decoupled()>;
       }
     };
-    return with_bool(flags & kNesterov, pick);
+    return with_bool(flags & Flag::kNesterov, pick);
   };
-  return with_bool(flags & kCentered, [&](auto centered) {
-    return with_bool(flags & kEpsInSqrt, [&](auto eps_in_sqrt) {
-      return with_bool(flags & kBiasCorrected, [&](auto corrected) {
-        return with_bool(flags & kDecoupledDecay, [&](auto decoupled) {
+  return with_bool(flags & Flag::kCentered, [&](auto centered) {
+    return with_bool(flags & Flag::kEpsInSqrt, [&](auto eps_in_sqrt) {
+      return with_bool(flags & Flag::kBiasCorrection, [&](auto corrected) {
+        return with_bool(flags & Flag::kDecoupledDecay, [&](auto decoupled) {
           return with_momentum(centered, eps_in_sqrt, corrected, decoupled);
         });
       });
@@ -272,6 +245,11 @@ CoreFn<C> select_core(uint32_t flags) {
   });
 }
 
+// --- gate ---
+// In update_range (rmsprop_update.cpp): with the update gate at 0 the chunk skips
+// prepare_gradient and update_core and copies the parameter and every buffer but the EMA.
+
+// --- EMA ---
 // Exponential moving average of the parameter after the step (p_new in the compute type):
 // e <- m e + (1 - m) p_new unless the EMA gate is 0; p_new <- e when the overwrite flag is set.
 template <typename C>

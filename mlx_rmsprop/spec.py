@@ -1,0 +1,276 @@
+"""The one statement of what a fused update is told, shared by every path and every language.
+
+Every path (plain reference ops, the compiled graph, the Metal/CUDA kernels, the native CPU op)
+takes the same things: an ``UpdateOptions`` (static, selects code, part of every cache key), a
+small ``scalars`` vector (data, changes per step, never part of a cache key) laid out as
+``Scalar`` says, and the state buffers ``UpdateOptions.state_keys`` names. Their update
+functions all have the signature ``UpdateFn``.
+
+The invariants between options are stated here once (``REQUIREMENTS``, ``EXCLUSIONS``) and
+``option_space()`` is the one enumeration of valid option sets. The C++ side does not restate
+any of this: ``python tools/generate_spec_header.py`` writes ``mlx_rmsprop/paths/native/spec.h``
+(X-macro lists of the scalars, the flags and the invariants), which a test keeps equal to this
+module.
+
+It imports nothing but the standard library: benchmarks/gpu_kernel_check.py loads it by path on
+GPU machines where mlx_rmsprop is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+
+class Scalar(IntEnum):
+    """Index of each per-step value in the ``scalars`` vector (dtype = the arithmetic dtype)."""
+
+    LR = 0
+    ALPHA = 1
+    # 1 - alpha rounded once from float64: computing it in float32 would differ from every
+    # framework, which all form (1 - alpha) in Python double precision.
+    ONE_MINUS_ALPHA = 2
+    EPS = 3
+    MOMENTUM = 4
+    WEIGHT_DECAY = 5
+    # 1 - alpha**t (t = 1-based step) when bias correction is on, else 1.
+    BIAS_CORRECTION = 6
+    # Keras pipeline: g / loss_scale_factor, then g * CLIP_MULTIPLIER / CLIP_DIVISOR
+    # (clipnorm: c / max(||g||, c); global_clipnorm: scale / 1). All 1 when unused.
+    GRAD_DIVISOR = 7
+    CLIP_MULTIPLIER = 8
+    CLIP_DIVISOR = 9
+    CLIP_VALUE = 10
+    # 1: apply the update; 0: parameter and optimizer state keep their values (a skipped
+    # non-finite step, or an intermediate gradient-accumulation call).
+    UPDATE_GATE = 11
+    EMA_MOMENTUM = 12
+    EMA_ONE_MINUS_MOMENTUM = 13
+    # 1: update the EMA buffer; 0: keep it (a skipped non-finite step).
+    EMA_GATE = 14
+    # 1: overwrite the parameter with its EMA after this step.
+    EMA_OVERWRITE = 15
+
+
+NUM_SCALARS = len(Scalar)
+
+# Per-parameter state buffers, in the order the fused update takes them (``state_keys``).
+V = "v"  # MLX's name for the running average of g^2
+GRAD_AVG = "grad_avg"
+MOMENTUM_BUFFER = "momentum_buffer"
+EMA = "ema"
+# Kept by the step function when gradients accumulate; no fused update reads it.
+ACCUMULATOR = "accumulated_gradient"
+
+
+def _pipeline_flag() -> bool:
+    # Set by the Keras training-pipeline arguments (clipnorm, clipvalue, use_ema, ...), not by a
+    # constructor argument of the same name.
+    return dataclasses.field(default=False, metadata={"pipeline": True})
+
+
+@dataclass(frozen=True)
+class UpdateOptions:
+    """Flags that select code in the update, in the bit order of the C++ ``Flag`` enum.
+    Hashable: used as a cache key for compiled functions and kernels. Values that are mere
+    numbers live in the scalars vector instead. Constructing one checks every invariant."""
+
+    centered: bool = False
+    momentum: bool = False
+    nesterov: bool = False
+    eps_in_sqrt: bool = False
+    lr_in_momentum: bool = False
+    # g <- g + lambda p before the moments (PyTorch).
+    coupled_decay: bool = False
+    # p <- p - p lambda lr before the step (Keras).
+    decoupled_decay: bool = False
+    maximize: bool = False
+    bias_correction: bool = False
+    scale_gradient: bool = _pipeline_flag()
+    clip_value: bool = _pipeline_flag()
+    gated: bool = _pipeline_flag()
+    ema: bool = _pipeline_flag()
+
+    def __post_init__(self) -> None:
+        for name in FLAGS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"UpdateOptions.{name} must be a bool, got {value!r}")
+        check({name: getattr(self, name) for name in FLAGS})
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """Per-parameter state buffers this configuration reads and writes, in kernel order."""
+        keys = [V]
+        if self.centered:
+            keys.append(GRAD_AVG)
+        if self.momentum:
+            keys.append(MOMENTUM_BUFFER)
+        if self.ema:
+            keys.append(EMA)
+        return tuple(keys)
+
+
+FLAGS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(UpdateOptions))
+PIPELINE_FLAGS: tuple[str, ...] = tuple(
+    field.name for field in dataclasses.fields(UpdateOptions) if field.metadata.get("pipeline")
+)
+
+# (flag, the flag it needs). Without momentum, lr_in_momentum changes no arithmetic: the
+# optimizer drops it there (``normalised``) instead of refusing it; nesterov is refused.
+REQUIREMENTS: tuple[tuple[str, str], ...] = (
+    ("nesterov", "momentum"),
+    ("lr_in_momentum", "momentum"),
+)
+DROPPED_WITHOUT_NEED: frozenset[str] = frozenset({"lr_in_momentum"})
+# Pairs of flags that cannot both be on.
+EXCLUSIONS: tuple[tuple[str, str], ...] = (("coupled_decay", "decoupled_decay"),)
+
+# How a flag reads when it is on, and what it was when it is off, in the caller's words (the
+# constructor spells `momentum` as a number): {"momentum": ("momentum > 0", "momentum=0.0")}.
+Spelling = Mapping[str, tuple[str, str]]
+
+
+def violation(flags: Mapping[str, bool], spelling: Spelling | None = None) -> str | None:
+    """The message for the first invariant ``flags`` (every flag by name) breaks, or None."""
+    spelling = spelling or {}
+
+    def on(name: str) -> str:
+        return spelling.get(name, (f"{name}=True", ""))[0]
+
+    def got(name: str) -> str:
+        return spelling.get(name, ("", f"{name}=False"))[1]
+
+    for flag, needed in REQUIREMENTS:
+        if flags[flag] and not flags[needed]:
+            return f"{on(flag)} requires {on(needed)}, got {got(needed)}"
+    for first, second in EXCLUSIONS:
+        if flags[first] and flags[second]:
+            return f"{on(first)} and {on(second)} exclude each other"
+    return None
+
+
+def check(flags: Mapping[str, bool], spelling: Spelling | None = None) -> None:
+    """Raise ``ValueError`` with :func:`violation`'s message when ``flags`` break an invariant."""
+    message = violation(flags, spelling)
+    if message is not None:
+        raise ValueError(message)
+
+
+def normalised(flags: Mapping[str, bool]) -> dict[str, bool]:
+    """``flags`` with every flag in ``DROPPED_WITHOUT_NEED`` turned off where the flag it needs
+    is off: the same code under one name."""
+    result = dict(flags)
+    for flag, needed in REQUIREMENTS:
+        if flag in DROPPED_WITHOUT_NEED and not result[needed]:
+            result[flag] = False
+    return result
+
+
+@cache
+def option_space() -> tuple[UpdateOptions, ...]:
+    """Every valid ``UpdateOptions``, each once: the product of all flags less the
+    combinations an invariant forbids. Verification and the test grids draw from this."""
+    return tuple(
+        UpdateOptions(**flags)
+        for values in itertools.product((False, True), repeat=len(FLAGS))
+        if violation(flags := dict(zip(FLAGS, values, strict=True))) is None
+    )
+
+
+# The signature of rmsprop_reference: (options, scalars, parameter, gradient, state) ->
+# (new parameter, new state). Spelled with strings so that this module imports nothing but the
+# standard library.
+UpdateFn = Callable[
+    [UpdateOptions, "mx.array", "mx.array", "mx.array", "dict[str, mx.array]"],
+    "tuple[mx.array, dict[str, mx.array]]",
+]
+
+
+# --- the generated C++ header -------------------------------------------------------------
+
+HEADER_PATH = Path(__file__).resolve().parent / "paths" / "native" / "spec.h"
+
+
+def cpp_name(name: str) -> str:
+    """The C++ enumerator of a flag or scalar: ``bias_correction`` -> ``kBiasCorrection``."""
+    return "k" + "".join(part.capitalize() for part in name.lower().split("_"))
+
+
+def _x_macro(name: str, rows: list[str]) -> list[str]:
+    return [f"#define {name}(X) \\", *(f"  X({row}) \\" for row in rows[:-1]), f"  X({rows[-1]})"]
+
+
+def header_text() -> str:
+    """The contents of ``paths/native/spec.h``."""
+    scalars = [f"{entry.name}, {cpp_name(entry.name)}" for entry in Scalar]
+    flags = [f"{name}, {cpp_name(name)}" for name in FLAGS]
+    requirements = [
+        f"{cpp_name(flag)}, {cpp_name(needed)}, "
+        f'"{violation({**dict.fromkeys(FLAGS, False), flag: True})}"'
+        for flag, needed in REQUIREMENTS
+    ]
+    exclusions = [
+        f"{cpp_name(first)}, {cpp_name(second)}, "
+        f'"{violation({**dict.fromkeys(FLAGS, False), first: True, second: True})}"'
+        for first, second in EXCLUSIONS
+    ]
+    lines = [
+        "// GENERATED by tools/generate_spec_header.py from mlx_rmsprop/spec.py: do not edit.",
+        "// tests/test_spec.py fails while this file differs from what the spec generates.",
+        "#pragma once",
+        "",
+        "#include <cstdint>",
+        "",
+        "// X(python_name, kCppName): the entries of the scalars vector in index order (Scalar).",
+        *_x_macro("RMSPROP_SCALARS", scalars),
+        "",
+        "// X(python_name, kCppName): the flags in bit order (UpdateOptions fields).",
+        *_x_macro("RMSPROP_FLAGS", flags),
+        "",
+        "// X(kFlag, kNeeded, message): kFlag is valid only together with kNeeded.",
+        *_x_macro("RMSPROP_REQUIREMENTS", requirements),
+        "",
+        "// X(kFirst, kSecond, message): kFirst and kSecond cannot both be set.",
+        *_x_macro("RMSPROP_EXCLUSIONS", exclusions),
+        "",
+        "namespace mlx_rmsprop {",
+        "",
+        "// Index of each per-step value in the scalars vector.",
+        "enum ScalarIndex : int {",
+        "#define RMSPROP_X(name, constant) constant,",
+        "  RMSPROP_SCALARS(RMSPROP_X)",
+        "#undef RMSPROP_X",
+        "  kNumScalars,",
+        "};",
+        "",
+        "// Bits of the `flags` integer, one per UpdateOptions field (Flag::kMomentum: scoped, as",
+        "// the scalars have enumerators of the same names).",
+        "struct Flag {",
+        "  enum Index : int {",
+        "#define RMSPROP_X(name, constant) constant##Index,",
+        "    RMSPROP_FLAGS(RMSPROP_X)",
+        "#undef RMSPROP_X",
+        "    kNumFlags,",
+        "  };",
+        "  enum Bit : uint32_t {",
+        "#define RMSPROP_X(name, constant) constant = 1u << constant##Index,",
+        "    RMSPROP_FLAGS(RMSPROP_X)",
+        "#undef RMSPROP_X",
+        "    kAll = (1u << kNumFlags) - 1,",
+        "  };",
+        "};",
+        "",
+        "} // namespace mlx_rmsprop",
+        "",
+    ]
+    return "\n".join(lines)
