@@ -25,8 +25,9 @@ from mlx_rmsprop import CheckpointError, RMSprop, load_state, save_state
 from mlx_rmsprop.backends import availability
 
 import optional
+from locations import SUPPORT
 
-HERE = Path(__file__).parent
+HERE = SUPPORT
 PATHS = [False] + [
     name for name, reason in availability().items() if reason is None and name != "reference"
 ]

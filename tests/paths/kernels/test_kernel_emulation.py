@@ -1,5 +1,5 @@
 """The Metal kernel, run on the CPU: the exact translation units MLX generates, compiled with g++
-against tests/metal_emulation/metal_shim.h, every thread of the launcher's grid, compared with
+against tests/support/metal_emulation/metal_shim.h, every thread of the launcher's grid, compared with
 rmsprop_reference on the parameter and every state buffer.
 
 Coverage (mlx_rmsprop.kernels.variants.verification_plan): every option set in float32, and
