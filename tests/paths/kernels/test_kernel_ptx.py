@@ -5,7 +5,7 @@ subtracts the code generator may still fuse (no rounding modifier), approximate 
 or divisions and subnormal flushing.
 
 By default a representative subset (the pairwise option sets in float32 and one kernel with
-every option and mixed dtypes, in one NVRTC program); ``-m slow`` compiles the 173 kernels of
+every option and mixed dtypes, in one NVRTC program); ``-m slow`` compiles all the kernels of
 the CUDA emulation and nvcc tests (every dtype combination with the pairwise option sets,
 every buffer layout with every flag on).
 """
@@ -83,7 +83,6 @@ def test_ptx_has_no_contraction_or_approximation():
 @pytest.mark.slow
 def test_ptx_of_every_emulated_cuda_kernel():
     variants = cuda_variants()
-    assert len(variants) == 173
     assert_no_hazards(compile_kernels(variants, programs=os.cpu_count() or 1))
 
 
