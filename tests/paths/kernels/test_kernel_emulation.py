@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
-from mlx_rmsprop.kernels import source
 from mlx_rmsprop.kernels.launch import (
     MAX_1D_GRID,
     ROW_WIDTH,
@@ -344,27 +343,6 @@ def test_grid_and_index_past_2_31_elements(tmp_path):
 @pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)
 def test_cuda_index_past_2_31_elements(tmp_path):
     run_past_2_31_elements(BUILD_DIR, tmp_path, backend="cuda")
-
-
-@pytest.fixture
-def mutate_source(monkeypatch):
-    """Replace part of the kernel text for one test (the emulation must then fail)."""
-
-    def mutate(old: str, new: str, index_line: str | None = None) -> None:
-        if index_line:
-            line = source.INDEX_LINES[index_line]
-            assert old in line
-            lines = {**source.INDEX_LINES, index_line: line.replace(old, new)}
-            monkeypatch.setattr(source, "INDEX_LINES", lines)
-        else:
-            body = source.body_text()
-            assert old in body
-            monkeypatch.setattr(source, "body_text", lambda: body.replace(old, new))
-        source.kernel_body.cache_clear()
-
-    yield mutate
-    monkeypatch.undo()
-    source.kernel_body.cache_clear()
 
 
 def test_emulation_catches_metal_max_min(tmp_path, mutate_source):
