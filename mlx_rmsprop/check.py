@@ -330,6 +330,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             "To verify the kernels themselves, run this command on an Apple-silicon Mac or "
             "with MLX's CUDA backend; the test suite runs them on Linux under a Metal "
-            "emulator (tests/test_kernel_emulation.py)."
+            "emulator (tests/paths/kernels/test_kernel_emulation.py)."
         )
     return 0 if verdict == "PASS" else 1

@@ -24,9 +24,10 @@ from mlx.utils import tree_flatten
 from mlx_rmsprop import CheckpointError, RMSprop, load_state, save_state
 from mlx_rmsprop.paths import availability
 
-import optional
+from locations import SUPPORT
+from tiny_models import tiny_llama
 
-HERE = Path(__file__).parent
+HERE = SUPPORT
 PATHS = [False] + [
     name for name, reason in availability().items() if reason is None and name != "reference"
 ]
@@ -943,24 +944,6 @@ class WithStrings(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
-
-
-def tiny_llama():
-    llama = optional.module("mlx_lm.models.llama")
-    return llama.Model(
-        llama.ModelArgs(
-            model_type="llama",
-            hidden_size=16,
-            num_hidden_layers=2,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            rms_norm_eps=1e-5,
-            vocab_size=32,
-            layer_types=["full_attention", "sliding_attention"],
-            sliding_window=4,
-        )
-    )
 
 
 def module_steps(model, optimizer, count):

@@ -14,8 +14,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rmsprop import RMSprop
 
-import optional
 from native_available import native_path
+from tiny_models import tiny_llama
 
 
 def params():
@@ -278,26 +278,6 @@ def test_a_new_parameter_gets_no_state_when_the_step_is_refused():
         )
     assert "new" not in optimizer.state
     assert snapshot(optimizer).keys() == before.keys()
-
-
-def tiny_llama():
-    """A two-layer model from mlx-lm's own llama classes, whose ``layer_types`` are strings in
-    the module and ``{}`` in its parameters and gradients (no download: built from a config)."""
-    llama = optional.module("mlx_lm.models.llama")
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=16,
-        num_hidden_layers=2,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        rms_norm_eps=1e-5,
-        vocab_size=32,
-        layer_types=["full_attention", "sliding_attention"],
-        sliding_window=4,
-    )
-    mx.random.seed(3)
-    return llama.Model(args)
 
 
 def train_llama(model, optimizer, steps=3):

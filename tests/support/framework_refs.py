@@ -16,7 +16,7 @@ import numpy as np
 
 from mlx_rmsprop import RMSprop
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 # Our state key for each framework's slot name, and the sign relating them (optax's momentum
 # trace accumulates the negated update). Keras names its slots "<variable>_<slot>" and optax

@@ -1,5 +1,5 @@
 """The Metal kernel, run on the CPU: the exact translation units MLX generates, compiled with g++
-against tests/metal_emulation/metal_shim.h, every thread of the launcher's grid, compared with
+against tests/support/metal_emulation/metal_shim.h, every thread of the launcher's grid, compared with
 rmsprop_reference on the parameter and every state buffer.
 
 Coverage (mlx_rmsprop.paths.kernels.variants.verification_plan): every option set in float32, and
@@ -344,27 +344,6 @@ def test_grid_and_index_past_2_31_elements(tmp_path):
 @pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)
 def test_cuda_index_past_2_31_elements(tmp_path):
     run_past_2_31_elements(BUILD_DIR, tmp_path, backend="cuda")
-
-
-@pytest.fixture
-def mutate_source(monkeypatch):
-    """Replace part of the kernel text for one test (the emulation must then fail)."""
-
-    def mutate(old: str, new: str, index_line: str | None = None) -> None:
-        if index_line:
-            line = source.INDEX_LINES[index_line]
-            assert old in line
-            lines = {**source.INDEX_LINES, index_line: line.replace(old, new)}
-            monkeypatch.setattr(source, "INDEX_LINES", lines)
-        else:
-            body = source.body_text()
-            assert old in body
-            monkeypatch.setattr(source, "body_text", lambda: body.replace(old, new))
-        source.kernel_body.cache_clear()
-
-    yield mutate
-    monkeypatch.undo()
-    source.kernel_body.cache_clear()
 
 
 def test_emulation_catches_metal_max_min(tmp_path, mutate_source):

@@ -1,5 +1,5 @@
 """A strict Metal front end on Linux: clang parses the exact Metal translation units MLX
-generates, with Metal's address spaces real (``tests/metal_emulation/metal_strict.h``), and a
+generates, with Metal's address spaces real (``tests/support/metal_emulation/metal_strict.h``), and a
 rule over clang's AST rejects any pointer or reference that names no address space.
 
 What this adds to the g++ emulation (``test_kernel_emulation.py``), which maps every address
@@ -33,7 +33,9 @@ from mlx_rmsprop.paths.kernels.variants import (
 )
 from mlx_rmsprop.spec import UpdateOptions, option_space
 
-STRICT_HEADER = Path(__file__).parent / "metal_emulation" / "metal_strict.h"
+from locations import SUPPORT
+
+STRICT_HEADER = SUPPORT / "metal_emulation" / "metal_strict.h"
 CLANG = shutil.which("clang")
 # CI installs clang (.ci/run); elsewhere the check is skipped with this reason.
 if CLANG is None and os.environ.get("CI"):

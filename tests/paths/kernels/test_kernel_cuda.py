@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
 from mlx_rmsprop.spec import UpdateOptions
 
+from locations import SUPPORT
 from metal_emulation.harness import cuda_variants
 
 NVCC = shutil.which("nvcc")
 # Stand-in for MLX's mlx/backend/cuda/device/utils.cuh, which the generated source includes.
-CUDA_SHIM = Path(__file__).parent / "cuda_shim"
+CUDA_SHIM = SUPPORT / "cuda_shim"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")

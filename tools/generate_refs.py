@@ -4,8 +4,8 @@ Needs the optional peers (``pip install -e '.[parity]'``: PyTorch 2.13.0 CPU, op
 JAX). Writes ``tests/data/<name>.{json,npz}`` in the format of the shared reference set, which
 ``framework_refs.load_cases`` reads:
 
-    python tests/generate_refs.py schedules    # exponential-decay learning rates, (3, 4) problem
-    python tests/generate_refs.py keras_pipeline  # Keras' clipping, accumulation, EMA, ... on
+    python tools/generate_refs.py schedules    # exponential-decay learning rates, (3, 4) problem
+    python tools/generate_refs.py keras_pipeline  # Keras' clipping, accumulation, EMA, ... on
                                                   # two variables, "w" (3, 4) and "bias" (4,)
 
 Each case stores the parameter after every step (``params[t+1]`` after step ``t``) and every
@@ -24,7 +24,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import numpy as np  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 SEED = 4321
 STEPS = 20
 ZERO_STEP, LARGE_STEP, TINY_STEP = 4, 9, 14

@@ -1,5 +1,5 @@
 // Enough of Metal's type system for clang to parse a generated Metal translation unit with the
-// rules g++ and metal_shim.h cannot see (used by tests/test_kernel_metal_strict.py, clang in
+// rules g++ and metal_shim.h cannot see (used by tests/paths/kernels/test_kernel_metal_strict.py, clang in
 // C++14 mode with -fsyntax-only; nothing here is ever compiled to code):
 //  - device / constant / threadgroup are real, distinct address spaces, so a pointer into one
 //    cannot be initialised from a pointer into another: `const device S* x = v;` is an error

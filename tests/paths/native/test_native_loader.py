@@ -34,6 +34,7 @@ from mlx_rmsprop.reference import rmsprop_reference
 from mlx_rmsprop.spec import FLAGS, Scalar, UpdateOptions
 
 import native_available
+from locations import ROOT
 from native_available import requires_native
 
 EXTENSION = "mlx_rmsprop.paths.native._ext"
@@ -198,7 +199,7 @@ def test_built_extension_is_the_cpu_default():
 
 
 def _setup_module():
-    path = Path(__file__).resolve().parents[1] / "setup.py"
+    path = ROOT / "setup.py"
     spec = importlib.util.spec_from_file_location("mlx_rmsprop_setup", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -371,7 +372,7 @@ def test_without_cmake_or_nanobind_it_warns_with_the_rebuild_command(
 
 
 def test_the_rebuild_command_reinstalls_from_this_checkout_with_the_build_requirements():
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     python = shlex.quote(sys.executable)
     assert build.rebuild_command() == (
         f"{python} -m pip install 'setuptools>=77' wheel 'cmake>=3.18' nanobind==3.1.0 && "

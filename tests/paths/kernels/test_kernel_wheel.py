@@ -18,7 +18,8 @@ import pytest
 from mlx_rmsprop import RMSprop
 from mlx_rmsprop.paths.native.sources import SOURCE_FILES
 
-ROOT = Path(__file__).resolve().parents[1]
+from locations import ROOT
+
 BODY = "mlx_rmsprop/metal/rmsprop_update.inc"
 
 # Run by the fresh environment's interpreter, isolated (-I) and outside the checkout.

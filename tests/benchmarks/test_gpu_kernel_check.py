@@ -4,7 +4,7 @@ plan is the CUDA emulation's; its float32 NumPy reference equals ``rmsprop_refer
 bit; its bfloat16 rounding is MLX's; and its units compile with NVRTC against the stand-in
 device header it uses, with its options.
 
-Regenerate the plan file after a change to the variants: ``python tests/test_gpu_kernel_check.py``.
+Regenerate the plan file after a change to the variants: ``python tests/benchmarks/test_gpu_kernel_check.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -27,9 +26,15 @@ from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_se
 from mlx_rmsprop.reference import rmsprop_reference
 from mlx_rmsprop.spec import UpdateOptions
 
-import cuda_nvrtc
-import optional
-from metal_emulation.harness import (
+if __name__ == "__main__":  # run as a script to regenerate the plan: tests/conftest.py not loaded
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+
+import cuda_nvrtc  # noqa: E402
+import optional  # noqa: E402
+from locations import ROOT  # noqa: E402
+from metal_emulation.harness import (  # noqa: E402
     LAUNCH_SIZES,
     _from_numpy,
     _to_numpy,
@@ -37,7 +42,7 @@ from metal_emulation.harness import (
     mlx_cuda_launch,
 )
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_kernel_check.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_kernel_check.py"
 
 
 def load_script():
@@ -72,7 +77,7 @@ def as_script_variant(variant: Variant):
 
 def test_plan_file_is_the_emulated_cuda_set():
     assert json.loads(script.PLAN.read_text()) == plan_rows(), (
-        "regenerate it: python tests/test_gpu_kernel_check.py"
+        "regenerate it: python tests/benchmarks/test_gpu_kernel_check.py"
     )
     assert len(script.load_plan()) == len(cuda_variants())
 

@@ -2,7 +2,7 @@
 of the launched grid, or chosen thread positions, one call each.
 
 Metal: against ``metal_shim.h`` (this folder). CUDA: against CUDA's own headers plus the
-host stand-ins in ``tests/cuda_shim`` (MLX's device header, ``cuda_host.h``), where each call
+host stand-ins in ``tests/support/cuda_shim`` (MLX's device header, ``cuda_host.h``), where each call
 gets its block and thread coordinates the way MLX's CUDA backend launches whole blocks.
 
 The kernel text is used exactly as ``translation_unit(variant, backend)`` returns it (for

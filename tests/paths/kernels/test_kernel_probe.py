@@ -104,17 +104,11 @@ def test_a_correct_kernel_is_adopted(fake_metal, caplog):
 
 
 @pytest.fixture
-def faulty_body(monkeypatch):
-    """The body with a planted fault: the parameter moved by half its step again."""
-    body = source.body_text()
-    store = re.search(r"^new_parameter\[i\] = ", body, re.M)
+def faulty_body(mutate_source):
+    """The body with a planted fault: the parameter scaled once more before it is stored."""
+    store = re.search(r"^new_parameter\[i\] = .*$", source.body_text(), re.M)
     assert store, "the body stores the parameter in a line of its own"
-    planted = body[: store.start()] + "p_new = p_new * 1.0001f;\n" + body[store.start() :]
-    monkeypatch.setattr(source, "body_text", lambda: planted)
-    source.kernel_body.cache_clear()
-    yield
-    monkeypatch.undo()
-    source.kernel_body.cache_clear()
+    mutate_source(store.group(), "p_new = p_new * 1.0001f;\n" + store.group())
 
 
 def test_a_faulty_kernel_falls_back_once_with_a_warning(fake_metal, faulty_body, caplog):

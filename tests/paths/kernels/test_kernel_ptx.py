@@ -86,21 +86,6 @@ def test_ptx_of_every_emulated_cuda_kernel():
     assert_no_hazards(compile_kernels(variants, programs=os.cpu_count() or 1))
 
 
-@pytest.fixture
-def planted_body(monkeypatch):
-    """Replace part of the shared body for one test."""
-
-    def plant(old: str, new: str) -> None:
-        body = source.body_text()
-        assert old in body
-        monkeypatch.setattr(source, "body_text", lambda: body.replace(old, new))
-        source.kernel_body.cache_clear()
-
-    yield plant
-    monkeypatch.undo()
-    source.kernel_body.cache_clear()
-
-
 # Each regression a future edit could bring in, and the instruction it must show up as.
 PLANTED = {
     # A plain multiply-add: NVRTC contracts it (MLX passes no --fmad=false).
@@ -129,14 +114,14 @@ PLANTED = {
 
 
 @pytest.mark.parametrize("planted", PLANTED, ids=list(PLANTED))
-def test_ptx_check_catches_planted_regressions(planted_body, planted):
+def test_ptx_check_catches_planted_regressions(mutate_source, planted):
     old, new, extra_options, hazard = PLANTED[planted]
     variant = Variant(UpdateOptions(eps_in_sqrt=True))
     options = cuda_nvrtc.nvrtc_options() + extra_options
     if extra_options:  # the real body under these options (MLX's own: the test above)
         unit = translation_unit(variant, "cuda")
         assert not cuda_nvrtc.contraction_hazards(cuda_nvrtc.compile_ptx(unit, "clean", options))
-    planted_body(old, new)
+    mutate_source(old, new)
     ptx = cuda_nvrtc.compile_ptx(translation_unit(variant, "cuda"), "planted", options)
     hazards = cuda_nvrtc.contraction_hazards(ptx)
     assert hazards[hazard], (hazards, cuda_nvrtc.float_instructions(ptx))
