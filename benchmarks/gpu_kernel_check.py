@@ -10,11 +10,11 @@ It assembles the exact CUDA translation units MLX's CUDA backend builds around o
 checks),
 compiles them with NVRTC and MLX's options (``--device-as-default-execution-space``,
 ``--gpu-architecture=sm_XY[a]``: mlx/backend/cuda/jit_module.cpp), with MLX's device header
-replaced by the stand-in of ``tests/support/cuda_shim`` (the signature only needs its Shape type), and
-launches them with MLX's grid arithmetic (blocks of 256 threads). Every variant of the plan in
-``gpu_kernel_check_plan.json`` (every dtype combination with the pairwise option sets, every
-buffer layout with every flag on) runs 3 steps on sizes 1 to 4099 with NaN, inf,
-zero, huge and tiny entries, each compared bit for bit with ``numpy_reference``, a float32
+replaced by the stand-in of ``tests/support/cuda_shim`` (the signature only needs its Shape
+type), and launches them with MLX's grid arithmetic (blocks of 256 threads). Every variant
+of the plan in ``gpu_kernel_check_plan.json`` (every dtype combination with the pairwise
+option sets, every buffer layout with every flag on) runs 3 steps on sizes 1 to 4099 with NaN,
+inf, zero, huge and tiny entries, each compared bit for bit with ``numpy_reference``, a float32
 NumPy transcription of ``mlx_rmsprop.reference.rmsprop_reference`` (equal to it bit for bit:
 tests/benchmarks/test_gpu_kernel_check.py). Then it times the kernel at 2^26 elements, float32 and
 bfloat16, against a device-to-device copy of as many bytes as the kernel reads and writes,
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 BODY = REPO / "metal" / "rmsprop_update.inc"
 PLAN = Path(__file__).with_name("gpu_kernel_check_plan.json")
 MLX_DEVICE_HEADER = (
-    REPO / "tests" / "cuda_shim" / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
+    REPO / "tests" / "support" / "cuda_shim" / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
 )
 KERNEL_NAME = "rmsprop"
 THREADGROUP = 256

@@ -72,9 +72,9 @@ INDEX_LINES = {
 #   by default. The CUDA Math API documents __fmul_rn, __fadd_rn and __fsub_rn ("Single
 #   Precision Intrinsics") as round-to-nearest operations that are never merged into a
 #   multiply-add; __fdiv_rn and __fsqrt_rn are the IEEE-rounded division and square root
-#   whatever -prec-div/-prec-sqrt/-use_fast_math say. tests/paths/kernels/test_kernel_ptx.py compiles
-#   the kernels with NVRTC and MLX's options and finds no fma.rn.f32, no mul/add/sub.f32
-#   without .rn and no .approx instruction.
+#   whatever -prec-div/-prec-sqrt/-use_fast_math say.
+#   tests/paths/kernels/test_kernel_ptx.py compiles the kernels with NVRTC and MLX's options
+#   and finds no fma.rn.f32, no mul/add/sub.f32 without .rn and no .approx instruction.
 # - Metal: MLX builds custom kernels with MTLMathModeSafe on macOS 15+ (fastMathEnabled = NO
 #   before: mlx/backend/metal/device.cpp, set_compile_options; default math_mode "safe",
 #   python/src/fast.cpp) and MSL 3.2 or later there (get_metal_version). Safe mode leaves the

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 
 from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
-from mlx_rmsprop.paths.kernels import source
 from mlx_rmsprop.paths.kernels.launch import (
     MAX_1D_GRID,
     ROW_WIDTH,

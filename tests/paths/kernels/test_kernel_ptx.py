@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import pytest
 
-from mlx_rmsprop.paths.kernels import source
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
 from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
 from mlx_rmsprop.spec import UpdateOptions
