@@ -28,7 +28,7 @@ from . import paths
 from .paths import native, probe
 from .paths.kernels.source import METAL_CONSTANT_BELOW, Variant
 from .paths.kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
-from .paths.probe import describe, step_scalars
+from .paths.probe import conditioned_values, describe, step_scalars
 from .reference import rmsprop_reference
 from .tolerance import RTOL, Mismatch, compare, relative_error
 
@@ -74,13 +74,7 @@ def verification_inputs(
     the margin."""
     rng = np.random.default_rng(seed)
     size = math.prod(shape)
-    values = {
-        "parameter": rng.normal(0.0, 1.0, size),
-        "gradient": rng.uniform(-1.0, 1.0, size),
-        "v": rng.uniform(0.5, 2.0, size),
-        "grad_avg": rng.uniform(-0.05, 0.05, size),
-        "momentum_buffer": rng.normal(0.0, 0.1, size),
-    }
+    values = conditioned_values(rng, size)
     values["ema"] = values["parameter"] + rng.normal(0.0, 0.01, size)
     for index in np.flatnonzero(rng.random(size) < 0.35):
         special = SPECIALS[rng.integers(len(SPECIALS))]

@@ -67,20 +67,26 @@ def step_scalars(step: int) -> mx.array:
     return mx.array(values, mx.float32)
 
 
-def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
-    """Parameter, gradient and state in ``variant``'s dtypes and size class: one row per
-    pattern of ROWS. Finite values are conditioned as ``check``'s (the centred variance far
-    from cancellation), so a correct kernel meets the tolerance with room to spare."""
-    shape = (len(ROWS),) if variant.small else (len(ROWS), LARGE_COLUMNS)
-    assert (math.prod(shape) < METAL_CONSTANT_BELOW) == variant.small
-    rng = np.random.default_rng(20240613)
-    values = {
+def conditioned_values(rng: np.random.Generator, shape: int | tuple[int, ...]) -> dict:
+    """Finite inputs (all but the EMA) that keep the centred variance far from cancellation:
+    ``v`` well above ``grad_avg``'s square, gradients within the clip bounds. Shared by the
+    probe and ``check``; tests/test_check.py measures the margin."""
+    return {
         "parameter": rng.normal(0.0, 1.0, shape),
         "gradient": rng.uniform(-1.0, 1.0, shape),
         "v": rng.uniform(0.5, 2.0, shape),
         "grad_avg": rng.uniform(-0.05, 0.05, shape),
         "momentum_buffer": rng.normal(0.0, 0.1, shape),
     }
+
+
+def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+    """Parameter, gradient and state in ``variant``'s dtypes and size class: one row per
+    pattern of ROWS. Finite values are conditioned as ``check``'s (the centred variance far
+    from cancellation), so a correct kernel meets the tolerance with room to spare."""
+    shape = (len(ROWS),) if variant.small else (len(ROWS), LARGE_COLUMNS)
+    assert (math.prod(shape) < METAL_CONSTANT_BELOW) == variant.small
+    values = conditioned_values(np.random.default_rng(20240613), shape)
     values["ema"] = values["parameter"] + 0.01
     patterns = {
         "nan_gradient": {"gradient": math.nan},
