@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -59,6 +60,9 @@ class Scalar(IntEnum):
     EMA_GATE = 14
     # 1: overwrite the parameter with its EMA after this step.
     EMA_OVERWRITE = 15
+    # Stochastic rounding: this step's 24-bit key ``rounding_step_key(seed, t)``, an integer
+    # below 2^24 and so exact in float32 and float64. 0 when unused.
+    ROUNDING_KEY = 16
 
 
 NUM_SCALARS = len(Scalar)
@@ -70,6 +74,93 @@ MOMENTUM_BUFFER = "momentum_buffer"
 EMA = "ema"
 # Kept by the step function when gradients accumulate; no fused update reads it.
 ACCUMULATOR = "accumulated_gradient"
+
+# --- 8-bit state ----------------------------------------------------------------------------
+# With ``quantized_state`` each of these buffers is kept as uint8 codes (the parameter's shape)
+# and one float32 scale per block of ``block_size`` consecutive elements (row-major order),
+# under ``scale_key(key)``. The EMA and the accumulator stay in full precision.
+QUANTIZED_KEYS = (V, GRAD_AVG, MOMENTUM_BUFFER)
+# Allowed block sizes: powers of two up to the 1024 threads of a Metal/CUDA threadgroup, which
+# reduces one block.
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024)
+DEFAULT_BLOCK_SIZE = 256
+
+
+def scale_key(key: str) -> str:
+    """The state key of the per-block scales of quantized buffer ``key``: ``v`` -> ``v_scale``."""
+    return f"{key}_scale"
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+# The code tables: 256 float32 values in increasing order; code c of a block with scale s
+# stands for ``table[c] * s``. Both are logarithmic and hold no zero (the zero-point problem:
+# a small v stored as 0 turns g / (sqrt(v) + eps) into g / eps): the smallest v code is
+# 2^-UNSIGNED_CODE_OCTAVES of the block's largest value; a zero block is a zero scale.
+# docs/memory.md gives the measurement behind the ranges.
+UNSIGNED_CODE_OCTAVES = 32
+SIGNED_CODE_OCTAVES = 24
+# v >= 0: 2^(-32 (255 - c) / 255), c = 0..255.
+UNSIGNED_CODE: tuple[float, ...] = tuple(
+    _float32(2.0 ** (-UNSIGNED_CODE_OCTAVES * (255 - c) / 255)) for c in range(256)
+)
+# grad_avg, momentum_buffer: -2^(-24 c / 127) for c = 0..127, then the same magnitudes
+# positive in increasing order (symmetric; no zero).
+_NEGATIVE = [-_float32(2.0 ** (-SIGNED_CODE_OCTAVES * c / 127)) for c in range(128)]
+SIGNED_CODE: tuple[float, ...] = tuple(_NEGATIVE + [-value for value in reversed(_NEGATIVE)])
+
+
+def code_table(key: str) -> tuple[float, ...]:
+    """The code table of quantized buffer ``key``: unsigned for ``v``, signed otherwise."""
+    return UNSIGNED_CODE if key == V else SIGNED_CODE
+
+
+def code_midpoints(table: tuple[float, ...]) -> tuple[float, ...]:
+    """The 255 float32 midpoints between neighbouring codes. A normalised value x gets the
+    code ``c`` = the number of midpoints strictly below x (so x == midpoint takes the lower
+    code, and NaN gets code 0), found by an 8-step binary search:
+    ``c = 0; for h in 128, 64, ..., 1: if x > midpoints[c + h - 1]: c += h``."""
+    return tuple(_float32((low + high) / 2) for low, high in itertools.pairwise(table))
+
+
+# --- stochastic rounding --------------------------------------------------------------------
+# Counter-based: the random bits of element j of output o (0 = the parameter, k = the k-th
+# entry of state_keys, from 1) of the parameter at position `index` in the step are, with
+# uint32 wrap-around arithmetic and key = the ROUNDING_KEY scalar as an integer:
+#   tensor_key = mix32(key + ROUNDING_TENSOR_STRIDE * (index + 1))
+#   r = mix32(mix32(j) ^ (tensor_key + ROUNDING_OUTPUT_STRIDE * o))
+# A float32 result x stored as float16/bfloat16 becomes its round-to-nearest-even value y when
+# x is NaN or y == x or y is infinite; otherwise, with lo and hi the neighbours of x in the
+# target type (y and the next value away from zero, or the next towards zero and y),
+# hi when (r >> 8) * 2^-24 < (|x| - |lo|) / (|hi| - |lo|), else lo. Every operand there is
+# exact in float32, so the rounding is unbiased to within 2^-24.
+ROUNDING_TENSOR_STRIDE = 0x9E3779B9
+ROUNDING_OUTPUT_STRIDE = 0x85EBCA6B
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: int) -> int:
+    """A 32-bit integer hash with good avalanche (Wellons' "lowbias32" family)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _MASK32
+    x ^= x >> 15
+    x = (x * 0xD35A2D97) & _MASK32
+    x ^= x >> 15
+    return x
+
+
+def rounding_step_key(seed: int, step: int) -> int:
+    """The ROUNDING_KEY scalar of update ``step`` (1-based) under ``seed``: 24 bits."""
+    return mix32((seed & _MASK32) ^ mix32(step)) >> 8
+
+
+def _storage_flag() -> bool:
+    # How results are stored (state precision, rounding), not what they are: option_space()
+    # leaves these off unless asked.
+    return dataclasses.field(default=False, metadata={"storage": True})
 
 
 def _pipeline_flag() -> bool:
@@ -99,6 +190,13 @@ class UpdateOptions:
     clip_value: bool = _pipeline_flag()
     gated: bool = _pipeline_flag()
     ema: bool = _pipeline_flag()
+    # v, grad_avg and momentum_buffer are 8-bit codes with per-block scales (QUANTIZED_KEYS).
+    quantized_state: bool = _storage_flag()
+    # Stores to float16/bfloat16 round stochastically (float32 arithmetic only).
+    stochastic_rounding: bool = _storage_flag()
+    # Elements per quantization block (BLOCK_SIZES) with quantized_state, else 0. A number,
+    # not a flag: the kernels take it as their threadgroup size, the native op as an argument.
+    block_size: int = 0
 
     def __post_init__(self) -> None:
         for name in FLAGS:
@@ -106,21 +204,42 @@ class UpdateOptions:
             if not isinstance(value, bool):
                 raise TypeError(f"UpdateOptions.{name} must be a bool, got {value!r}")
         check({name: getattr(self, name) for name in FLAGS})
+        if self.quantized_state and self.block_size == 0:
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE)
+        if self.quantized_state and self.block_size not in BLOCK_SIZES:
+            raise ValueError(
+                f"UpdateOptions.block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}"
+            )
+        if not self.quantized_state and self.block_size != 0:
+            raise ValueError(
+                f"UpdateOptions.block_size={self.block_size!r} needs quantized_state=True"
+            )
 
     @property
     def state_keys(self) -> tuple[str, ...]:
-        """Per-parameter state buffers this configuration reads and writes, in kernel order."""
-        keys = [V]
+        """Per-parameter state arrays this configuration reads and writes, in kernel order:
+        each buffer, followed by its scales when quantized."""
+        buffers = [V]
         if self.centered:
-            keys.append(GRAD_AVG)
+            buffers.append(GRAD_AVG)
         if self.momentum:
-            keys.append(MOMENTUM_BUFFER)
+            buffers.append(MOMENTUM_BUFFER)
+        keys = []
+        for key in buffers:
+            keys.append(key)
+            if self.quantized_state:
+                keys.append(scale_key(key))
         if self.ema:
             keys.append(EMA)
         return tuple(keys)
 
 
-FLAGS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(UpdateOptions))
+FLAGS: tuple[str, ...] = tuple(
+    field.name for field in dataclasses.fields(UpdateOptions) if field.type == "bool"
+)
+STORAGE_FLAGS: tuple[str, ...] = tuple(
+    field.name for field in dataclasses.fields(UpdateOptions) if field.metadata.get("storage")
+)
 PIPELINE_FLAGS: tuple[str, ...] = tuple(
     field.name for field in dataclasses.fields(UpdateOptions) if field.metadata.get("pipeline")
 )
@@ -177,13 +296,21 @@ def normalised(flags: Mapping[str, bool]) -> dict[str, bool]:
 
 
 @cache
-def option_space() -> tuple[UpdateOptions, ...]:
+def option_space(storage: bool = False) -> tuple[UpdateOptions, ...]:
     """Every valid ``UpdateOptions``, each once: the product of all flags less the
-    combinations an invariant forbids. Verification and the test grids draw from this."""
+    combinations an invariant forbids. Verification and the test grids draw from this.
+
+    The ``STORAGE_FLAGS`` stay off unless ``storage`` (quantized state at
+    ``DEFAULT_BLOCK_SIZE``): they multiply the space by 4 and change only how results are
+    stored, so sweeps cross them with a subset instead."""
+    names = FLAGS if storage else tuple(name for name in FLAGS if name not in STORAGE_FLAGS)
     return tuple(
         UpdateOptions(**flags)
-        for values in itertools.product((False, True), repeat=len(FLAGS))
-        if violation(flags := dict(zip(FLAGS, values, strict=True))) is None
+        for values in itertools.product((False, True), repeat=len(names))
+        if violation(
+            {**dict.fromkeys(FLAGS, False), **(flags := dict(zip(names, values, strict=True)))}
+        )
+        is None
     )
 
 
@@ -224,6 +351,18 @@ def header_text() -> str:
         f'"{violation({**dict.fromkeys(FLAGS, False), first: True, second: True})}"'
         for first, second in EXCLUSIONS
     ]
+
+    def table(name: str, values: tuple[float, ...]) -> list[str]:
+        rows = [
+            ", ".join(f"{value.hex()}f" for value in values[i : i + 4])
+            for i in range(0, len(values), 4)
+        ]
+        return [
+            f"constexpr float {name}[{len(values)}] = {{",
+            *(f"    {row}," for row in rows),
+            "};",
+        ]
+
     lines = [
         "// GENERATED by tools/generate_spec_header.py from mlx_rmsprop/spec.py: do not edit.",
         "// tests/test_spec.py fails while this file differs from what the spec generates.",
@@ -269,6 +408,16 @@ def header_text() -> str:
         "    kAll = (1u << kNumFlags) - 1,",
         "  };",
         "};",
+        "",
+        "// 8-bit state: the code tables and their midpoints (mlx_rmsprop.spec).",
+        *table("kUnsignedCode", UNSIGNED_CODE),
+        *table("kUnsignedMidpoints", code_midpoints(UNSIGNED_CODE)),
+        *table("kSignedCode", SIGNED_CODE),
+        *table("kSignedMidpoints", code_midpoints(SIGNED_CODE)),
+        "",
+        "// Stochastic rounding: the strides of the counter-based hash (mlx_rmsprop.spec).",
+        f"constexpr uint32_t kRoundingTensorStride = {ROUNDING_TENSOR_STRIDE:#x}u;",
+        f"constexpr uint32_t kRoundingOutputStride = {ROUNDING_OUTPUT_STRIDE:#x}u;",
         "",
         "} // namespace mlx_rmsprop",
         "",

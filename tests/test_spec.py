@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mlx_rmsprop
@@ -71,7 +72,7 @@ def test_native_source_digest_covers_every_shipped_source():
 
 
 def test_option_space_is_every_valid_combination_once():
-    space = option_space()
+    space = option_space(storage=True)
     assert len(space) == len(set(space))
     members = set(space)
     for values in itertools.product((False, True), repeat=len(FLAGS)):
@@ -82,8 +83,48 @@ def test_option_space_is_every_valid_combination_once():
             with pytest.raises(ValueError):
                 UpdateOptions(**flags)
     # Of the 8 (momentum, nesterov, lr_in_momentum) combinations 5 are valid, of the 4 decay
-    # combinations 3; the other flags are free (3840 with the 13 flags of this writing).
+    # combinations 3; the other flags are free (15360 with the 15 flags of this writing).
     assert len(space) == 2 ** len(FLAGS) * 5 // 8 * 3 // 4
+    # Without storage, the same with every storage flag off.
+    assert option_space() == tuple(
+        options
+        for options in space
+        if not any(getattr(options, name) for name in spec.STORAGE_FLAGS)
+    )
+
+
+def test_block_size_is_set_exactly_with_quantized_state():
+    assert UpdateOptions(quantized_state=True).block_size == spec.DEFAULT_BLOCK_SIZE
+    assert UpdateOptions(quantized_state=True, block_size=64).block_size == 64
+    with pytest.raises(ValueError, match=r"block_size must be one of .* got 100"):
+        UpdateOptions(quantized_state=True, block_size=100)
+    with pytest.raises(ValueError, match="block_size=256 needs quantized_state=True"):
+        UpdateOptions(block_size=256)
+
+
+@pytest.mark.parametrize("table", [spec.UNSIGNED_CODE, spec.SIGNED_CODE])
+def test_code_tables_are_increasing_float32_with_no_zero(table):
+    midpoints = spec.code_midpoints(table)
+    assert len(table) == 256 and len(midpoints) == 255
+    assert all(low < high for low, high in itertools.pairwise(table))
+    assert all(low < high for low, high in itertools.pairwise(midpoints))
+    assert all(
+        low < mid < high for low, mid, high in zip(table[:-1], midpoints, table[1:], strict=True)
+    )
+    assert 0.0 not in table and table[-1] == 1.0
+    assert all(np.float32(value) == value for value in (*table, *midpoints))
+
+
+def test_signed_code_is_symmetric():
+    assert spec.SIGNED_CODE == tuple(-value for value in reversed(spec.SIGNED_CODE))
+
+
+def test_rounding_hash_matches_known_values():
+    # Pinned so that a change to the hash (which changes every stochastically rounded result
+    # and every recorded trajectory) is deliberate.
+    assert [spec.mix32(x) for x in (0, 1, 0xFFFFFFFF)] == [0, 114555507, 3652544131]
+    assert spec.rounding_step_key(0, 1) == 10361252
+    assert all(spec.rounding_step_key(seed, 7) < 2**24 for seed in range(100))
 
 
 @pytest.mark.parametrize(
