@@ -1,0 +1,193 @@
+"""``python -m benchmarks.memory`` (from a clone's root): the evidence that 8-bit optimizer
+state and stochastic rounding train as well as float32, and what they save.
+
+Parts (``--parts``, default all):
+
+- ``quality``: each workload (``workloads.WORKLOADS``) trained with each configuration
+  (``configurations.CONFIGURATIONS``: float32 state, 8-bit state, bfloat16 weights with
+  round-to-nearest and with stochastic rounding, bfloat16 + 8-bit + stochastic rounding, and
+  the naive ``mx.quantize`` baseline) on the same seed and steps: loss curves, final loss and
+  accuracy, state bytes, peak memory.
+- ``codes``: the code-table study (:mod:`.codes`).
+- ``bytes``: bytes per parameter of every configuration, and ``optimizer.state`` of a
+  GPT-2-small-shaped tree with float32 and 8-bit state.
+- ``speed``: one 2^24-element step with float32 and with 8-bit state, side by side.
+
+Every figure, setting and version goes to a JSON file; ``--chart`` draws the loss curves,
+``--doc`` rewrites the generated section of docs/memory.md. Deterministic for a seed (the
+runs are on the CPU unless ``--device gpu``); timings only mean something on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+PARTS = ("quality", "codes", "bytes", "speed")
+DEFAULT_OUT = "bench-results/memory"
+JSON_NAME = "memory.json"
+
+
+def _choices(allowed: tuple[str, ...], option: str):
+    def parse(text: str) -> tuple[str, ...]:
+        if text == "all":
+            return allowed
+        chosen = tuple(item.strip() for item in text.split(",") if item.strip())
+        unknown = [item for item in chosen if item not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"{option} takes a comma-separated list of {', '.join(allowed)} (or all), "
+                f"got {text!r}"
+            )
+        return chosen
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .configurations import CONFIGURATIONS
+    from .workloads import WORKLOADS
+
+    workloads, configurations = tuple(WORKLOADS), tuple(CONFIGURATIONS)
+    add = parser.add_argument
+    add("--parts", type=_choices(PARTS, "--parts"), default=PARTS, help="default: all")
+    add(
+        "--workloads",
+        type=_choices(workloads, "--workloads"),
+        default=workloads,
+        help=f"quality workloads, of {', '.join(workloads)}; default all",
+    )
+    add(
+        "--configurations",
+        type=_choices(configurations, "--configurations"),
+        default=configurations,
+        help=f"of {', '.join(configurations)}; default all",
+    )
+    add(
+        "--code-workloads",
+        type=_choices(workloads, "--code-workloads"),
+        default=("mnist", "lm"),
+        help="workloads of the code-table study (state recorded from the first); default mnist,lm",
+    )
+    add(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="training steps of every workload (default: each workload's own)",
+    )
+    add("--seed", type=int, default=0, help="seed of the models, the data order and the data")
+    add("--speed-exponent", type=int, default=24, help="elements of the speed step, 2^N")
+    add("--speed-path", default="native", help="the fused= path timed (default native)")
+    add("--device", choices=("cpu", "gpu"), default="cpu", help="MLX device (default cpu)")
+    add("--out", default=DEFAULT_OUT, metavar="DIR", help="folder of the JSON (and chart)")
+    add("--chart", default=None, metavar="PATH", help="loss-curve PNG (default --out/memory.png)")
+    add("--doc", default=None, metavar="PATH", help="rewrite the generated section of this file")
+    add("--from-json", default=None, metavar="PATH", help="measure nothing: use a recorded run")
+    add("--quiet", action="store_true", help="no progress lines")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import mlx.core as mx
+
+    from .configurations import CONFIGURATIONS
+    from .workloads import WORKLOADS
+
+    mx.set_default_device(getattr(mx, args.device))
+
+    def progress(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    record: dict = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{mx.default_device()}",
+        "mlx": mx.__version__,
+        "settings": {
+            "parts": list(args.parts),
+            "workloads": list(args.workloads),
+            "configurations": list(args.configurations),
+            "steps": args.steps,
+            "seed": args.seed,
+        },
+    }
+    if "quality" in args.parts:
+        record["quality"] = {}
+        for name in args.workloads:
+            workload = WORKLOADS[name]
+            runs = record["quality"][name] = {}
+            for key in args.configurations:
+                configuration = CONFIGURATIONS[key]
+                outcome = workload.run(
+                    configuration.optimizer, configuration.weights, args.steps, args.seed
+                )
+                runs[key] = outcome.figures()
+                progress(
+                    f"quality: {name} / {configuration.label}: final loss "
+                    f"{outcome.final_loss:.4f}, {outcome.seconds:.0f} s"
+                )
+    if "codes" in args.parts:
+        from .codes import study
+
+        record["codes"] = study(args.code_workloads, args.steps, args.seed, progress)
+    if "bytes" in args.parts:
+        from .sizes import bytes_per_parameter, gpt2_small
+
+        record["bytes_per_parameter"] = bytes_per_parameter()
+        record["gpt2"] = gpt2_small()
+        progress(f"bytes: GPT-2 small ratio {record['gpt2']['ratio']:.4f}")
+    if "speed" in args.parts:
+        from .speed import step_speed
+
+        fused = False if args.speed_path == "reference" else args.speed_path
+        record["speed"] = step_speed(args.speed_exponent, fused, seed=args.seed)
+        progress(f"speed: ratio {record['speed']['ratio']:.3f}")
+    return record
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import report
+
+    if args.from_json:
+        with open(args.from_json) as file:
+            record = json.load(file)
+    else:
+        record = measure(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, JSON_NAME), "w") as file:
+            json.dump(record, file, indent=1)
+    targets = report.evaluate(record)
+    for target in targets:
+        met = {True: "met", False: "NOT MET", None: "-"}[target["met"]]
+        print(f"{met:8s} {target['target']}: {target['measured']}")
+    chart = args.chart or os.path.join(args.out, "memory.png")
+    if "quality" in record:
+        os.makedirs(os.path.dirname(chart) or ".", exist_ok=True)
+        if report.write_chart(record, chart):
+            print(f"wrote the loss curves: {chart}")
+    if args.doc:
+        report.update_doc(args.doc, report.markdown(record, targets))
+        print(f"wrote the generated section of {args.doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory",
+        description="8-bit optimizer state and stochastic rounding: quality, bytes, speed",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["add_arguments", "main", "measure", "run"]

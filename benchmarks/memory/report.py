@@ -1,0 +1,247 @@
+"""The memory benchmark's targets, its Markdown section of docs/memory.md and its chart."""
+
+from __future__ import annotations
+
+import math
+
+from .configurations import CONFIGURATIONS
+
+DOC_START = "<!-- memory benchmark: start -->"
+DOC_END = "<!-- memory benchmark: end -->"
+DOC_COMMAND = "python -m benchmarks.memory --doc docs/memory.md --chart docs/images/memory-loss.png"
+
+# Issue 17's targets.
+QUALITY_TOLERANCE = 0.01
+GPT2_RATIO_LIMIT = 0.27
+SPEED_RATIO_LIMIT = 1.15
+# The workload where bfloat16 round-to-nearest stalls.
+SMALL_LR_WORKLOAD = "mnist-small-lr"
+
+
+def _relative(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return None
+    return abs(a - b) / abs(b)
+
+
+def evaluate(record: dict) -> list[dict]:
+    """Each target: ``{"target", "measured", "met"}`` (``met`` None when not measured)."""
+    targets = []
+    quality = record.get("quality", {})
+    for workload, runs in quality.items():
+        full, eight = runs.get("float32"), runs.get("8bit")
+        if full and eight:
+            gap = _relative(eight["final_loss"], full["final_loss"])
+            targets.append(
+                {
+                    "target": f"{workload}: 8-bit state within 1% of float32's final loss",
+                    "measured": "diverged" if gap is None else f"{100 * gap:.2f}%",
+                    "met": gap is not None and gap <= QUALITY_TOLERANCE,
+                }
+            )
+        for key in ("8bit", "bf16-8bit-sr"):
+            if key in runs:
+                targets.append(
+                    {
+                        "target": f"{workload}: {CONFIGURATIONS[key].label}: no NaN or Inf",
+                        "measured": "finite" if runs[key]["finite"] else "NaN/Inf",
+                        "met": runs[key]["finite"],
+                    }
+                )
+    small = quality.get(SMALL_LR_WORKLOAD, {})
+    if all(key in small for key in ("float32", "bf16", "bf16-sr")):
+        reference = small["float32"]["final_loss"]
+        nearest = abs(small["bf16"]["final_loss"] - reference)
+        stochastic = abs(small["bf16-sr"]["final_loss"] - reference)
+        targets.append(
+            {
+                "target": f"{SMALL_LR_WORKLOAD}: bf16 + stochastic rounding ends closer to "
+                "float32 than bf16 round-to-nearest",
+                "measured": f"|SR - f32| {stochastic:.4f}, |RTN - f32| {nearest:.4f}",
+                "met": stochastic < nearest,
+            }
+        )
+    if "gpt2" in record:
+        ratio = record["gpt2"]["ratio"]
+        targets.append(
+            {
+                "target": "GPT-2-small state bytes, 8-bit / float32 <= 0.27",
+                "measured": f"{ratio:.4f}",
+                "met": ratio <= GPT2_RATIO_LIMIT,
+            }
+        )
+    if "speed" in record:
+        ratio = record["speed"]["ratio"]
+        targets.append(
+            {
+                "target": "2^24 step, 8-bit / float32 state <= 1.15",
+                "measured": f"{ratio:.3f} ({record['speed']['path']} path)",
+                "met": ratio <= SPEED_RATIO_LIMIT,
+            }
+        )
+    return targets
+
+
+def _loss_cell(run: dict | None) -> str:
+    if run is None:
+        return "-"
+    if not run["finite"]:
+        return "NaN/Inf"
+    cell = f"{run['final_loss']:.4f}"
+    if run.get("accuracy") is not None:
+        cell += f" ({100 * run['accuracy']:.2f}%)"
+    return cell
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.2f}"
+
+
+def markdown(record: dict, targets: list[dict]) -> str:
+    """The generated section of docs/memory.md."""
+    settings = record["settings"]
+    lines = [
+        DOC_START,
+        f"Measured {record['started'][:10]} on {record['machine']} (MLX {record['mlx']}, "
+        f"seed {settings['seed']}). Regenerate with `{DOC_COMMAND}`.",
+        "",
+    ]
+    quality = record.get("quality", {})
+    if quality:
+        keys = [key for key in CONFIGURATIONS if any(key in runs for runs in quality.values())]
+        lines += [
+            "Final held-out loss (accuracy) after the same steps on the same seed:",
+            "",
+            "| workload | steps | " + " | ".join(CONFIGURATIONS[k].label for k in keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
+        for workload, runs in quality.items():
+            steps = next(iter(runs.values()))["curve_steps"][-1]
+            cells = [_loss_cell(runs.get(key)) for key in keys]
+            lines.append(f"| `{workload}` | {steps} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Optimizer state bytes (`optimizer.state`) and MLX peak memory of the run, MiB:",
+            "",
+            "| workload | " + " | ".join(CONFIGURATIONS[k].label for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for workload, runs in quality.items():
+            cells = [
+                f"{_mib(runs[k]['state_bytes'])} / {_mib(runs[k]['peak_memory'])}"
+                if k in runs
+                else "-"
+                for k in keys
+            ]
+            lines.append(f"| `{workload}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "bytes_per_parameter" in record:
+        lines += [
+            "Bytes per parameter, weight + optimizer state, read from `optimizer.state` of a "
+            "2^20-element tensor:",
+            "",
+            "| state layout | weights | float32 state | 8-bit state |",
+            "|---|---|---|---|",
+        ]
+        for row in record["bytes_per_parameter"]:
+            lines.append(
+                f"| {row['layout']} | {row['weights']} | {row['total_32']:.3f} "
+                f"({row['state_32']:.3f} state) | {row['total_8']:.3f} "
+                f"({row['state_8']:.3f} state) |"
+            )
+        lines.append("")
+    if "gpt2" in record:
+        gpt2 = record["gpt2"]
+        lines += [
+            f"GPT-2-small shapes ({gpt2['parameters']:,} parameters), `optimizer.state` bytes: "
+            f"float32 state {gpt2['float32_state_bytes']:,}, 8-bit state "
+            f"{gpt2['quantized_state_bytes']:,}: ratio {gpt2['ratio']:.4f}.",
+            "",
+        ]
+    if "speed" in record:
+        speed = record["speed"]
+        lines += [
+            f"One step on 2^{int(math.log2(speed['elements']))} float32 elements, "
+            f"`{speed['path']}` path ({speed['device']}), median (p20-p80) over "
+            f"{len(speed['float32']['samples'])} interleaved steps: float32 state "
+            f"{1e3 * speed['float32']['median']:.1f} ms "
+            f"({1e3 * speed['float32']['p20']:.1f}-{1e3 * speed['float32']['p80']:.1f}), "
+            f"8-bit state {1e3 * speed['8-bit']['median']:.1f} ms "
+            f"({1e3 * speed['8-bit']['p20']:.1f}-{1e3 * speed['8-bit']['p80']:.1f}): "
+            f"ratio {speed['ratio']:.3f}.",
+            "",
+        ]
+    if "codes" in record:
+        codes = record["codes"]
+        workloads = list(next(iter(codes["tables"].values()))["final_loss"])
+        lines += [
+            f"Code tables on the state recorded from `{codes['recorded_from']}` (errors of one "
+            "store: mean / 99th percentile relative error, share of nonzero values stored as "
+            "0) and the final loss of a run keeping the state in that table:",
+            "",
+            "| code (v / momentum) | sqrt(v) error | v stored as 0 | momentum error "
+            "| momentum stored as 0 | " + " | ".join(f"`{w}` loss" for w in workloads) + " |",
+            "|---|---|---|---|---|" + "---|" * len(workloads),
+        ]
+        for name, entry in codes["tables"].items():
+            v, m = entry["v"], entry["momentum_buffer"]
+            losses = [
+                "NaN/Inf" if entry["final_loss"][w] is None else f"{entry['final_loss'][w]:.4f}"
+                for w in workloads
+            ]
+            lines.append(
+                f"| {name} | {v['mean_relative_error']:.4f} / {v['p99_relative_error']:.4f} "
+                f"| {100 * v['zeroed_share']:.3f}% "
+                f"| {m['mean_relative_error']:.4f} / {m['p99_relative_error']:.4f} "
+                f"| {100 * m['zeroed_share']:.3f}% | " + " | ".join(losses) + " |"
+            )
+        lines.append("")
+    if targets:
+        lines += ["| target | measured | met |", "|---|---|---|"]
+        for target in targets:
+            met = {True: "yes", False: "**no**", None: "-"}[target["met"]]
+            lines.append(f"| {target['target']} | {target['measured']} | {met} |")
+        lines.append("")
+    lines.append(DOC_END)
+    return "\n".join(lines)
+
+
+def update_doc(path: str, section: str) -> None:
+    """Replace the text between the memory-benchmark markers of ``path`` (markers
+    included)."""
+    with open(path) as file:
+        text = file.read()
+    start, end = text.find(DOC_START), text.find(DOC_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no '{DOC_START}' ... '{DOC_END}' section to replace")
+    with open(path, "w") as file:
+        file.write(text[:start] + section + text[end + len(DOC_END) :])
+
+
+def write_chart(record: dict, path: str) -> bool:
+    """One panel per workload: the training-loss curve of every configuration (log scale).
+    ``False`` when the record has no quality runs."""
+    quality = record.get("quality", {})
+    if not quality:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        1, len(quality), figsize=(4.2 * len(quality), 3.8), dpi=100, squeeze=False
+    )
+    for axis, (workload, runs) in zip(axes[0], quality.items(), strict=True):
+        for key, run in runs.items():
+            values = [v if math.isfinite(v) else float("nan") for v in run["curve"]]
+            style = "--" if CONFIGURATIONS[key].naive else "-"
+            axis.plot(run["curve_steps"], values, style, label=CONFIGURATIONS[key].label)
+        axis.set(title=workload, xlabel="step", ylabel="training loss", yscale="log")
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.savefig(path)
+    plt.close(figure)
+    return True
