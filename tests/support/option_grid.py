@@ -7,8 +7,7 @@ costs a compilation.
 The projection: pipeline flags (``spec.PIPELINE_FLAGS``, set by the Keras pipeline arguments
 and swept by test_pipeline) stay off; ``momentum`` becomes the number 0.0 or 0.9, the two decay
 flags become ``weight_decay`` and ``decoupled_weight_decay``; every other flag is the
-constructor argument of the same name, except ``quantized_state``, which is ``state_bits=8``
-(with ``min_quantized_size=0``, so that every parameter is quantized).
+constructor argument of the same name.
 """
 
 from __future__ import annotations
@@ -29,9 +28,6 @@ def constructor_arguments(options: UpdateOptions) -> dict:
         value = getattr(options, name)
         if name == "momentum":
             config["momentum"] = MOMENTUM if value else 0.0
-        elif name == "quantized_state":
-            if value:
-                config.update(state_bits=8, min_quantized_size=0)
         elif name in ("coupled_decay", "decoupled_decay"):
             decays = options.coupled_decay or options.decoupled_decay
             config["weight_decay"] = WEIGHT_DECAY if decays else 0.0
