@@ -303,7 +303,7 @@ def rmsprop_config(
     rounding_seed = validation.integer_in_range(
         "rounding_seed", rounding_seed, 0, ROUNDING_SEED_LIMIT
     )
-    if state_bits == 8 and state_dtype == mx.float64:
+    if state_bits == 8 and state_dtype is not None and state_dtype == mx.float64:
         raise ValueError(
             "state_bits=8 requires float32 arithmetic, which state_dtype=mx.float64 turns into "
             "float64: use state_dtype None, mx.float32, mx.float16 or mx.bfloat16"

@@ -25,6 +25,7 @@ from .pipeline import (
     global_clip_factor,
 )
 from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
+from .storage import mix32
 
 
 def compute_dtype(
@@ -39,20 +40,11 @@ def compute_dtype(
     return mx.float64 if mx.float64 in dtypes else mx.float32
 
 
-def _mix32(x: mx.array) -> mx.array:
-    """:func:`mlx_rmsprop.spec.mix32` on a uint32 array (wrap-around products)."""
-    x = x ^ (x >> 16)
-    x = x * mx.array(0x21F0AAAD, mx.uint32)
-    x = x ^ (x >> 15)
-    x = x * mx.array(0xD35A2D97, mx.uint32)
-    return x ^ (x >> 15)
-
-
 def rounding_key(seed: mx.array, updates_done: mx.array) -> mx.array:
     """:func:`mlx_rmsprop.spec.rounding_step_key` in the graph: the ROUNDING_KEY of update
     ``updates_done`` (1-based, taken modulo 2^32) under the uint32 ``seed``, as uint32."""
     step = updates_done.astype(mx.uint32)
-    return _mix32(seed.astype(mx.uint32) ^ _mix32(step)) >> 8
+    return mix32(seed.astype(mx.uint32) ^ mix32(step)) >> mx.array(8, mx.uint32)
 
 
 def constant_scalars(hyper: dict[Scalar, float]) -> list[float]:
