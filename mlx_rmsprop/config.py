@@ -185,14 +185,18 @@ class RMSpropConfig:
             and math.prod(shape) >= self.min_quantized_size
         )
 
+    @functools.cached_property
+    def _layouts(self) -> tuple[StateLayout, StateLayout]:
+        # (float, 8-bit): looked up for every parameter of every step. Not a field: pickles
+        # and copies rebuild it.
+        return tuple(
+            _layout(self.options, self.pipeline.accumulates, quantized, self.state_block_size)
+            for quantized in (False, True)
+        )
+
     def layout(self, shape: tuple[int, ...], dtype: mx.Dtype) -> StateLayout:
         """The state buffers of a parameter of this shape and dtype."""
-        return _layout(
-            self.options,
-            self.pipeline.accumulates,
-            self.quantizes(shape, dtype),
-            self.state_block_size,
-        )
+        return self._layouts[self.quantizes(shape, dtype)]
 
     def rounds(self, layout: StateLayout, parameter: mx.array, state: dict[str, mx.array]) -> bool:
         """Whether one parameter's update rounds stochastically: only where a store is

@@ -436,11 +436,17 @@ class RMSprop(Optimizer):
         excluding = self._decay_exclusion is not None
         # Parameters without state (the first step, one added mid-training) get init_single's
         # state here, once the whole tree has passed its checks: what `init` would create.
+        if self._config.state_bits == 32:
+            # One layout for every parameter: skip the per-leaf lookup (per-step overhead).
+            layout = self._config.layout((), mx.float32)
+            layout_of = lambda parameter: layout  # noqa: E731
+        else:
+            layout_of = self.state_layout
         found = gather(
             gradients,
             parameters,
             self.state,
-            self.state_layout,
+            layout_of,
             with_paths=excluding,
             new_state=self._new_state,
         )
@@ -456,12 +462,15 @@ class RMSprop(Optimizer):
             else (False,) * len(found.parameters)
         )
         # (quantized, rounds) per parameter: a cheap key for the step functions.
-        storage = tuple(
-            (layout.quantized, self._config.rounds(layout, parameter, state))
-            for layout, parameter, state in zip(
-                found.layouts, found.parameters, found.states, strict=True
+        if self._config.state_bits == 32 and not self._config.stochastic_rounding:
+            storage = ((False, False),) * len(found.parameters)
+        else:
+            storage = tuple(
+                (layout.quantized, self._config.rounds(layout, parameter, state))
+                for layout, parameter, state in zip(
+                    found.layouts, found.parameters, found.states, strict=True
+                )
             )
-        )
         new_parameters, new_states, counters = self._step_function(excluded, storage)(
             self._counters(self.step),
             found.parameters,

@@ -350,20 +350,28 @@ def _gather_into(
         if not _missing(node):
             return _FAILED
         node = walk.new_state(param)
-    for key in layout.keys:
-        buffer = node[key]
-        if not isinstance(buffer, mx.array):
-            return _FAILED
-        if key in layout.scale_keys:
-            if buffer.dtype != mx.float32 or buffer.shape != layout.shape(key, shape):
+    if layout.quantized:
+        for key in layout.keys:
+            buffer = node[key]
+            if not isinstance(buffer, mx.array):
                 return _FAILED
-        elif buffer.shape != shape:
-            return _FAILED
-        elif key in layout.code_keys:
-            if buffer.dtype != mx.uint8:
+            if key in layout.scale_keys:
+                if buffer.dtype != mx.float32 or buffer.shape != layout.shape(key, shape):
+                    return _FAILED
+            elif buffer.shape != shape:
                 return _FAILED
-        elif buffer.dtype not in _FLOATING:
-            return _FAILED
+            elif key in layout.code_keys:
+                if buffer.dtype != mx.uint8:
+                    return _FAILED
+            elif buffer.dtype not in _FLOATING:
+                return _FAILED
+    else:
+        for key in layout.keys:
+            buffer = node[key]
+            if not isinstance(buffer, mx.array) or buffer.shape != shape:
+                return _FAILED
+            if buffer.dtype not in _FLOATING:
+                return _FAILED
     if found.paths is not None:
         found.paths.append(path)
     found.gradients.append(grad)

@@ -153,3 +153,36 @@ def test_without_stochastic_rounding_the_key_stays_zero_and_apply_single_is_inde
     optimizer.apply_single(mx.ones((4,)), mx.ones((4,)), state)
     assert recorder.calls[-1][2] == 0
     assert set(state) == {"v", "v_scale"}
+
+
+def test_a_path_without_index_hands_storage_parameters_to_the_reference():
+    from mlx_rmsprop import paths
+
+    calls = []
+
+    def legacy(options, scalars, parameter, gradient, state):
+        calls.append(options)
+        return rmsprop_reference(options, scalars, parameter, gradient, state)
+
+    wrapped = paths._with_storage(legacy)
+    assert paths._with_storage(rmsprop_reference) is rmsprop_reference  # takes index already
+    optimizer = RMSprop(
+        0.01, state_bits=8, min_quantized_size=10, stochastic_rounding=True, fused=False
+    )
+    optimizer._update = wrapped
+    optimizer._step_functions.clear()
+    expected = RMSprop(
+        0.01, state_bits=8, min_quantized_size=10, stochastic_rounding=True, fused=False
+    )
+    tree = {
+        "big": mx.linspace(-1, 1, 12).reshape(3, 4).astype(mx.bfloat16),
+        "small": mx.ones((3,)),
+        "half": mx.ones((3,), mx.float16),
+    }
+    grads = {k: mx.full(v.shape, 0.3, v.dtype) for k, v in tree.items()}
+    got = optimizer.apply_gradients(grads, tree)
+    want = expected.apply_gradients(grads, tree)
+    for key in tree:
+        assert mx.array_equal(got[key], want[key]).item(), key
+    # Only the parameter with neither 8-bit state nor stochastic rounding reached the path.
+    assert len(calls) == 1 and not calls[0].quantized_state and not calls[0].stochastic_rounding
