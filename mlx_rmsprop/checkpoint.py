@@ -556,9 +556,8 @@ def _layouts(
     ``state_bits``, ``min_quantized_size`` and the parameter make them), codes uint8 of the
     parameter's shape, scales float32, one per block. The parameter's shape and dtype come
     from ``reference``; without it the shape is ``v``'s (the first step checks the parameter
-    itself). 8-bit and float state never convert into
-    each other: requantizing loses precision, and a silent dequantization would hide a
-    configuration mistake."""
+    itself). 8-bit and float state never convert into each other: requantizing loses
+    precision, and a silent dequantization would hide a configuration mistake."""
     config = optimizer._config
     layouts = {}
     for key_path, buffers in grouped.items():

@@ -199,15 +199,18 @@ class RMSpropConfig:
         return self._layouts[self.quantizes(shape, dtype)]
 
     def rounds(self, layout: StateLayout, parameter: mx.array, state: dict[str, mx.array]) -> bool:
-        """Whether one parameter's update rounds stochastically: only where a store is
-        float16/bfloat16 (the parameter, or a float state buffer). Elsewhere stochastic
-        rounding changes no bit, and the update without it is cheaper."""
+        """Whether one parameter's update rounds stochastically: only where one of its stores
+        is float16/bfloat16 (the parameter, or a float state buffer the update writes; the
+        accumulator is the step function's, stored to nearest). Elsewhere stochastic rounding
+        changes no bit, and the update without it is cheaper."""
         return self.stochastic_rounding and (
             parameter.dtype in _ROUNDED_DTYPES
             or any(
                 state[key].dtype in _ROUNDED_DTYPES
                 for key in layout.keys
-                if key not in layout.code_keys and key not in layout.scale_keys
+                if key not in layout.code_keys
+                and key not in layout.scale_keys
+                and key != ACCUMULATOR
             )
         )
 

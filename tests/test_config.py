@@ -257,3 +257,34 @@ def test_the_per_parameter_options_carry_the_storage_flags():
     assert quantized.state_keys == ("v", "v_scale", "momentum_buffer", "momentum_buffer_scale")
     plain = config.parameter_options(False, False)
     assert plain == config.options and plain.block_size == 0
+
+
+@pytest.mark.parametrize(
+    "arguments, parameter_dtype, rounds",
+    [
+        ({}, mx.bfloat16, True),
+        ({}, mx.float16, True),
+        ({}, mx.float32, False),
+        ({}, mx.float64, False),
+        ({"state_dtype": mx.bfloat16}, mx.float32, True),  # v is stored as bfloat16
+        # 8-bit: codes and scales are never rounded; the EMA is a float store, the accumulator
+        # the step function's own (to nearest).
+        ({"state_bits": 8, "state_dtype": mx.bfloat16}, mx.float32, False),
+        ({"state_bits": 8, "state_dtype": mx.bfloat16, "use_ema": True}, mx.float32, True),
+        (
+            {"state_bits": 8, "state_dtype": mx.float16, "gradient_accumulation_steps": 2},
+            mx.float32,
+            False,
+        ),
+        ({"stochastic_rounding": False}, mx.bfloat16, False),
+    ],
+)
+def test_a_parameter_rounds_stochastically_only_where_it_stores_float16_or_bfloat16(
+    arguments, parameter_dtype, rounds
+):
+    optimizer = RMSprop(0.1, **{"stochastic_rounding": True, "min_quantized_size": 0, **arguments})
+    parameter = mx.ones((4, 4), parameter_dtype)
+    state: dict = {}
+    optimizer.init_single(parameter, state)
+    layout = optimizer.state_layout(parameter)
+    assert optimizer._config.rounds(layout, parameter, state) is rounds
