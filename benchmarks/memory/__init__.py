@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -80,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="workloads of the code-table study (state recorded from the first); default mnist,lm",
     )
     add(
+        "--code-steps",
+        type=_positive,
+        default=None,
+        help="training steps of the code-table study's runs (default: --steps)",
+    )
+    add(
         "--steps",
         type=_positive,
         default=None,
@@ -92,7 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default=DEFAULT_OUT, metavar="DIR", help="folder of the JSON (and chart)")
     add("--chart", default=None, metavar="PATH", help="loss-curve PNG (default --out/memory.png)")
     add("--doc", default=None, metavar="PATH", help="rewrite the generated section of this file")
-    add("--from-json", default=None, metavar="PATH", help="measure nothing: use a recorded run")
+    add(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="measure nothing: report recorded runs (several: their parts and workloads merged, "
+        "later files winning)",
+    )
     add("--quiet", action="store_true", help="no progress lines")
 
 
@@ -103,6 +117,12 @@ def measure(args: argparse.Namespace) -> dict:
     from .workloads import WORKLOADS
 
     mx.set_default_device(getattr(mx, args.device))
+    if "quality" in args.parts and "lora" in args.workloads:
+        if importlib.util.find_spec("mlx_lm") is None:
+            raise SystemExit(
+                "the lora workload needs mlx-lm: pip install -e '.[mlx-lm]' (or leave it out: "
+                "--workloads mnist,mnist-small-lr,lm)"
+            )
 
     def progress(text: str) -> None:
         if not args.quiet:
@@ -139,7 +159,9 @@ def measure(args: argparse.Namespace) -> dict:
     if "codes" in args.parts:
         from .codes import study
 
-        record["codes"] = study(args.code_workloads, args.steps, args.seed, progress)
+        record["codes"] = study(
+            args.code_workloads, args.code_steps or args.steps, args.seed, progress
+        )
     if "bytes" in args.parts:
         from .sizes import bytes_per_parameter, gpt2_small
 
@@ -155,12 +177,42 @@ def measure(args: argparse.Namespace) -> dict:
     return record
 
 
+def _read(path: str) -> dict:
+    with open(path) as file:
+        return json.load(file)
+
+
+def _deep_update(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def merge(records: list[dict]) -> dict:
+    """One record from several runs (say, each workload measured by its own process): their
+    parts merged key by key (a later run's figure wins), the start time, machine, versions and
+    settings of the first."""
+    merged: dict = {}
+    for record in records:
+        first = not merged
+        for key, value in record.items():
+            if key in ("started", "settings", "machine", "mlx"):
+                if first:
+                    merged[key] = value
+            elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+                _deep_update(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
+
+
 def run(args: argparse.Namespace) -> int:
     from . import report
 
     if args.from_json:
-        with open(args.from_json) as file:
-            record = json.load(file)
+        record = merge([_read(path) for path in args.from_json])
     else:
         record = measure(args)
         os.makedirs(args.out, exist_ok=True)
@@ -172,8 +224,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{met:8s} {target['target']}: {target['measured']}")
     chart = args.chart or os.path.join(args.out, "memory.png")
     if "quality" in record:
-        os.makedirs(os.path.dirname(chart) or ".", exist_ok=True)
-        if report.write_chart(record, chart):
+        if importlib.util.find_spec("matplotlib") is None:
+            print(f"no chart: matplotlib is not installed ({chart} not written)")
+        else:
+            os.makedirs(os.path.dirname(chart) or ".", exist_ok=True)
+            report.write_chart(record, chart)
             print(f"wrote the loss curves: {chart}")
     if args.doc:
         report.update_doc(args.doc, report.markdown(record, targets))
@@ -190,4 +245,4 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-__all__ = ["add_arguments", "main", "measure", "run"]
+__all__ = ["add_arguments", "main", "measure", "merge", "run"]

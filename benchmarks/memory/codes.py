@@ -77,33 +77,34 @@ def reconstruction(values: list[np.ndarray], table: np.ndarray, signed: bool) ->
 
 
 def study(
-    workloads: tuple[str, ...] = ("mnist", "lm"),
+    workloads: tuple[str, ...] = ("mnist",),
     steps: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Every candidate table on every workload: reconstruction errors of the recorded state
-    (from the first workload) and the final loss of a run with the state in that table."""
+    """Every candidate table on every workload: the reconstruction errors of the state
+    recorded from it (``recorded[workload][table]``) and the final loss of a run keeping the
+    state in that table (``final_loss[table][workload]``, None when it diverged)."""
     tables = candidates()
-    progress(f"codes: recording the float32 state of {workloads[0]}")
-    recorded = record(workloads[0], steps, seed)
-    result: dict = {"recorded_from": workloads[0], "tables": {}}
-    for name, (unsigned, signed) in tables.items():
-        entry = {
-            "v": reconstruction(recorded["v"], unsigned, signed=False),
-            "momentum_buffer": reconstruction(recorded["momentum_buffer"], signed, signed=True),
-            "final_loss": {},
+    result: dict = {"recorded": {}, "final_loss": {name: {} for name in tables}}
+    for workload in workloads:
+        progress(f"codes: recording the float32 state of {workload}")
+        recorded = record(workload, steps, seed)
+        result["recorded"][workload] = {
+            name: {
+                "v": reconstruction(recorded["v"], unsigned, signed=False),
+                "momentum_buffer": reconstruction(recorded["momentum_buffer"], signed, True),
+            }
+            for name, (unsigned, signed) in tables.items()
         }
-        for workload in workloads:
+        for name, (unsigned, signed) in tables.items():
             progress(f"codes: {name} on {workload}")
-            chosen = WORKLOADS[workload]
 
             def make(hyper, unsigned=unsigned, signed=signed):
                 return CodedStateRMSprop(
                     **hyper, codec=TableCodec(unsigned), momentum_codec=TableCodec(signed)
                 )
 
-            outcome = chosen.run(make, mx.float32, steps, seed)
-            entry["final_loss"][workload] = outcome.final_loss if outcome.finite else None
-        result["tables"][name] = entry
+            outcome = WORKLOADS[workload].run(make, mx.float32, steps, seed)
+            result["final_loss"][name][workload] = outcome.final_loss if outcome.finite else None
     return result

@@ -173,28 +173,40 @@ def markdown(record: dict, targets: list[dict]) -> str:
         ]
     if "codes" in record:
         codes = record["codes"]
-        workloads = list(next(iter(codes["tables"].values()))["final_loss"])
         lines += [
-            f"Code tables on the state recorded from `{codes['recorded_from']}` (errors of one "
-            "store: mean / 99th percentile relative error, share of nonzero values stored as "
-            "0) and the final loss of a run keeping the state in that table:",
+            "Code tables: the errors of storing the float32 state recorded at the end of a "
+            "run once (mean / 99th percentile relative error over the nonzero values; share "
+            "of nonzero values stored as 0):",
             "",
-            "| code (v / momentum) | sqrt(v) error | v stored as 0 | momentum error "
-            "| momentum stored as 0 | " + " | ".join(f"`{w}` loss" for w in workloads) + " |",
-            "|---|---|---|---|---|" + "---|" * len(workloads),
         ]
-        for name, entry in codes["tables"].items():
-            v, m = entry["v"], entry["momentum_buffer"]
-            losses = [
-                "NaN/Inf" if entry["final_loss"][w] is None else f"{entry['final_loss'][w]:.4f}"
+        for workload, errors in codes["recorded"].items():
+            lines += [
+                f"| code (v / momentum), state of `{workload}` | sqrt(v) error | v stored as 0 "
+                "| momentum error | momentum stored as 0 |",
+                "|---|---|---|---|---|",
+            ]
+            for name, entry in errors.items():
+                v, m = entry["v"], entry["momentum_buffer"]
+                lines.append(
+                    f"| {name} | {v['mean_relative_error']:.4f} / "
+                    f"{v['p99_relative_error']:.4f} | {100 * v['zeroed_share']:.3f}% | "
+                    f"{m['mean_relative_error']:.4f} / {m['p99_relative_error']:.4f} | "
+                    f"{100 * m['zeroed_share']:.3f}% |"
+                )
+            lines.append("")
+        workloads = sorted({w for losses in codes["final_loss"].values() for w in losses})
+        lines += [
+            "Final held-out loss of a run keeping `v` in each table (the same seed and steps):",
+            "",
+            "| code | " + " | ".join(f"`{w}`" for w in workloads) + " |",
+            "|---|" + "---|" * len(workloads),
+        ]
+        for name, losses in codes["final_loss"].items():
+            cells = [
+                "-" if w not in losses else "NaN/Inf" if losses[w] is None else f"{losses[w]:.4f}"
                 for w in workloads
             ]
-            lines.append(
-                f"| {name} | {v['mean_relative_error']:.4f} / {v['p99_relative_error']:.4f} "
-                f"| {100 * v['zeroed_share']:.3f}% "
-                f"| {m['mean_relative_error']:.4f} / {m['p99_relative_error']:.4f} "
-                f"| {100 * m['zeroed_share']:.3f}% | " + " | ".join(losses) + " |"
-            )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     if targets:
         lines += ["| target | measured | met |", "|---|---|---|"]

@@ -117,6 +117,8 @@ def _train(
             curve_steps.append(index)
             curve.append(float(np.mean([loss.item() for loss in losses])))
             losses = []
+            if not math.isfinite(curve[-1]):
+                break  # diverged: the rest of the run would only compute NaN
     return curve_steps, curve
 
 
@@ -209,7 +211,7 @@ def _mnist(workload: Workload, make_optimizer, weights, steps: int, seed: int) -
 # --- character-level transformer language model ----------------------------------------------
 
 LM_CONTEXT = 32
-LM_BATCH = 16
+LM_BATCH = 8
 
 
 @cache
@@ -376,7 +378,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "lm",
-            "character transformer LM from scratch (2 layers, 64 wide, context 32, batch 16), "
+            "character transformer LM from scratch (2 layers, 64 wide, context 32, batch 8), "
             "MLX defaults lr 1e-3",
             {"learning_rate": 1e-3},
             2000,

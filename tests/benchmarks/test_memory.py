@@ -113,6 +113,33 @@ def test_coded_state_rmsprop_has_the_reference_arithmetic(hyper):
     assert np.array_equal(np.array(ours.state["w"]["v"]), np.array(emulated.state["w"]["v"]))
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_coded_state_rmsprop_with_the_spec_tables_is_the_package_8bit_state(momentum):
+    """With the spec's tables the study's optimizer is RMSprop(state_bits=8) bit for bit,
+    parameters, codes and scales: the other tables are measured in the same format."""
+    rng = np.random.default_rng(2)
+    shape = (40, 130)  # 5200 elements: quantized, the last block short
+    parameters = {"w": mx.array(rng.standard_normal(shape, np.float32))}
+    ours = RMSprop(1e-3, momentum=momentum, state_bits=8, fused=False)
+    emulated = CodedStateRMSprop(
+        1e-3,
+        momentum=momentum,
+        codec=TableCodec(np.array(spec.UNSIGNED_CODE, np.float32)),
+        momentum_codec=TableCodec(np.array(spec.SIGNED_CODE, np.float32)),
+    )
+    first, second = parameters, parameters
+    for _ in range(4):
+        gradients = {"w": mx.array(rng.standard_normal(shape, np.float32) * 1e-2)}
+        first = ours.apply_gradients(gradients, first)
+        second = emulated.apply_gradients(gradients, second)
+    assert np.array_equal(np.array(first["w"]), np.array(second["w"]))
+    keys = ["v"] + (["momentum_buffer"] if momentum else [])
+    for key in keys:
+        stored = emulated.state["w"][key]
+        assert np.array_equal(np.array(ours.state["w"][key]), np.array(stored["codes"]))
+        assert np.array_equal(np.array(ours.state["w"][key + "_scale"]), np.array(stored["scale"]))
+
+
 def test_coded_state_rmsprop_keeps_large_tensors_in_codes():
     optimizer = CodedStateRMSprop(1e-3, codec=AffineCodec())
     parameters = {"big": mx.zeros((64, 64)), "small": mx.zeros((10,))}
@@ -128,12 +155,26 @@ def test_gpt2_small_shapes_have_its_parameter_count():
     assert sum(math.prod(shape) for shape in shapes.values()) == 124_439_808
 
 
-def test_float32_state_bytes_per_parameter():
+def test_bytes_per_parameter_are_read_from_the_state():
     rows = {(r["layout"], r["weights"]): r for r in sizes.bytes_per_parameter(elements=1 << 12)}
+    assert len(rows) == 8
     for (layout, weights), row in rows.items():
         buffers = {"plain": 1, "centered": 2, "momentum": 2, "centered + momentum": 3}[layout]
+        weight = 4 if weights == "float32" else 2
         assert row["state_32"] == 4 * buffers
-        assert row["total_32"] == 4 * buffers + (4 if weights == "float32" else 2)
+        assert row["total_32"] == 4 * buffers + weight
+        # A uint8 code per element and a float32 scale per block of 256.
+        assert row["state_8"] == buffers * (1 + 4 / 256)
+        assert row["total_8"] == buffers * (1 + 4 / 256) + weight
+
+
+def test_state_bytes_of_a_tree():
+    shapes = {"big": (64, 128), "small": (100,)}
+    full = sizes.tree_state_bytes(shapes)
+    small = sizes.tree_state_bytes(shapes, state_bits=8)
+    counters = full - 4 * (64 * 128 + 100)  # step, learning_rate
+    assert counters < 64
+    assert small == counters + 64 * 128 + 4 * (64 * 128 // 256) + 4 * 100
 
 
 def test_the_configurations_build_their_optimizers():
@@ -239,3 +280,17 @@ def test_speed_measures_both_states_side_by_side():
     result = speed.step_speed(exponent=10, fused=False, rounds=2, steps_per_round=1, warmup=1)
     assert len(result["float32"]["samples"]) == len(result["8-bit"]["samples"]) == 2
     assert result["ratio"] == result["8-bit"]["median"] / result["float32"]["median"]
+
+
+def test_records_of_separate_processes_merge_by_workload_and_part():
+    first = _record(mnist={"float32": (1.0,)})
+    second = _record(mnist={"8bit": (1.001,)}, lm={"float32": (2.0,)})
+    del second["gpt2"]
+    second["codes"] = {"recorded": {"lm": {}}, "final_loss": {"ours": {"lm": 2.0}}}
+    third = {"started": "later", "codes": {"final_loss": {"ours": {"mnist": 1.0}}}}
+    merged = memory.merge([first, second, third])
+    assert merged["started"] == first["started"]
+    assert set(merged["quality"]["mnist"]) == {"float32", "8bit"}
+    assert set(merged["quality"]) == {"mnist", "lm"}
+    assert merged["codes"]["final_loss"]["ours"] == {"lm": 2.0, "mnist": 1.0}
+    assert merged["gpt2"] == first["gpt2"]
