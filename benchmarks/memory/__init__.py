@@ -8,6 +8,10 @@ Parts (``--parts``, default all):
   round-to-nearest and with stochastic rounding, bfloat16 + 8-bit + stochastic rounding, and
   the naive ``mx.quantize`` baseline) on the same seed and steps: loss curves, final loss and
   accuracy, state bytes, peak memory.
+- ``noise``: some configurations (``--noise-configurations``, default float32 and 8-bit
+  state) again with other seeds (``--noise-seeds``): how far the final loss moves when only
+  the seed changes, the scale against which the differences between configurations are
+  read, and their means over seeds.
 - ``codes``: the code-table study (:mod:`.codes`).
 - ``bytes``: bytes per parameter of every configuration, and ``optimizer.state`` of a
   GPT-2-small-shaped tree with float32 and 8-bit state.
@@ -28,7 +32,7 @@ import os
 import platform
 import sys
 
-PARTS = ("quality", "codes", "bytes", "speed")
+PARTS = ("quality", "noise", "codes", "bytes", "speed")
 DEFAULT_OUT = "bench-results/memory"
 JSON_NAME = "memory.json"
 
@@ -93,6 +97,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training steps of every workload (default: each workload's own)",
     )
     add("--seed", type=int, default=0, help="seed of the models, the data order and the data")
+    add(
+        "--noise-seeds",
+        type=lambda text: tuple(int(item) for item in text.split(",")),
+        default=(1, 2),
+        help="seeds of the noise part's runs (default 1,2)",
+    )
+    add(
+        "--noise-configurations",
+        type=_choices(configurations, "--noise-configurations"),
+        default=("float32", "8bit"),
+        help="configurations of the noise part (default float32,8bit)",
+    )
     add("--speed-exponent", type=int, default=24, help="elements of the speed step, 2^N")
     add("--speed-path", default="native", help="the fused= path timed (default native)")
     add("--device", choices=("cpu", "gpu"), default="cpu", help="MLX device (default cpu)")
@@ -156,6 +172,21 @@ def measure(args: argparse.Namespace) -> dict:
                     f"quality: {name} / {configuration.label}: final loss "
                     f"{outcome.final_loss:.4f}, {outcome.seconds:.0f} s"
                 )
+    if "noise" in args.parts:
+        record["noise"] = {}
+        for name in args.workloads:
+            for key in args.noise_configurations:
+                configuration = CONFIGURATIONS[key]
+                runs = record["noise"].setdefault(name, {}).setdefault(key, {})
+                for seed in args.noise_seeds:
+                    outcome = WORKLOADS[name].run(
+                        configuration.optimizer, configuration.weights, args.steps, seed
+                    )
+                    runs[str(seed)] = outcome.figures()
+                    progress(
+                        f"noise: {name} / {configuration.label} / seed {seed}: final loss "
+                        f"{outcome.final_loss:.4f}"
+                    )
     if "codes" in args.parts:
         from .codes import study
 
