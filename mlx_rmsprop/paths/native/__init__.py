@@ -50,12 +50,21 @@ def update(
     parameter: mx.array,
     gradient: mx.array,
     state: dict[str, mx.array],
+    *,
+    index: int = 0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """:func:`~mlx_rmsprop.reference.rmsprop_reference`'s update as one native node on the
-    CPU stream (same signature, same results)."""
+    CPU stream (same signature, same results). ``index``: the parameter's position in the
+    step, which stochastic rounding hashes; an attribute of the node, not compiled code."""
     keys = options.state_keys
     outputs = _loaded().update(
-        scalars, gradient, parameter, [state[key] for key in keys], _flags(options)
+        scalars,
+        gradient,
+        parameter,
+        [state[key] for key in keys],
+        _flags(options),
+        options.block_size,
+        index,
     )
     return outputs[0], dict(zip(keys, outputs[1:], strict=True))
 
