@@ -3,7 +3,7 @@
 #include "rmsprop_update.h"
 
 #include <algorithm>
-#include <climits>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -144,6 +144,73 @@ void store_rounded(const float* src, uint16_t* dst, uint32_t salt, int64_t start
   }
 }
 
+void quantize_baseline(
+    int64_t n,
+    int64_t block_size,
+    const Code& code,
+    float* values,
+    uint8_t* codes,
+    float* scales) {
+  quantize(n, block_size, code, values, codes, scales);
+}
+
+// --- instruction set ---
+// x86-64 builds target the baseline instruction set (SSE2; no -march=native: the module may run
+// on another machine). The storage loops need what SSE2 lacks: gathers for the code buckets,
+// 32-bit multiplies for the rounding hash, and they divide 8 lanes at a time with AVX, so they
+// are compiled a second time for AVX2 and picked once per process. Same IEEE operations and no
+// FMA (the AVX2 target does not include it): the same bits. Measured on the CI machine's x86
+// core (AMD EPYC), per element of a 512-element chunk: quantize 2.2 ns baseline, 0.75 ns AVX2.
+// MLX_RMSPROP_NATIVE_AVX2=0 keeps the baseline loops (the tests run both).
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define MLX_RMSPROP_AVX2_LOOPS 1
+
+__attribute__((target("avx2"))) void quantize_avx2(
+    int64_t n,
+    int64_t block_size,
+    const Code& code,
+    float* values,
+    uint8_t* codes,
+    float* scales) {
+  quantize(n, block_size, code, values, codes, scales);
+}
+
+template <typename Format>
+__attribute__((target("avx2"))) void
+store_rounded_avx2(const float* src, uint16_t* dst, uint32_t salt, int64_t start, int64_t n) {
+  MLX_RMSPROP_ELEMENTWISE
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = round_stochastically<Format>(src[i], salt, static_cast<uint32_t>(start + i));
+  }
+}
+#endif
+
+using QuantizeLoop = void (*)(int64_t, int64_t, const Code&, float*, uint8_t*, float*);
+using RoundLoop = void (*)(const float*, uint16_t*, uint32_t, int64_t, int64_t);
+
+struct StorageLoops {
+  QuantizeLoop quantize = &quantize_baseline;
+  RoundLoop round_half = &store_rounded<HalfFormat>;
+  RoundLoop round_bfloat16 = &store_rounded<Bfloat16Format>;
+};
+
+const StorageLoops& storage_loops() {
+  static const StorageLoops loops = [] {
+    StorageLoops chosen;
+#if MLX_RMSPROP_AVX2_LOOPS
+    const char* setting = std::getenv("MLX_RMSPROP_NATIVE_AVX2");
+    const bool allowed = setting == nullptr || std::string(setting) != "0";
+    if (allowed && __builtin_cpu_supports("avx2")) {
+      chosen.quantize = &quantize_avx2;
+      chosen.round_half = &store_rounded_avx2<HalfFormat>;
+      chosen.round_bfloat16 = &store_rounded_avx2<Bfloat16Format>;
+    }
+#endif
+    return chosen;
+  }();
+  return loops;
+}
+
 // Narrowing from float uses the fast conversions (MLX's bits), or rounds stochastically with
 // the output's hash salt when `salt` is given. From double, MLX's own types decide (on x86 they
 // round to float first, then to the half type).
@@ -157,11 +224,11 @@ void store_as(
     const uint32_t* salt) {
   if constexpr (std::is_same_v<C, float>) {
     if (salt != nullptr && dtype == mx::float16) {
-      store_rounded<HalfFormat>(src, static_cast<uint16_t*>(dst) + start, *salt, start, n);
+      storage_loops().round_half(src, static_cast<uint16_t*>(dst) + start, *salt, start, n);
       return;
     }
     if (salt != nullptr && dtype == mx::bfloat16) {
-      store_rounded<Bfloat16Format>(src, static_cast<uint16_t*>(dst) + start, *salt, start, n);
+      storage_loops().round_bfloat16(src, static_cast<uint16_t*>(dst) + start, *salt, start, n);
       return;
     }
   }
@@ -309,7 +376,7 @@ void update_range(
       if constexpr (std::is_same_v<C, float>) {
         if (b.code != nullptr) {
           if (apply) {
-            quantize(
+            storage_loops().quantize(
                 n,
                 block_size,
                 *b.code,

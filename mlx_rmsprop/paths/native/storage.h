@@ -18,23 +18,42 @@
 
 namespace mlx_rmsprop {
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MLX_RMSPROP_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MLX_RMSPROP_ALWAYS_INLINE inline
+#endif
+
 // --- code search ---
 // The code of a normalised value y is the number of the table's 255 midpoints strictly below
-// y (NaN: 0), which storage.py finds by an 8-step binary search. Eight dependent table loads
-// per element kept the requantize scalar and slow; here y's top 13 bits (sign, exponent and 4
-// mantissa bits) name a bucket of consecutive floats, and a table per bucket gives the count
-// below the bucket (`base`) and the next midpoint (`threshold`): code = base + (y > threshold).
-// That equals the search exactly when no bucket holds two midpoints: a bucket spans at most
-// log2(1 + 1/16) = 0.087 octaves, the midpoints of both codes lie 32/255 = 0.125 (unsigned)
-// and 24/127 = 0.19 octaves (signed) apart, and the static_asserts below check every bucket.
+// y (NaN: 0), which storage.py finds by an 8-step binary search. Eight dependent loads per
+// element made that search 9x slower than the table below (17 against 1.8 ns per element on
+// the CI machine's x86 core) and the requantize the bulk of a step.
+//
+// Here y's top 13 bits (sign, exponent and 4 mantissa bits) name a bucket of 2^19 consecutive
+// floats, and one 32-bit entry per bucket holds the number of midpoints below the bucket
+// (`base`, bits 0-7) and the position of the midpoint inside it (bits 8-26; 2^19 - 1 when it
+// holds none). A bucket spans at most log2(1 + 1/16) = 0.087 octaves while the midpoints of
+// both codes lie 32/255 = 0.125 (unsigned) and 24/127 = 0.19 octaves (signed) apart, so a
+// bucket holds at most one midpoint (the static_asserts check every bucket), and
+// code = base + (position of y > position of the midpoint): exactly the search's count. A
+// position is a float's low 19 bits in increasing-value order (complemented for negative
+// floats, whose magnitude grows with their bits). One load per element, the rest integer
+// operations that vectorise.
 constexpr int kBucketShift = 19;
+constexpr uint32_t kPositionMask = (uint32_t(1) << kBucketShift) - 1;
 constexpr int kBuckets = 1 << (32 - kBucketShift);
 constexpr int kCodes = 256;
 
-struct CodeSearch {
-  uint8_t base[kBuckets];
-  float threshold[kBuckets];
+struct CodeBuckets {
+  uint32_t entry[kBuckets];
 };
+
+// The position of a float with these bits inside its bucket, in increasing-value order.
+constexpr uint32_t bucket_position(uint32_t bits) {
+  const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  return (bits & kPositionMask) ^ (negative & kPositionMask);
+}
 
 namespace detail {
 
@@ -63,10 +82,11 @@ constexpr int midpoints_at_or_below(const float (&midpoints)[kCodes - 1], float 
 // The smallest and largest value of bucket b, or false for a bucket of NaNs only.
 constexpr bool bucket_range(int b, float& lowest, float& highest) {
   const uint32_t first = uint32_t(b) << kBucketShift;
-  const uint32_t last = first | ((uint32_t(1) << kBucketShift) - 1);
+  const uint32_t last = first | kPositionMask;
   const bool negative = (first >> 31) != 0;
   if (((first >> 23) & 0xFF) == 0xFF) {
-    // Exponent 255: the bucket that starts at an infinity holds it, the rest are NaNs.
+    // Exponent 255: the bucket that starts at an infinity holds it, the rest are NaNs (which
+    // `quantize` maps to code 0 before it looks at a bucket).
     if ((first & 0x7FFFFF) != 0) {
       return false;
     }
@@ -80,26 +100,67 @@ constexpr bool bucket_range(int b, float& lowest, float& highest) {
   return true;
 }
 
-constexpr CodeSearch make_code_search(const float (&midpoints)[kCodes - 1]) {
-  CodeSearch search{};
+constexpr CodeBuckets make_code_buckets(const float (&midpoints)[kCodes - 1]) {
+  CodeBuckets buckets{};
   for (int b = 0; b < kBuckets; ++b) {
     float lowest = 0, highest = 0;
-    int base = 0;
+    uint32_t base = 0, position = kPositionMask;
     if (bucket_range(b, lowest, highest)) {
-      base = midpoints_below(midpoints, lowest);
+      base = static_cast<uint32_t>(midpoints_below(midpoints, lowest));
+      if (base < kCodes - 1 && midpoints[base] <= highest) {
+        // The midpoint lies in this bucket. +0.0 is the signed code's middle midpoint: it
+        // belongs to the bucket of +0 (bits 0), and -0.0 (which equals it) is below none.
+        const uint32_t bits = std::bit_cast<uint32_t>(midpoints[base]);
+        if ((bits >> kBucketShift) == uint32_t(b)) {
+          position = bucket_position(bits);
+        }
+      }
     }
-    search.base[b] = static_cast<uint8_t>(base);
-    search.threshold[b] =
-        base < kCodes - 1 ? midpoints[base] : std::numeric_limits<float>::infinity();
+    buckets.entry[b] = base | (position << 8);
   }
-  return search;
+  return buckets;
 }
 
+// Every bucket holds at most one midpoint, and that midpoint's bits lie in the bucket.
 constexpr bool one_midpoint_per_bucket(const float (&midpoints)[kCodes - 1]) {
   for (int b = 0; b < kBuckets; ++b) {
     float lowest = 0, highest = 0;
-    if (bucket_range(b, lowest, highest) &&
-        midpoints_at_or_below(midpoints, highest) - midpoints_below(midpoints, lowest) > 1) {
+    if (!bucket_range(b, lowest, highest)) {
+      continue;
+    }
+    const int inside =
+        midpoints_at_or_below(midpoints, highest) - midpoints_below(midpoints, lowest);
+    if (inside > 1) {
+      return false;
+    }
+  }
+  return true;
+}
+
+constexpr uint32_t bucket_code(const CodeBuckets& buckets, uint32_t bits) {
+  const uint32_t entry = buckets.entry[bits >> kBucketShift];
+  return (entry & 0xFFu) + (bucket_position(bits) > (entry >> 8) ? 1u : 0u);
+}
+
+// The buckets give the binary search's code on each midpoint, its two neighbours either side
+// and their negations, and on the first and last float of every bucket (NaNs excepted).
+constexpr bool buckets_agree_with_search(const float (&midpoints)[kCodes - 1]) {
+  const CodeBuckets buckets = make_code_buckets(midpoints);
+  auto agrees = [&](uint32_t bits) {
+    const float x = std::bit_cast<float>(bits);
+    return x != x || bucket_code(buckets, bits) == uint32_t(midpoints_below(midpoints, x));
+  };
+  for (int c = 0; c < kCodes - 1; ++c) {
+    const uint32_t bits = std::bit_cast<uint32_t>(midpoints[c]);
+    for (uint32_t d = 0; d < 5; ++d) {
+      const uint32_t near = bits + d - 2;
+      if (!agrees(near) || !agrees(near ^ 0x80000000u)) {
+        return false;
+      }
+    }
+  }
+  for (uint32_t b = 0; b < uint32_t(kBuckets); ++b) {
+    if (!agrees(b << kBucketShift) || !agrees((b << kBucketShift) | kPositionMask)) {
       return false;
     }
   }
@@ -110,16 +171,18 @@ constexpr bool one_midpoint_per_bucket(const float (&midpoints)[kCodes - 1]) {
 
 static_assert(detail::one_midpoint_per_bucket(kUnsignedMidpoints), "unsigned code buckets");
 static_assert(detail::one_midpoint_per_bucket(kSignedMidpoints), "signed code buckets");
-inline constexpr CodeSearch kUnsignedSearch = detail::make_code_search(kUnsignedMidpoints);
-inline constexpr CodeSearch kSignedSearch = detail::make_code_search(kSignedMidpoints);
+static_assert(detail::buckets_agree_with_search(kUnsignedMidpoints), "unsigned code buckets");
+static_assert(detail::buckets_agree_with_search(kSignedMidpoints), "signed code buckets");
+inline constexpr CodeBuckets kUnsignedBuckets = detail::make_code_buckets(kUnsignedMidpoints);
+inline constexpr CodeBuckets kSignedBuckets = detail::make_code_buckets(kSignedMidpoints);
 
-// One quantized buffer's code table (`code_table(key)`) and its search.
+// One quantized buffer's code table (`code_table(key)`) and its buckets.
 struct Code {
   const float* table;
-  const CodeSearch* search;
+  const CodeBuckets* buckets;
 };
-inline constexpr Code kUnsigned{kUnsignedCode, &kUnsignedSearch};
-inline constexpr Code kSigned{kSignedCode, &kSignedSearch};
+inline constexpr Code kUnsigned{kUnsignedCode, &kUnsignedBuckets};
+inline constexpr Code kSigned{kSignedCode, &kSignedBuckets};
 
 // --- dequantize ---
 // value = table[code] * scale[block]: one float32 multiply.
@@ -144,14 +207,14 @@ inline void dequantize(
 // Per block: scale = NaN if any value is NaN, else max |x|; y = 0 if scale == 0 else x / scale;
 // code = the number of midpoints below y. Overwrites `values` with y (a staging span that the
 // caller no longer needs), so that the division runs as its own vectorised loop.
-inline void quantize(
+// Always inlined: rmsprop_update.cpp compiles it into a baseline and an AVX2 loop.
+MLX_RMSPROP_ALWAYS_INLINE void quantize(
     int64_t n,
     int64_t block_size,
     const Code& code,
     float* __restrict values,
     uint8_t* __restrict codes,
     float* __restrict scales) {
-  const CodeSearch& search = *code.search;
   for (int64_t start = 0, block = 0; start < n; start += block_size, ++block) {
     const int64_t end = start + block_size < n ? start + block_size : n;
     // --- absmax ---
@@ -171,11 +234,13 @@ inline void quantize(
       values[i] = zero ? 0.0f : values[i] / scale;
     }
   }
+  const uint32_t* entries = code.buckets->entry;
   for (int64_t i = 0; i < n; ++i) {
     const float y = values[i];
-    const uint32_t bucket = std::bit_cast<uint32_t>(y) >> kBucketShift;
-    const int c = search.base[bucket] + (y > search.threshold[bucket] ? 1 : 0);
-    codes[i] = static_cast<uint8_t>(y != y ? 0 : c);
+    const uint32_t bits = std::bit_cast<uint32_t>(y);
+    const uint32_t entry = entries[bits >> kBucketShift];
+    const uint32_t c = (entry & 0xFFu) + (bucket_position(bits) > (entry >> 8) ? 1u : 0u);
+    codes[i] = static_cast<uint8_t>(y != y ? 0u : c);
   }
 }
 
@@ -222,7 +287,7 @@ struct Bfloat16Format {
 // when (r >> 8) * 2^-24 < (|x| - |lo|) / (|hi| - |lo|), else lo. Branch-free, so the store loop
 // vectorises (the hash is uint32 multiplies and shifts).
 template <typename Format>
-inline uint16_t round_stochastically(float x, uint32_t salt, uint32_t j) {
+MLX_RMSPROP_ALWAYS_INLINE uint16_t round_stochastically(float x, uint32_t salt, uint32_t j) {
   const uint32_t r = mix32(mix32(j) ^ salt);
   const uint16_t y = Format::nearest(x);
   const float y_value = Format::widen(y);
