@@ -37,6 +37,11 @@ NB_MODULE(_ext, m) {
       "position in the step (stochastic rounding).");
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
+  m.def(
+      "storage_loops",
+      &mlx_rmsprop::storage_loops_name,
+      "Which build of the 8-bit state and stochastic-rounding loops runs: \"avx2\" or "
+      "\"baseline\" (MLX_RMSPROP_NATIVE_AVX2=0 forces the baseline).");
 
   // Both tables expand the X-macros of spec.h, generated from mlx_rmsprop/spec.py; the loader
   // compares them with the Python spec before it trusts a build.

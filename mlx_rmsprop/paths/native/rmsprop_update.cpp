@@ -189,6 +189,7 @@ using QuantizeLoop = void (*)(int64_t, int64_t, const Code&, float*, uint8_t*, f
 using RoundLoop = void (*)(const float*, uint16_t*, uint32_t, int64_t, int64_t);
 
 struct StorageLoops {
+  const char* name = "baseline";
   QuantizeLoop quantize = &quantize_baseline;
   RoundLoop round_half = &store_rounded<HalfFormat>;
   RoundLoop round_bfloat16 = &store_rounded<Bfloat16Format>;
@@ -201,6 +202,7 @@ const StorageLoops& storage_loops() {
     const char* setting = std::getenv("MLX_RMSPROP_NATIVE_AVX2");
     const bool allowed = setting == nullptr || std::string(setting) != "0";
     if (allowed && __builtin_cpu_supports("avx2")) {
+      chosen.name = "avx2";
       chosen.quantize = &quantize_avx2;
       chosen.round_half = &store_rounded_avx2<HalfFormat>;
       chosen.round_bfloat16 = &store_rounded_avx2<Bfloat16Format>;
@@ -538,6 +540,10 @@ bool stochastic_stores(uint32_t flags, const std::vector<mx::array>& inputs) {
 
 int worker_threads() {
   return WorkerPool::instance().threads();
+}
+
+const char* storage_loops_name() {
+  return storage_loops().name;
 }
 
 std::vector<mx::array> rmsprop_update(

@@ -98,4 +98,7 @@ class RMSpropUpdate : public mx::Primitive {
 // Threads a large update is split across (the caller's included).
 int worker_threads();
 
+// Which build of the 8-bit and stochastic-rounding loops runs: "avx2" or "baseline".
+const char* storage_loops_name();
+
 } // namespace mlx_rmsprop
