@@ -43,6 +43,10 @@ def _uint32(value: int) -> mx.array:
     return mx.array(value & _MASK32, dtype=mx.uint32)
 
 
+def _uint8(value: int) -> mx.array:
+    return mx.array(value, dtype=mx.uint8)
+
+
 def _blocks(flat: mx.array, block_size: int) -> mx.array:
     """``flat`` (1-D) zero-padded to whole blocks, as ``(blocks, block_size)``."""
     n = flat.size
@@ -86,7 +90,8 @@ def dequantize(
         )
     if codes.size == 0:
         return mx.zeros(codes.shape, dtype=mx.float32)
-    values = mx.take(_float32_constant(tuple(table)), codes.reshape(-1))
+    values = mx.take_along_axis(_float32_constant(tuple(table))[None], codes.reshape(1, -1), axis=1)
+    values = values.reshape(-1)
     scaled = _blocks(values, block_size) * scales[:, None]
     return scaled.reshape(-1)[: codes.size].reshape(codes.shape)
 
@@ -122,15 +127,16 @@ def quantize(
     scales = mx.where(mx.any(mx.isnan(x), axis=1), mx.array(float("nan")), absmax)
     scale = scales[:, None]
     y = mx.where(scale == 0, mx.array(0.0), x / scale)
-    midpoints = _float32_constant(code_midpoints(tuple(table)))
     # Binary search over the 255 midpoints: 8 lookups per element, no 255-wide comparison.
-    codes = mx.zeros(y.shape, dtype=mx.uint32)
+    # uint8 codes through take_along_axis on one row: several times faster on the CPU than
+    # mx.take with wider indices (measured on 2^22 elements), and a quarter of the memory.
+    midpoints = _float32_constant(code_midpoints(tuple(table)))[None]
+    y = y.reshape(1, -1)
+    codes = mx.zeros(y.shape, dtype=mx.uint8)
     for half in (128, 64, 32, 16, 8, 4, 2, 1):
-        step = _uint32(half)
-        above = y > mx.take(midpoints, codes + _uint32(half - 1))
-        codes = mx.where(above, codes + step, codes)
-    codes = codes.reshape(-1)[:n].astype(mx.uint8).reshape(values.shape)
-    return codes, scales
+        probe = mx.take_along_axis(midpoints, codes + _uint8(half - 1), axis=1)
+        codes = codes + (y > probe).astype(mx.uint8) * _uint8(half)
+    return codes.reshape(-1)[:n].reshape(values.shape), scales
 
 
 def mix32(x: mx.array) -> mx.array:
