@@ -175,6 +175,53 @@ __attribute__((target("avx2"))) void quantize_avx2(
   quantize(n, block_size, code, values, codes, scales);
 }
 
+// The update itself, for 8-bit state: with the requantize at AVX2 speed the update's own loop
+// (division, square root) became a third of a chunk's time. `flatten` inlines update_core into
+// the AVX2 wrapper. Per element of a 512-element chunk, float32 v, the whole 8-bit chunk:
+// 1.88 ns with the baseline update loop, 1.54 ns with this one (CI machine, in cache).
+template <
+    typename C,
+    bool kCenteredT,
+    Momentum kMomentumT,
+    bool kNesterovT,
+    bool kEpsInSqrtT,
+    bool kBiasCorrectionT,
+    bool kDecoupledT>
+__attribute__((target("avx2"), flatten)) void update_core_avx2(
+    int64_t n,
+    const StepScalars<C>& s,
+    const C* g,
+    const C* p,
+    C* p_out,
+    const C* v,
+    C* v_out,
+    const C* grad_avg,
+    C* grad_avg_out,
+    const C* buf,
+    C* buf_out) {
+  update_core<C, kCenteredT, kMomentumT, kNesterovT, kEpsInSqrtT, kBiasCorrectionT, kDecoupledT>(
+      n, s, g, p, p_out, v, v_out, grad_avg, grad_avg_out, buf, buf_out);
+}
+
+struct UpdateCoreAvx2 {
+  template <
+      typename C,
+      bool kCenteredT,
+      Momentum kMomentumT,
+      bool kNesterovT,
+      bool kEpsInSqrtT,
+      bool kBiasCorrectionT,
+      bool kDecoupledT>
+  static constexpr CoreFn<C> instance = &update_core_avx2<
+      C,
+      kCenteredT,
+      kMomentumT,
+      kNesterovT,
+      kEpsInSqrtT,
+      kBiasCorrectionT,
+      kDecoupledT>;
+};
+
 template <typename Format>
 __attribute__((target("avx2"))) void
 store_rounded_avx2(const float* src, uint16_t* dst, uint32_t salt, int64_t start, int64_t n) {
@@ -187,12 +234,15 @@ store_rounded_avx2(const float* src, uint16_t* dst, uint32_t salt, int64_t start
 
 using QuantizeLoop = void (*)(int64_t, int64_t, const Code&, float*, uint8_t*, float*);
 using RoundLoop = void (*)(const float*, uint16_t*, uint32_t, int64_t, int64_t);
+using CoreSelector = CoreFn<float> (*)(uint32_t);
 
 struct StorageLoops {
   const char* name = "baseline";
   QuantizeLoop quantize = &quantize_baseline;
   RoundLoop round_half = &store_rounded<HalfFormat>;
   RoundLoop round_bfloat16 = &store_rounded<Bfloat16Format>;
+  // The update loop of an 8-bit-state step.
+  CoreSelector quantized_core = &select_core<float>;
 };
 
 const StorageLoops& storage_loops() {
@@ -206,6 +256,7 @@ const StorageLoops& storage_loops() {
       chosen.quantize = &quantize_avx2;
       chosen.round_half = &store_rounded_avx2<HalfFormat>;
       chosen.round_bfloat16 = &store_rounded_avx2<Bfloat16Format>;
+      chosen.quantized_core = &select_core<float, UpdateCoreAvx2>;
     }
 #endif
     return chosen;
@@ -404,7 +455,12 @@ void run_plan(const Plan& plan) {
     s.value[i] = scalars[i * plan.scalar_stride];
   }
   const bool apply = !(plan.flags & Flag::kGated) || !(s[kUpdateGate] == C(0));
-  const CoreFn<C> core = select_core<C>(plan.flags);
+  CoreFn<C> core = select_core<C>(plan.flags);
+  if constexpr (std::is_same_v<C, float>) {
+    if (plan.flags & Flag::kQuantizedState) {
+      core = storage_loops().quantized_core(plan.flags);
+    }
+  }
   // Stochastic rounding with float32 arithmetic; float64 arithmetic rounds to nearest.
   Rounding rounding;
   if (std::is_same_v<C, float> && (plan.flags & Flag::kStochasticRounding)) {
