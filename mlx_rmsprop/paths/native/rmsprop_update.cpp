@@ -349,6 +349,8 @@ void update_range(
     const int64_t n = std::min(plan.chunk, end - start);
     const C* in[kMaxBuffers] = {};
     C* out[kMaxBuffers] = {};
+    // Every buffer is read here (the reference's `read`): 8-bit ones dequantized, block by
+    // block, into the staging spans; a closed gate never looks at their values.
     for (int k = 0; k < plan.buffers; ++k) {
       const Buffer& b = plan.buffer[k];
       if constexpr (std::is_same_v<C, float>) {
@@ -424,6 +426,9 @@ void update_range(
     if (plan.ema >= 0) {
       update_ema(n, s, out[0], in[plan.ema], out[plan.ema]);
     }
+    // --- store ---
+    // 8-bit buffers requantized (with the gate closed they were copied above); float16/bfloat16
+    // results rounded stochastically when `rounding.on`, else to nearest even.
     for (int k = 0; k < plan.buffers; ++k) {
       const Buffer& b = plan.buffer[k];
       if constexpr (std::is_same_v<C, float>) {
