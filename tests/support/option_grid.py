@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 
-from mlx_rmsprop.spec import FLAGS, PIPELINE_FLAGS, UpdateOptions, option_space
+from mlx_rmsprop.spec import FLAGS, PIPELINE_FLAGS, STORAGE_FLAGS, UpdateOptions, option_space
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 0.1
@@ -32,7 +32,7 @@ def constructor_arguments(options: UpdateOptions) -> dict:
             decays = options.coupled_decay or options.decoupled_decay
             config["weight_decay"] = WEIGHT_DECAY if decays else 0.0
             config["decoupled_weight_decay"] = options.decoupled_decay
-        elif name not in PIPELINE_FLAGS:
+        elif name not in PIPELINE_FLAGS and name not in STORAGE_FLAGS:
             config[name] = value
     return config
 
