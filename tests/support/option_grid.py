@@ -5,7 +5,8 @@ pair of values of two arguments, appears at least once) for paths where each con
 costs a compilation.
 
 The projection: pipeline flags (``spec.PIPELINE_FLAGS``, set by the Keras pipeline arguments
-and swept by test_pipeline) stay off; ``momentum`` becomes the number 0.0 or 0.9, the two decay
+and swept by test_pipeline) and storage flags (``spec.STORAGE_FLAGS``, constructor arguments of
+other names) stay off; ``momentum`` becomes the number 0.0 or 0.9, the two decay
 flags become ``weight_decay`` and ``decoupled_weight_decay``; every other flag is the
 constructor argument of the same name.
 """
