@@ -430,12 +430,13 @@ def test_same_array_as_parameter_and_buffer_is_not_donated_twice():
 _ERROR_CASES = {
     "short scalars": (
         lambda s, p, g, st: (s[:3], g, p, [st], 0),
-        "scalars must be a float32 or float64 vector of 17 entries, got shape (3,) and "
+        f"scalars must be a float32 or float64 vector of {len(Scalar)} entries, got shape (3,) and "
         "dtype float32",
     ),
     "float16 scalars": (
         lambda s, p, g, st: (s.astype(mx.float16), g, p, [st], 0),
-        "scalars must be a float32 or float64 vector of 17 entries, got shape (17,) and "
+        f"scalars must be a float32 or float64 vector of {len(Scalar)} entries, got shape "
+        f"({len(Scalar)},) and "
         "dtype float16",
     ),
     "gradient shape": (
