@@ -60,8 +60,8 @@ class RMSpropUpdate : public mx::Primitive {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
   // Transforms run on update_ops (the reference's ops); vmap with unbatched scalars stays one
-  // RMSpropUpdate node over the batched arrays. With quantized_state, or stochastic rounding
-  // that rounds a store, they throw std::invalid_argument naming the flag.
+  // RMSpropUpdate node over the batched arrays. With quantized_state (and vmap with stochastic
+  // rounding that rounds a store) they throw std::invalid_argument naming the flag.
   std::vector<mx::array> jvp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& tangents,

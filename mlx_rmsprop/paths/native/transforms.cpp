@@ -158,11 +158,12 @@ std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(uint
 
 } // namespace
 
-// The storage flags (docs/transforms.md). 8-bit codes are integers: there is nothing to
-// differentiate through them, and a batch would regroup the quantization blocks. Stochastic
-// rounding draws by element index, which a batch renumbers, and is not differentiable; where
-// it rounds no store (float32/float64 outputs, or float64 arithmetic) it is the identity and
-// the transforms run as without it.
+// The storage flags (docs/transforms.md). 8-bit state: refused (the reference differentiates
+// its scales through dequantize and the block maxima, which update_ops does not restate).
+// Stochastic rounding: the reference differentiates each rounded store straight through, as
+// the round-to-nearest cast that update_ops ends with (bit for bit, tested), so vjp and jvp
+// run update_ops; vmap is refused where it rounds a store, as its random bits are drawn by
+// element index, which a batch renumbers.
 void RMSpropUpdate::require_transformable(
     const char* transform,
     const std::vector<mx::array>& inputs) const {
@@ -171,7 +172,7 @@ void RMSpropUpdate::require_transformable(
         std::string("[rmsprop_update] ") + transform +
         " is not supported with quantized_state=True (8-bit state)");
   }
-  if (stochastic_stores(flags_, inputs)) {
+  if (std::string(transform) == "vmap" && stochastic_stores(flags_, inputs)) {
     throw std::invalid_argument(
         std::string("[rmsprop_update] ") + transform +
         " is not supported with stochastic_rounding=True on float16/bfloat16 outputs");

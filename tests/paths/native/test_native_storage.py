@@ -463,19 +463,18 @@ def _transformed(options, keys, dtype):
 
 TRANSFORMS = {
     "vjp": lambda f, primals: mx.vjp(f, primals, [mx.ones_like(out) for out in f(*primals)]),
-    "jvp": lambda f, primals: mx.jvp(f, primals, [mx.zeros_like(p) for p in primals]),
+    "jvp": lambda f, primals: mx.jvp(f, primals, [mx.ones_like(p) for p in primals]),
     "vmap": lambda f, primals: mx.vmap(f)(*(mx.stack([p, p]) for p in primals)),
 }
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize(
-    "mode, dtype, flag",
+    "transform, mode, dtype, flag",
     [
-        ("8bit", mx.float32, "quantized_state=True"),
-        ("rounding", mx.bfloat16, "stochastic_rounding=True"),
+        *((name, "8bit", mx.float32, "quantized_state=True") for name in TRANSFORMS),
+        ("vmap", "rounding", mx.bfloat16, "stochastic_rounding=True"),
     ],
-    ids=["8bit", "rounding-bfloat16"],
+    ids=["vjp-8bit", "jvp-8bit", "vmap-8bit", "vmap-rounding-bfloat16"],
 )
 def test_transforms_refuse_storage_they_cannot_follow(transform, mode, dtype, flag):
     options = with_storage(UpdateOptions(momentum=True), mode, 32)
@@ -485,15 +484,27 @@ def test_transforms_refuse_storage_they_cannot_follow(transform, mode, dtype, fl
         mx.eval(TRANSFORMS[transform](through(native.update), primals))
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-def test_rounding_that_rounds_no_store_transforms_as_the_reference(transform):
-    # float32 parameter and state: stochastic rounding changes nothing, so the transforms run.
+@pytest.mark.parametrize(
+    "transform, dtype",
+    [
+        *((name, mx.float32) for name in TRANSFORMS),
+        ("vjp", mx.bfloat16),
+        ("jvp", mx.bfloat16),
+        ("vjp", mx.float16),
+    ],
+    ids=["vjp", "jvp", "vmap", "vjp-bfloat16", "jvp-bfloat16", "vjp-float16"],
+)
+def test_rounding_transforms_as_the_reference(transform, dtype):
+    # float32 outputs: stochastic rounding changes nothing. float16/bfloat16 outputs: the
+    # reference differentiates each rounded store straight through, as the native vjp and jvp
+    # do (bit for bit).
     options = with_storage(UpdateOptions(centered=True, momentum=True), "rounding")
-    through, primals = _transformed(options, options.state_keys, mx.float32)
+    through, primals = _transformed(options, options.state_keys, dtype)
     ours = TRANSFORMS[transform](through(native.update), primals)
     expected = TRANSFORMS[transform](through(rmsprop_reference), primals)
     for (name, actual), (_, wanted) in zip(tree_flatten(ours), tree_flatten(expected), strict=True):
         assert_same(actual, wanted, f"{transform} {name}")
+        assert np.array_equal(bits(actual), bits(wanted), equal_nan=True), name
 
 
 def test_storage_loops_follow_the_setting():
