@@ -148,7 +148,9 @@ def initial_storage(rule: dict, mode: tuple, shape: tuple) -> tuple[np.ndarray, 
     return parameter, state, config
 
 
-def run_storage_steps(rule: dict, mode: tuple, shape: tuple, fused: bool, steps: int = 6):
+def run_storage_steps(
+    rule: dict, mode: tuple, shape: tuple, fused: bool, steps: int = 6, grad_format="float32"
+):
     """Run reference and NumPy statement side by side; assert every output bit-identical."""
     label, quantized, rounding, fmt, _ = mode
     parameter, state, config = initial_storage(rule, mode, shape)
@@ -172,10 +174,14 @@ def run_storage_steps(rule: dict, mode: tuple, shape: tuple, fused: bool, steps:
     for t in range(1, steps + 1):
         hyper = {**HYPER, "key": rounding_step_key(SEED, t) if rounding else 0}
         g = rng.standard_normal(shape).astype(np.float32) * np.float32(10.0 ** (t % 3 - 1))
+        ours_g = mx.array(g)
+        if grad_format != "float32":
+            g_bits = storage_numpy.round_nearest(g, grad_format)
+            g, ours_g = storage_numpy.decode(g_bits, grad_format), to_mlx(g_bits, grad_format)
         parameter, state = storage_numpy.rmsprop_step(
             config, hyper, parameter, fmt, g, state, index=2
         )
-        ours_p, ours_state = update(storage_scalars(hyper), ours_p, mx.array(g), ours_state)
+        ours_p, ours_state = update(storage_scalars(hyper), ours_p, ours_g, ours_state)
         what = f"{label} {rule} {shape} step {t}"
         assert ours_p.dtype == FORMATS[fmt], what
         assert np.array_equal(from_mlx(ours_p), parameter), what
@@ -197,6 +203,13 @@ def test_storage_steps_match_the_numpy_statement(rule, mode, fused):
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (1,), (BLOCK,), (2 * BLOCK + 1,)], ids=str)
 def test_storage_awkward_sizes(shape, mode):
     run_storage_steps({"centered": True, "momentum": True}, mode, shape, fused=False, steps=3)
+
+
+@pytest.mark.parametrize("grad_format", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", [STORAGE_MODES[1], STORAGE_MODES[3]], ids=lambda mode: mode[0])
+def test_storage_with_half_precision_gradients(mode, grad_format):
+    rule = {"centered": True, "momentum": True}
+    run_storage_steps(rule, mode, (5, 13), fused=True, steps=3, grad_format=grad_format)
 
 
 def test_storage_reads_non_contiguous_inputs_in_logical_order():
