@@ -15,7 +15,8 @@ Parts (``--parts``, default all):
 - ``codes``: the code-table study (:mod:`.codes`).
 - ``bytes``: bytes per parameter of every configuration, and ``optimizer.state`` of a
   GPT-2-small-shaped tree with float32 and 8-bit state.
-- ``speed``: one 2^24-element step with float32 and with 8-bit state, side by side.
+- ``speed``: the native CPU update of a 2^24-element tensor with float32 and with 8-bit
+  state, side by side (``benchmarks.native_state_bits``, whose paired rounds this records).
 
 Every figure, setting and version goes to a JSON file; ``--chart`` draws the loss curves,
 ``--doc`` rewrites the generated section of docs/memory.md. Deterministic for a seed (the
@@ -110,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="configurations of the noise part (default float32,8bit)",
     )
     add("--speed-exponent", type=int, default=24, help="elements of the speed step, 2^N")
-    add("--speed-path", default="native", help="the fused= path timed (default native)")
+    add("--speed-rounds", type=_positive, default=30, help="timed rounds of the speed part")
     add("--device", choices=("cpu", "gpu"), default="cpu", help="MLX device (default cpu)")
     add("--out", default=DEFAULT_OUT, metavar="DIR", help="folder of the JSON (and chart)")
     add("--chart", default=None, metavar="PATH", help="loss-curve PNG (default --out/memory.png)")
@@ -126,7 +127,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quiet", action="store_true", help="no progress lines")
 
 
+def _save(record: dict, folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, JSON_NAME)
+    with open(path, "w") as file:
+        json.dump(record, file, indent=1)
+    return path
+
+
 def measure(args: argparse.Namespace) -> dict:
+    """Run the parts ``args`` asks for. The JSON in ``args.out`` is rewritten after every run,
+    so an interrupted measurement keeps what it finished."""
     import mlx.core as mx
 
     from .configurations import CONFIGURATIONS
@@ -168,6 +179,7 @@ def measure(args: argparse.Namespace) -> dict:
                     configuration.optimizer, configuration.weights, args.steps, args.seed
                 )
                 runs[key] = outcome.figures()
+                _save(record, args.out)
                 progress(
                     f"quality: {name} / {configuration.label}: final loss "
                     f"{outcome.final_loss:.4f}, {outcome.seconds:.0f} s"
@@ -183,6 +195,7 @@ def measure(args: argparse.Namespace) -> dict:
                         configuration.optimizer, configuration.weights, args.steps, seed
                     )
                     runs[str(seed)] = outcome.figures()
+                    _save(record, args.out)
                     progress(
                         f"noise: {name} / {configuration.label} / seed {seed}: final loss "
                         f"{outcome.final_loss:.4f}"
@@ -200,10 +213,7 @@ def measure(args: argparse.Namespace) -> dict:
         record["gpt2"] = gpt2_small()
         progress(f"bytes: GPT-2 small ratio {record['gpt2']['ratio']:.4f}")
     if "speed" in args.parts:
-        from .speed import step_speed
-
-        fused = False if args.speed_path == "reference" else args.speed_path
-        record["speed"] = step_speed(args.speed_exponent, fused, seed=args.seed)
+        record["speed"] = speed(args.speed_exponent, args.speed_rounds)
         progress(f"speed: ratio {record['speed']['ratio']:.3f}")
     return record
 
@@ -239,6 +249,33 @@ def merge(records: list[dict]) -> dict:
     return merged
 
 
+def speed(exponent: int, rounds: int) -> dict:
+    """``benchmarks.native_state_bits``' side-by-side comparison of the native update with
+    float32 and 8-bit state (MLX's defaults: plain RMSprop), as a JSON-ready dict."""
+    import mlx.core as mx
+
+    from mlx_rmsprop.paths import native
+    from mlx_rmsprop.spec import UpdateOptions
+
+    from .. import native_state_bits
+
+    native.load()
+    with mx.stream(mx.cpu):
+        result = native_state_bits.compare(UpdateOptions(), 1 << exponent, rounds)
+    return {
+        "path": "native",
+        "status": native.status(),
+        "elements": result.size,
+        "rounds": result.rounds,
+        "float32_ms": result.float32_ms,
+        "bits8_ms": result.bits8_ms,
+        "ratio": result.ratio[1],
+        "ratio_p20_p80": [result.ratio[0], result.ratio[2]],
+        "cpu_ratio": result.cpu_ratio[1],
+        "cpu_ratio_p20_p80": [result.cpu_ratio[0], result.cpu_ratio[2]],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from . import report
 
@@ -246,9 +283,7 @@ def run(args: argparse.Namespace) -> int:
         record = merge([_read(path) for path in args.from_json])
     else:
         record = measure(args)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, JSON_NAME), "w") as file:
-            json.dump(record, file, indent=1)
+        _save(record, args.out)
     targets = report.evaluate(record)
     for target in targets:
         met = {True: "met", False: "NOT MET", None: "-"}[target["met"]]
@@ -276,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-__all__ = ["add_arguments", "main", "measure", "merge", "run"]
+__all__ = ["add_arguments", "main", "measure", "merge", "run", "speed"]

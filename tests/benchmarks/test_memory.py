@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 import benchmarks.memory as memory
-from benchmarks.memory import codes, report, sizes, speed, tables
+from benchmarks.memory import codes, report, sizes, tables
 from benchmarks.memory.configurations import CONFIGURATIONS
 from benchmarks.memory.emulation import AffineCodec, CodedStateRMSprop, TableCodec
 from benchmarks.memory.workloads import WORKLOADS, state_bytes
 from mlx_rmsprop import RMSprop, spec
+
+from native_available import requires_native
 
 
 def test_the_logarithmic_tables_restate_the_spec():
@@ -276,10 +278,18 @@ def test_command_line_rejects_an_unknown_workload(capsys):
     assert "--workloads takes a comma-separated list" in capsys.readouterr().err
 
 
-def test_speed_measures_both_states_side_by_side():
-    result = speed.step_speed(exponent=10, fused=False, rounds=2, steps_per_round=1, warmup=1)
-    assert len(result["float32"]["samples"]) == len(result["8-bit"]["samples"]) == 2
-    assert result["ratio"] == result["8-bit"]["median"] / result["float32"]["median"]
+@requires_native
+def test_the_speed_part_records_the_native_side_by_side_comparison():
+    result = memory.speed(exponent=10, rounds=2)
+    assert result["elements"] == 1024 and result["rounds"] == 2
+    assert result["float32_ms"] > 0 and result["bits8_ms"] > 0
+    low, high = result["ratio_p20_p80"]
+    assert low <= result["ratio"] <= high
+    record = _record(mnist={"float32": (1.0,)})
+    record["speed"] = result
+    targets = report.evaluate(record)
+    assert any(t["target"].startswith("2^24 step") for t in targets)
+    assert "One native CPU update of 2^10 float32 elements" in report.markdown(record, targets)
 
 
 def test_records_of_separate_processes_merge_by_workload_and_part():
