@@ -50,14 +50,17 @@ def evaluate(record: dict) -> list[dict]:
                     "met": gap is not None and gap <= QUALITY_TOLERANCE,
                 }
             )
-        means = {key: _seed_losses(record, workload, key) for key in ("float32", "8bit")}
-        if all(len(losses) > 1 for losses in means.values()):
-            full_mean, eight_mean = (sum(v.values()) / len(v) for v in means.values())
+        full_seeds = _seed_losses(record, workload, "float32")
+        eight_seeds = _seed_losses(record, workload, "8bit")
+        common = [seed for seed in full_seeds if seed in eight_seeds]
+        if len(common) > 1:
+            full_mean = sum(full_seeds[seed] for seed in common) / len(common)
+            eight_mean = sum(eight_seeds[seed] for seed in common) / len(common)
             gap = _relative(eight_mean, full_mean)
             targets.append(
                 {
                     "target": f"{workload}: 8-bit state within 1% of float32's final loss, "
-                    f"mean over seeds {', '.join(means['float32'])}",
+                    f"mean over seeds {', '.join(common)}",
                     "measured": "diverged" if gap is None else f"{100 * gap:.2f}%",
                     "met": gap is not None and gap <= QUALITY_TOLERANCE,
                 }

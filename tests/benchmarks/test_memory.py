@@ -310,7 +310,11 @@ def test_noise_runs_give_the_seed_spread_and_the_mean_target():
     record = _record(mnist={"float32": (1.0,), "8bit": (1.05,)})
     record["noise"] = {
         "mnist": {
-            "float32": {"1": _record(x={"a": (1.04,)})["quality"]["x"]["a"]},
+            "float32": {
+                "1": _record(x={"a": (1.04,)})["quality"]["x"]["a"],
+                # A seed the 8-bit runs lack: left out of both means.
+                "2": _record(x={"a": (9.0,)})["quality"]["x"]["a"],
+            },
             "8bit": {"1": _record(x={"a": (1.0,)})["quality"]["x"]["a"]},
         }
     }
@@ -319,4 +323,7 @@ def test_noise_runs_give_the_seed_spread_and_the_mean_target():
     mean_target = "mnist: 8-bit state within 1% of float32's final loss, mean over seeds 0, 1"
     assert met[mean_target] == (True, "0.49%")
     text = report.markdown(record, report.evaluate(record))
-    assert "| `mnist` | float32 weights, float32 state | 0: 1.0000, 1: 1.0400 | 1.0200 |" in text
+    assert (
+        "| `mnist` | float32 weights, float32 state | 0: 1.0000, 1: 1.0400, 2: 9.0000 | 3.6800 |"
+        in text
+    )
