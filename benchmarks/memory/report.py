@@ -120,6 +120,20 @@ def _loss_cell(run: dict | None) -> str:
     return cell
 
 
+def tail_loss(run: dict) -> float:
+    """The mean training loss of the last tenth of a run's loss-curve windows."""
+    curve = run["curve"]
+    tail = curve[-max(len(curve) // 10, 1) :]
+    return sum(tail) / len(tail)
+
+
+def _tail_cell(run: dict | None) -> str:
+    if run is None:
+        return "-"
+    loss = tail_loss(run)
+    return f"{loss:.4f}" if run["finite"] and math.isfinite(loss) else "NaN/Inf"
+
+
 def _mib(value: int) -> str:
     return f"{value / 2**20:.2f}"
 
@@ -146,6 +160,17 @@ def markdown(record: dict, targets: list[dict]) -> str:
             steps = next(iter(runs.values()))["curve_steps"][-1]
             cells = [_loss_cell(runs.get(key)) for key in keys]
             lines.append(f"| `{workload}` | {steps} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Mean training loss over the last tenth of the steps (smoother than one held-out "
+            "evaluation at the last step):",
+            "",
+            "| workload | " + " | ".join(CONFIGURATIONS[k].label for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for workload, runs in quality.items():
+            cells = [_tail_cell(runs.get(key)) for key in keys]
+            lines.append(f"| `{workload}` | " + " | ".join(cells) + " |")
         lines += [
             "",
             "Optimizer state bytes (`optimizer.state`) and MLX peak memory of the run, MiB:",

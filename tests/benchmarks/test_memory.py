@@ -247,6 +247,8 @@ def test_doc_section_is_replaced_between_the_markers(tmp_path):
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| `mnist` | 2 | 1.0000 (50.00%) | NaN/Inf |" in text
+    # The last tenth of a two-window curve is its last window.
+    assert "| `mnist` | 1.0000 | NaN/Inf |" in text
     assert report.DOC_COMMAND in text
 
 
