@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="workloads of the code-table study (state recorded from the first); default mnist,lm",
     )
     add(
+        "--code-no-training",
+        action="store_true",
+        help="the code-table study records and measures the stored state only, without "
+        "a training run per table",
+    )
+    add(
         "--code-steps",
         type=_positive,
         default=None,
@@ -204,7 +210,11 @@ def measure(args: argparse.Namespace) -> dict:
         from .codes import study
 
         record["codes"] = study(
-            args.code_workloads, args.code_steps or args.steps, args.seed, progress
+            args.code_workloads,
+            args.code_steps or args.steps,
+            args.seed,
+            progress,
+            train=not args.code_no_training,
         )
     if "bytes" in args.parts:
         from .sizes import bytes_per_parameter, gpt2_small

@@ -243,25 +243,31 @@ def markdown(record: dict, targets: list[dict]) -> str:
     if "codes" in record:
         codes = record["codes"]
         lines += [
-            "Code tables: the errors of storing the float32 state recorded at the end of a "
-            "run once (mean / 99th percentile relative error over the nonzero values; share "
-            "of nonzero values stored as 0):",
+            "Code tables: storing the float32 state recorded at the end of a run once, over "
+            "its nonzero values: median / 99th percentile relative error (of `sqrt(v)`, what "
+            "divides the gradient; of the momentum); the share stored as 0; stored at under "
+            "half the value (0 included; for `v` a step over 1.4x too large); stored at over "
+            "twice the value (below the code's range; for `v` a smaller step):",
             "",
         ]
         for workload, errors in codes["recorded"].items():
             lines += [
-                f"| code (v / momentum), state of `{workload}` | sqrt(v) error | v stored as 0 "
-                "| momentum error | momentum stored as 0 |",
-                "|---|---|---|---|---|",
+                f"| code (v / momentum), state of `{workload}` | sqrt(v) error | v: as 0 "
+                "| v: < half | v: > twice | momentum error | momentum: as 0 | momentum: < half "
+                "| momentum: > twice |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for name, entry in errors.items():
-                v, m = entry["v"], entry["momentum_buffer"]
-                lines.append(
-                    f"| {name} | {v['mean_relative_error']:.4f} / "
-                    f"{v['p99_relative_error']:.4f} | {100 * v['zeroed_share']:.3f}% | "
-                    f"{m['mean_relative_error']:.4f} / {m['p99_relative_error']:.4f} | "
-                    f"{100 * m['zeroed_share']:.3f}% |"
-                )
+                cells = []
+                for key in ("v", "momentum_buffer"):
+                    e = entry[key]
+                    cells += [
+                        f"{e['median_relative_error']:.4f} / {e['p99_relative_error']:.3g}",
+                        f"{100 * e['zeroed_share']:.3f}%",
+                        f"{100 * e['too_small_share']:.3f}%",
+                        f"{100 * e['too_large_share']:.3f}%",
+                    ]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
         workloads = sorted({w for losses in codes["final_loss"].values() for w in losses})
         lines += [

@@ -192,9 +192,13 @@ def test_reconstruction_metrics():
     result = codes.reconstruction(v, linear, signed=False)
     # 1e-12 on a linear code is 0; 0 itself is not counted; 63 nonzero values.
     assert result["values"] == 63
-    assert result["zeroed_share"] == pytest.approx(1 / 63)
+    assert result["zeroed_share"] == result["too_small_share"] == pytest.approx(1 / 63)
+    assert result["too_large_share"] == 0
+    # Without a zero, 1e-12 (below 2^-32 of its block) is raised to the smallest code.
     ours = codes.reconstruction(v, np.array(spec.UNSIGNED_CODE, np.float32), signed=False)
-    assert ours["zeroed_share"] == 0
+    assert ours["zeroed_share"] == ours["too_small_share"] == 0
+    assert ours["too_large_share"] == pytest.approx(1 / 63)
+    assert ours["median_relative_error"] < 0.03
 
 
 def _record(**quality) -> dict:
@@ -243,6 +247,13 @@ def test_doc_section_is_replaced_between_the_markers(tmp_path):
     doc = tmp_path / "memory.md"
     doc.write_text(f"before\n{report.DOC_START}\nold\n{report.DOC_END}\nafter\n")
     record = _record(mnist={"float32": (1.0,), "naive": (math.inf, False)})
+    errors = codes.reconstruction(
+        [np.linspace(0, 1, 300, dtype=np.float32)], tables.linear(False), False
+    )
+    record["codes"] = {
+        "recorded": {"mnist": {"linear": {"v": errors, "momentum_buffer": errors}}},
+        "final_loss": {"linear": {"mnist": 1.5, "lm": None}},
+    }
     report.update_doc(str(doc), report.markdown(record, report.evaluate(record)))
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
@@ -250,6 +261,8 @@ def test_doc_section_is_replaced_between_the_markers(tmp_path):
     # The last tenth of a two-window curve is its last window.
     assert "| `mnist` | 1.0000 | NaN/Inf |" in text
     assert report.DOC_COMMAND in text
+    assert "| code | `lm` | `mnist` |" in text and "| linear | NaN/Inf | 1.5000 |" in text
+    assert "| code (v / momentum), state of `mnist` |" in text
 
 
 def test_command_line_runs_a_tiny_quality_comparison(tmp_path):
