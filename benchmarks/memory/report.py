@@ -83,7 +83,8 @@ def evaluate(record: dict) -> list[dict]:
             {
                 "target": f"{SMALL_LR_WORKLOAD}: bf16 + stochastic rounding ends closer to "
                 "float32 than bf16 round-to-nearest",
-                "measured": f"|SR - f32| {stochastic:.4f}, |RTN - f32| {nearest:.4f}",
+                "measured": f"distance to float32: {stochastic:.4f} stochastic, {nearest:.4f} "
+                "to nearest",
                 "met": stochastic < nearest,
             }
         )

@@ -243,7 +243,10 @@ def test_targets_judge_the_figures():
         lm={"float32": (1.0,), "8bit": (1.02,), "bf16-8bit-sr": (math.nan, False)},
         **{"mnist-small-lr": {"float32": (0.5,), "bf16": (0.8,), "bf16-sr": (0.55,)}},
     )
-    met = {t["target"]: t["met"] for t in report.evaluate(record)}
+    targets = report.evaluate(record)
+    # Each goes into a Markdown table cell.
+    assert not any("|" in t["target"] + t["measured"] for t in targets)
+    met = {t["target"]: t["met"] for t in targets}
     assert met["mnist: 8-bit state within 1% of float32's final loss"] is True
     assert met["lm: 8-bit state within 1% of float32's final loss"] is False
     assert met["lm: bf16 weights, 8-bit state, stochastic rounding: no NaN or Inf"] is False
