@@ -6,6 +6,7 @@
 
 #include "rmsprop_update.h"
 #include "spec.h"
+#include "worker_pool.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -33,6 +34,11 @@ NB_MODULE(_ext, m) {
       "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS.");
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
+  m.def(
+      "sleeping_workers",
+      [] { return mlx_rmsprop::WorkerPool::instance().sleeping(); },
+      "Worker threads blocked on their condition variable now (all of them once the pool "
+      "has been idle longer than its bounded spin).");
 
   // Both tables expand the X-macros of spec.h, generated from mlx_rmsprop/spec.py; the loader
   // compares them with the Python spec before it trusts a build.
