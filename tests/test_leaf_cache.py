@@ -231,3 +231,26 @@ def test_moved_keys_keep_their_own_weight_decay_exclusion():
     expected = reference.apply_gradients({"b": mx.ones((2,)), "a": mx.ones((2,))}, swapped)
     for key in ("a", "b"):
         assert np.array_equal(np.array(new[key]), np.array(expected[key])), key
+
+
+@pytest.mark.parametrize("fused", CACHED_PATHS)
+def test_a_dtype_change_the_checks_accept_takes_the_step_function_for_it(fused):
+    # bfloat16 parameters round stochastically, float32 ones do not: another step function.
+    def run(cached):
+        optimizer = RMSprop(0.1, stochastic_rounding=True, rounding_seed=7, fused=fused)
+        current = {"w": mx.ones((8,)) / 3}
+        for step in range(4):
+            if not cached:
+                optimizer._leaves = None
+            if step == 2:
+                current = {"w": current["w"].astype(mx.bfloat16)}
+            gradient = mx.full((8,), 0.1 * (step + 1), current["w"].dtype)
+            current = optimizer.apply_gradients({"w": gradient}, current)
+            mx.eval(current, optimizer.state)
+        return tree_flatten((current, optimizer.state))
+
+    for (key, ours), (_, theirs) in zip(run(True), run(False), strict=True):
+        assert ours.dtype == theirs.dtype, key
+        assert np.array_equal(
+            np.array(ours.astype(mx.float32)), np.array(theirs.astype(mx.float32))
+        ), key
