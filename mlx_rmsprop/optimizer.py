@@ -17,6 +17,7 @@ from mlx.optimizers import Optimizer
 
 from . import paths, presets, validation
 from .config import rmsprop_config
+from .paths import native
 from .step import make_step_function
 from .trees import check_state, gather, match_gradients, rebuild
 
@@ -476,6 +477,7 @@ class RMSprop(Optimizer):
                 self._update,
                 compiled=self._compile_step,
                 decay_excluded=decay_excluded,
+                statistics=native.statistics if self._path == "native" else None,
             )
         return self._step_functions[decay_excluded]
 

@@ -4,8 +4,9 @@ One call covers the whole tree so that the compiled path costs one compiled-func
 step rather than one per parameter (200 tensors of 2^10 floats: 2.5 ms against 11 ms, measured
 on the 2-core Linux CI machine). :func:`make_step_function` builds it from the stages below,
 in Keras' order: the loss scale and accumulation (:func:`accumulate`), clipping by norm
-(:func:`clip_factors`), the skip decision, counters and gates (:func:`nonfinite_candidates`,
-:func:`count`, :func:`carry_accumulators`), the per-step scalars (:class:`StepScalars`) and
+(:func:`gradient_statistics`, :func:`clip_factors`), the skip decision, counters and gates
+(:func:`nonfinite`, :func:`count`, :func:`carry_accumulators`), the per-step scalars
+(:class:`StepScalars`) and
 one fused update per parameter (:func:`update_parameters`), which does weight decay, the
 update itself and the EMA.
 """
@@ -19,12 +20,19 @@ import mlx.core as mx
 
 from .pipeline import (
     PipelineConfig,
-    all_finite,
+    ScaledNorm,
+    any_nonfinite,
     clip_by_norm_factors,
     ema_factors,
     global_clip_factor,
+    statistics_ops,
 )
 from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
+
+# A native reduction of a whole step's gradients (mlx_rmsprop.paths.native.statistics):
+# (gradients, accumulators, loss_scale, accumulation_steps, scaled_norm) -> the statistics
+# matrix that :func:`~mlx_rmsprop.pipeline.statistics_ops` computes from MLX ops.
+StatisticsFn = Callable[[list, list, float, int, int], mx.array]
 
 
 def compute_dtype(parameter: mx.array, gradient: mx.array, state: dict) -> mx.Dtype:
@@ -69,6 +77,7 @@ def make_step_function(
     update: UpdateFn,
     compiled: bool,
     decay_excluded: tuple[bool, ...],
+    statistics: StatisticsFn | None = None,
 ) -> Callable:
     """``step_fn(counters, parameters, gradients, states)`` returning
     ``(new_parameters, new_states, new_counters)``.
@@ -76,6 +85,7 @@ def make_step_function(
     ``counters`` holds ``learning_rate`` (this step's), ``step`` (updates so far) and, when
     skipping non-finite steps, ``skipped_steps``. ``decay_excluded[i]`` turns weight decay off
     for parameter ``i``: it is fixed per function (the optimizer keeps one per pattern).
+    ``statistics``: the native reduction, used where every norm is taken in float32.
     """
 
     def step_fn(
@@ -88,9 +98,9 @@ def make_step_function(
             compute_dtype(p, g, s) for p, g, s in zip(parameters, gradients, states, strict=True)
         ]
         accumulated = accumulate(pipeline, gradients, states, dtypes)
-        clipping = clip_factors(pipeline, accumulated.gradients, dtypes)
-        checked = nonfinite_candidates(pipeline, gradients, accumulated, clipping, dtypes)
-        gates = count(pipeline, counters, checked)
+        summary = gradient_statistics(pipeline, statistics, gradients, states, accumulated, dtypes)
+        clipping = clip_factors(pipeline, summary, dtypes, [g.size for g in gradients])
+        gates = count(pipeline, counters, nonfinite(pipeline, summary, clipping))
         new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
         scalars = StepScalars(
             options, constants, pipeline, counters["learning_rate"], gates, clipping.global_factor
@@ -153,60 +163,104 @@ def unscaled(pipeline: PipelineConfig, gradient: mx.array, dtype: mx.Dtype) -> m
     return gradient
 
 
+def norm_dtype(dtypes: list[mx.Dtype]) -> mx.Dtype:
+    """The dtype of the global norm: float64 when any parameter computes in float64."""
+    return mx.float64 if mx.float64 in dtypes else mx.float32
+
+
+def gradient_statistics(
+    pipeline: PipelineConfig,
+    statistics: StatisticsFn | None,
+    gradients: list[mx.array],
+    states: list[dict],
+    accumulated: Accumulated,
+    dtypes: list[mx.Dtype],
+) -> mx.array | None:
+    """The statistics matrix (:mod:`mlx_rmsprop.pipeline`) of the values whose norms Keras
+    clips and whose finiteness decides a skip: the gradients with the loss scale divided out,
+    or with accumulation the accumulated sums over the steps. ``None`` when nothing reads it.
+
+    One native node for the whole step where ``statistics`` is given and every value is
+    float32; the same matrix from MLX ops otherwise."""
+    clips = pipeline.clipnorm is not None or pipeline.global_clipnorm is not None
+    if not (clips or pipeline.skip_nonfinite):
+        return None
+    scaled_norm = (
+        ScaledNorm.GLOBAL
+        if pipeline.global_clipnorm is not None
+        else ScaledNorm.PER_TENSOR
+        if pipeline.clipnorm is not None
+        else ScaledNorm.NONE
+    )
+    if statistics is not None and all(dtype == mx.float32 for dtype in dtypes):
+        accumulators = [state[ACCUMULATOR] for state in states] if pipeline.accumulates else []
+        return statistics(
+            list(gradients),
+            accumulators,
+            pipeline.loss_scale_factor or 0.0,
+            pipeline.gradient_accumulation_steps or 0,
+            int(scaled_norm),
+        )
+    if pipeline.global_clipnorm is not None:
+        # Every norm of a global clip is taken in one dtype.
+        dtypes = [norm_dtype(dtypes)] * len(dtypes)
+    values = [
+        unscaled(pipeline, g, dtype) for g, dtype in zip(accumulated.gradients, dtypes, strict=True)
+    ]
+    return statistics_ops(values, scaled_norm)
+
+
 class ClipFactors(NamedTuple):
     """``global_factor``: the global_clipnorm scale for every gradient (or ``None``);
-    ``per_parameter[i]``: the clipnorm (multiplier, divisor) of gradient ``i`` (or ``None``)."""
+    ``per_parameter``: the clipnorm (multiplier, divisor) of gradient ``i`` in row ``i`` of a
+    (parameters, 2) matrix (or ``None``), which the fused update reads at its index."""
 
     global_factor: mx.array | None
-    per_parameter: list[tuple[mx.array, mx.array] | None]
+    per_parameter: mx.array | None
 
 
 def clip_factors(
-    pipeline: PipelineConfig, gradients: list[mx.array], dtypes: list[mx.Dtype]
+    pipeline: PipelineConfig,
+    summary: mx.array | None,
+    dtypes: list[mx.Dtype],
+    sizes: list[int],
 ) -> ClipFactors:
     """Keras' third stage, the part that needs whole tensors: the norms, as factors the fused
-    update multiplies and divides by (clipping by value is element-wise, in the update)."""
-    global_factor = None
+    update multiplies and divides by (clipping by value is element-wise, in the update).
+    Each parameter's factors are computed in its own arithmetic dtype."""
     if pipeline.global_clipnorm is not None:
-        norm_dtype = mx.float64 if mx.float64 in dtypes else mx.float32
-        global_factor = global_clip_factor(
-            [unscaled(pipeline, g, norm_dtype) for g in gradients],
-            pipeline.global_clipnorm,
-            norm_dtype,
+        if not any(sizes):
+            return ClipFactors(mx.array(1.0, norm_dtype(dtypes)), None)
+        return ClipFactors(
+            global_clip_factor(summary, pipeline.global_clipnorm, norm_dtype(dtypes)), None
         )
-    per_parameter = [
-        clip_by_norm_factors(unscaled(pipeline, g, dtype), pipeline.clipnorm)
-        if pipeline.clipnorm is not None
-        else None
-        for g, dtype in zip(gradients, dtypes, strict=True)
-    ]
-    return ClipFactors(global_factor, per_parameter)
+    if pipeline.clipnorm is None:
+        return ClipFactors(None, None)
+    present = sorted(set(dtypes), key=lambda dtype: dtype.size)
+    by_dtype = {dtype: clip_by_norm_factors(summary, pipeline.clipnorm, dtype) for dtype in present}
+    if len(present) == 1:
+        return ClipFactors(None, by_dtype[present[0]])
+    # Mixed float32/float64 arithmetic: float32 factors are exact in float64.
+    wide = mx.array([dtype == mx.float64 for dtype in dtypes]).reshape(-1, 1)
+    return ClipFactors(
+        None, mx.where(wide, by_dtype[mx.float64], by_dtype[mx.float32].astype(mx.float64))
+    )
 
 
-def nonfinite_candidates(
-    pipeline: PipelineConfig,
-    gradients: list[mx.array],
-    accumulated: Accumulated,
-    clipping: ClipFactors,
-    dtypes: list[mx.Dtype],
-) -> list[mx.array]:
-    """With ``skip_nonfinite``, every value on the way to the update that makes the step
-    skipped when it holds a NaN or an Inf: the raw gradients (with the loss scale divided out,
-    or the accumulated sums when accumulating) and the clip factors. Empty otherwise."""
+def nonfinite(
+    pipeline: PipelineConfig, summary: mx.array | None, clipping: ClipFactors
+) -> mx.array | None:
+    """With ``skip_nonfinite``, whether this step must be skipped: a NaN or an Inf on the
+    way to the update, in the values the statistics describe or in a clip factor. ``None``
+    without ``skip_nonfinite``."""
     if not pipeline.skip_nonfinite:
-        return []
-    if pipeline.accumulates:
-        checked = list(accumulated.sums)
-    elif pipeline.loss_scale_factor is not None:
-        checked = [unscaled(pipeline, g, dtype) for g, dtype in zip(gradients, dtypes, strict=True)]
-    else:
-        checked = list(gradients)
+        return None
+    flag = any_nonfinite(summary)
     if clipping.global_factor is not None:
-        checked.append(clipping.global_factor)
-    for factors in clipping.per_parameter:
-        if factors is not None:
-            checked.extend(factors)
-    return checked
+        flag = mx.logical_or(flag, mx.logical_not(mx.isfinite(clipping.global_factor)))
+    if clipping.per_parameter is not None:
+        flag = mx.logical_or(flag, mx.logical_not(mx.all(mx.isfinite(clipping.per_parameter))))
+    return flag
 
 
 class Gates(NamedTuple):
@@ -227,11 +281,11 @@ class Gates(NamedTuple):
 
 
 def count(
-    pipeline: PipelineConfig, counters: dict[str, mx.array], checked: list[mx.array]
+    pipeline: PipelineConfig, counters: dict[str, mx.array], nonfinite_step: mx.array | None
 ) -> Gates:
     """The skip decision, the new counters and the gates of the update and the EMA.
 
-    A non-finite value among ``checked`` (see :func:`nonfinite_candidates`) also holds the
+    A non-finite step (``nonfinite_step``, see :func:`nonfinite`) also holds the
     step counter (the call did not happen, as Keras' loss-scale optimizer has it); an invalid
     scheduled learning rate lets time move on, so that the schedule can recover."""
     step_before = counters["step"]
@@ -239,7 +293,7 @@ def count(
     skip = None
     step_after = step_before + 1
     if pipeline.skip_nonfinite:
-        skip = mx.logical_not(all_finite(checked))
+        skip = nonfinite_step
         step_after = step_before + mx.where(skip, 0, 1).astype(step_before.dtype)
     if pipeline.guard_learning_rate:
         lr = counters["learning_rate"]
@@ -289,8 +343,8 @@ def carry_accumulators(
 
 class StepScalars:
     """This step's scalars vectors: one per arithmetic dtype and weight-decay exclusion, built
-    once per step and shared by the parameters that have them, or one per parameter when it
-    is clipped by its own norm."""
+    once per step and shared by the parameters that have them (a parameter clipped by its own
+    norm reads its factors from the clip-factor matrix instead)."""
 
     def __init__(
         self,
@@ -338,22 +392,9 @@ class StepScalars:
         self._entries[key] = entries
         return entries
 
-    def vector(
-        self,
-        dtype: mx.Dtype,
-        excluded: bool,
-        clip: tuple[mx.array, mx.array] | None,
-    ) -> mx.array:
+    def vector(self, dtype: mx.Dtype, excluded: bool) -> mx.array:
         """The scalars vector for a parameter computed in ``dtype``, with weight decay
-        ``excluded`` or not, and its own clipnorm factors ``clip`` (or ``None``)."""
-        if clip is not None:
-            multiplier, divisor = clip
-            entries = {
-                **self.entries(dtype, excluded),
-                Scalar.CLIP_MULTIPLIER: multiplier,
-                Scalar.CLIP_DIVISOR: divisor,
-            }
-            return assemble_scalars(self._constants, entries, dtype)
+        ``excluded`` or not."""
         key = (dtype, excluded)
         if key not in self._vectors:
             self._vectors[key] = assemble_scalars(
@@ -381,9 +422,15 @@ def update_parameters(
     for index, (parameter, gradient, state, new_state, dtype) in enumerate(
         zip(parameters, gradients, states, new_states, dtypes, strict=True)
     ):
-        vector = scalars.vector(dtype, decay_excluded[index], clipping.per_parameter[index])
+        vector = scalars.vector(dtype, decay_excluded[index])
         new_parameter, kernel_state = update(
-            options, vector, parameter, gradient, {key: state[key] for key in kernel_keys}
+            options,
+            vector,
+            parameter,
+            gradient,
+            {key: state[key] for key in kernel_keys},
+            index=index,
+            factors=clipping.per_parameter,
         )
         new_state.update(kernel_state)
         new_parameters.append(new_parameter)

@@ -28,6 +28,7 @@ from types import ModuleType
 import mlx
 import mlx.core as mx
 
+from ... import pipeline
 from ...spec import FLAGS, Scalar, UpdateFn, UpdateOptions
 from .. import probe
 from ..kernels.source import Variant
@@ -50,14 +51,47 @@ def update(
     parameter: mx.array,
     gradient: mx.array,
     state: dict[str, mx.array],
+    *,
+    index: int = 0,
+    factors: mx.array | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """:func:`~mlx_rmsprop.reference.rmsprop_reference`'s update as one native node on the
     CPU stream (same signature, same results)."""
     keys = options.state_keys
     outputs = _loaded().update(
-        scalars, gradient, parameter, [state[key] for key in keys], _flags(options)
+        scalars, gradient, parameter, [state[key] for key in keys], _flags(options), factors, index
     )
     return outputs[0], dict(zip(keys, outputs[1:], strict=True))
+
+
+def statistics(
+    gradients: list[mx.array],
+    accumulators: list[mx.array],
+    loss_scale: float,
+    accumulation_steps: int,
+    scaled_norm: int,
+) -> mx.array:
+    """:func:`~mlx_rmsprop.pipeline.statistics_ops`'s matrix for float32 arithmetic as one
+    native node on the CPU stream over all of a step's gradients (``loss_scale`` and
+    ``accumulation_steps``: 0 when off; ``accumulators``: empty without accumulation).
+
+    Under mx.grad, mx.vjp, mx.jvp and mx.vmap it is transformed as
+    :func:`_statistics_ops` (registered with the module when it loads), so results equal the
+    other paths'."""
+    return _loaded().gradient_statistics(
+        gradients, accumulators, float(loss_scale), int(accumulation_steps), int(scaled_norm)
+    )
+
+
+def _statistics_ops(
+    inputs: list[mx.array], loss_scale: float, accumulation_steps: int, scaled_norm: int
+) -> mx.array:
+    """The primitive's statistics from MLX ops; ``inputs``: gradients, then accumulators."""
+    count = len(inputs) // 2 if accumulation_steps else len(inputs)
+    values = pipeline.reduced_values(
+        inputs[:count], inputs[count:], loss_scale, accumulation_steps, mx.float32
+    )
+    return pipeline.statistics_ops(values, pipeline.ScaledNorm(scaled_norm))
 
 
 def load() -> UpdateFn:
@@ -187,6 +221,12 @@ def _checked(extension: ModuleType) -> ModuleType:
         raise RuntimeError("the native extension has another scalar layout")
     if set(extension.FLAG_BITS) != set(FLAGS):
         raise RuntimeError("the native extension has another set of options")
+    if (extension.STATISTICS_LANES, extension.STATISTICS_BLOCK) != (
+        pipeline.STATISTICS_LANES,
+        pipeline.STATISTICS_BLOCK,
+    ):
+        raise RuntimeError("the native extension sums the statistics in another order")
+    extension.set_statistics_ops(_statistics_ops)
     _check_against_reference(extension)
     return extension
 

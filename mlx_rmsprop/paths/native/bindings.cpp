@@ -1,9 +1,12 @@
 // Python module mlx_rmsprop.paths.native._ext. Import mlx.core first: its nanobind domain ("mlx")
 // registers the mx.array type this module's functions take and return.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "gradient_statistics.h"
 #include "rmsprop_update.h"
 #include "spec.h"
 
@@ -28,9 +31,43 @@ NB_MODULE(_ext, m) {
       "parameter"_a,
       "state"_a,
       "flags"_a,
+      "factors"_a = nb::none(),
+      "index"_a = 0,
       "One RMSprop step for one parameter as a single graph node on the CPU stream.\n\n"
       "Returns [new parameter, new state buffers...] in the order of `state` "
-      "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS.");
+      "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS. `factors` (parameters, 2): row "
+      "`index` replaces the scalars' clip entries.");
+
+  m.def(
+      "gradient_statistics",
+      &mlx_rmsprop::gradient_statistics,
+      "gradients"_a,
+      "accumulators"_a,
+      "loss_scale"_a,
+      "accumulation_steps"_a,
+      "scaled_norm"_a,
+      "The pipeline's statistics of a whole step's gradients as a single graph node on the "
+      "CPU stream: a (len(gradients), 4) float32 matrix of each tensor's sum of squares, "
+      "largest magnitude, non-finite flag and scaled sum of squares (mlx_rmsprop.pipeline).");
+  m.def(
+      "set_statistics_ops",
+      [](nb::callable ops) {
+        // Held for the life of the process (the loader registers it once).
+        auto* held = new nb::callable(std::move(ops));
+        mlx_rmsprop::set_statistics_ops([held](
+                                            const std::vector<mlx::core::array>& inputs,
+                                            float loss_scale,
+                                            int accumulation_steps,
+                                            int scaled_norm) {
+          nb::gil_scoped_acquire gil;
+          return nb::cast<mlx::core::array>(
+              (*held)(inputs, loss_scale, accumulation_steps, scaled_norm));
+        });
+      },
+      "ops"_a,
+      "Registers the MLX-ops statistics that the primitive's vjp, jvp and vmap transform.");
+  m.attr("STATISTICS_LANES") = mlx_rmsprop::kStatisticsLanes;
+  m.attr("STATISTICS_BLOCK") = mlx_rmsprop::kStatisticsBlock;
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -26,13 +27,18 @@ int state_buffer_count(uint32_t flags);
 
 // Builds the update node on the CPU stream. Returns {new parameter, new state buffers...},
 // each with the shape and dtype of the array it replaces. Arithmetic runs in scalars.dtype
-// (float32 or float64). Throws std::invalid_argument naming the bad argument.
+// (float32 or float64). `factors`: a (parameters, 2) float32/float64 matrix whose row `index`
+// replaces the scalars' CLIP_MULTIPLIER and CLIP_DIVISOR (clipping by each parameter's own
+// norm, mlx_rmsprop/reference.py): read where it lies, so the step needs no node per parameter
+// to pick its row. Throws std::invalid_argument naming the bad argument.
 std::vector<mx::array> rmsprop_update(
     const mx::array& scalars,
     const mx::array& gradient,
     const mx::array& parameter,
     const std::vector<mx::array>& state,
-    uint32_t flags);
+    uint32_t flags,
+    const std::optional<mx::array>& factors = std::nullopt,
+    int index = 0);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
 // (transforms.cpp): what the primitive's vjp, jvp and vmap differentiate or batch. Takes the
@@ -41,10 +47,11 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
 
 class RMSpropUpdate : public mx::Primitive {
  public:
-  RMSpropUpdate(mx::Stream stream, uint32_t flags) : mx::Primitive(stream), flags_(flags) {}
+  RMSpropUpdate(mx::Stream stream, uint32_t flags, bool has_factors = false, int index = 0)
+      : mx::Primitive(stream), flags_(flags), has_factors_(has_factors), index_(index) {}
 
-  // inputs: {scalars, gradient, parameter, state...}; outputs: {parameter, state...}. An
-  // output reuses its input's memory when MLX says that input is donatable.
+  // inputs: {scalars, gradient, parameter, state..., [factors]}; outputs: {parameter,
+  // state...}. An output reuses its input's memory when MLX says that input is donatable.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
@@ -74,7 +81,13 @@ class RMSpropUpdate : public mx::Primitive {
   }
 
  private:
+  // The inputs with the factors' row spliced into the scalars (and the factors dropped): what
+  // update_ops takes.
+  std::vector<mx::array> spliced(const std::vector<mx::array>& inputs) const;
+
   uint32_t flags_;
+  bool has_factors_;
+  int index_;
 };
 
 // Threads a large update is split across (the caller's included).

@@ -15,6 +15,8 @@ SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_FILES = (
     "CMakeLists.txt",
     "bindings.cpp",
+    "gradient_statistics.cpp",
+    "gradient_statistics.h",
     "half_convert.h",
     "rmsprop_update.cpp",
     "rmsprop_update.h",
