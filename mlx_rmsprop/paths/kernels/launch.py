@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ...reference import rmsprop_reference, spliced_scalars
-from ...spec import UpdateFn, UpdateOptions
+from ...spec import STORAGE_FLAGS, UpdateFn, UpdateOptions
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
 # MLX takes each grid dimension as an int, and array dimensions are 32-bit too.
@@ -93,11 +93,13 @@ def plan(
     state: dict[str, mx.array],
 ) -> KernelCall | None:
     """The launch for a non-empty parameter, or ``None`` when an input has a dtype the kernel
-    does not compute with (float64 runs, complex) or the state buffers differ in dtype."""
+    does not compute with (float64 runs, complex), the state buffers differ in dtype, or a
+    storage option (8-bit state, stochastic rounding) is on, which the kernels do not store."""
     buffers = [state[key] for key in options.state_keys]
     state_dtypes = {buffer.dtype for buffer in buffers}
     if (
-        scalars.dtype != mx.float32
+        any(getattr(options, name) for name in STORAGE_FLAGS)
+        or scalars.dtype != mx.float32
         or parameter.dtype not in KERNEL_DTYPES
         or gradient.dtype not in KERNEL_DTYPES
         or len(state_dtypes) != 1
@@ -157,7 +159,7 @@ def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
         scalars = spliced_scalars(scalars, index, factors)
         call = plan(options, scalars, parameter, gradient, state)
         if call is None:
-            return rmsprop_reference(options, scalars, parameter, gradient, state)
+            return rmsprop_reference(options, scalars, parameter, gradient, state, index=index)
         return call.unpack(launch(call))
 
     return update

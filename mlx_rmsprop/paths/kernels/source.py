@@ -18,7 +18,16 @@ from importlib import resources
 
 import mlx.core as mx
 
-from ...spec import EMA, FLAGS, GRAD_AVG, MOMENTUM_BUFFER, NUM_SCALARS, Scalar, UpdateOptions
+from ...spec import (
+    EMA,
+    FLAGS,
+    GRAD_AVG,
+    MOMENTUM_BUFFER,
+    NUM_SCALARS,
+    STORAGE_FLAGS,
+    Scalar,
+    UpdateOptions,
+)
 
 BACKENDS = ("metal", "cuda")
 KERNEL_NAME = "rmsprop"
@@ -177,7 +186,11 @@ class Variant:
             ("G", self.gradient_dtype),
             ("S", self.state_dtype),
         ]
-        args += [(name.upper(), getattr(self.options, name)) for name in FLAGS]
+        args += [
+            (name.upper(), getattr(self.options, name))
+            for name in FLAGS
+            if name not in STORAGE_FLAGS
+        ]
         return args
 
 
@@ -202,7 +215,12 @@ def kernel_body(backend: str, state_keys: tuple[str, ...]) -> str:
     number: one kernel object serves every step of every optimizer with that layout."""
     _check_backend(backend)
     lines = [PRIMITIVES[backend], INDEX_LINES[backend]]
-    lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
+    # The kernels do not store with stochastic rounding yet: ROUNDING_KEY is not read.
+    lines += [
+        f"const float {entry.name.lower()} = scalars[{int(entry)}];"
+        for entry in Scalar
+        if entry is not Scalar.ROUNDING_KEY
+    ]
     absent_input, absent_output = ABSENT_BUFFERS[backend]
     for name in OPTIONAL_STATE:
         if name not in state_keys:

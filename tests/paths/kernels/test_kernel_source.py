@@ -21,7 +21,7 @@ from mlx_rmsprop.paths.kernels import metal, source
 from mlx_rmsprop.paths.kernels.launch import make_update, plan
 from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
 from mlx_rmsprop.paths.kernels.variants import every_flag_on
-from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
+from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, STORAGE_FLAGS, Scalar, UpdateOptions, option_space
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -216,6 +216,8 @@ def test_body_reads_each_input_once_and_writes_each_output_once():
     assert "scalars" not in body
     prologue = source.kernel_body("metal", ("v",)).split(source.body_text())[0]
     for entry in Scalar:
+        if entry is Scalar.ROUNDING_KEY:
+            continue  # not read until the kernels store with stochastic rounding
         assert prologue.count(f"const float {entry.name.lower()} = scalars[{int(entry)}];") == 1
 
 
@@ -239,7 +241,8 @@ def test_cuda_and_metal_share_the_body():
 
 def test_every_update_option_is_a_template_argument():
     needs = dict(REQUIREMENTS)
-    for name in FLAGS:
+    # The storage flags are not kernel options yet: plan() hands them to the reference.
+    for name in (name for name in FLAGS if name not in STORAGE_FLAGS):
         # Each flag switched on alone (with the flag it needs): the template must change.
         base = {needs[name]: True} if name in needs else {}
         baseline = Variant(UpdateOptions(**base)).template_args()
