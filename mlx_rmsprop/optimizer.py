@@ -477,7 +477,7 @@ class RMSprop(Optimizer):
                 self._update,
                 compiled=self._compile_step,
                 decay_excluded=decay_excluded,
-                statistics=native.statistics if self._path == "native" else None,
+                native=native.PIPELINE if self._path == "native" else None,
             )
         return self._step_functions[decay_excluded]
 

@@ -29,10 +29,19 @@ from .pipeline import (
 )
 from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 
-# A native reduction of a whole step's gradients (mlx_rmsprop.paths.native.statistics):
-# (gradients, accumulators, loss_scale, accumulation_steps, scaled_norm) -> the statistics
-# matrix that :func:`~mlx_rmsprop.pipeline.statistics_ops` computes from MLX ops.
-StatisticsFn = Callable[[list, list, float, int, int], mx.array]
+
+class NativePipeline(NamedTuple):
+    """The native path's pipeline primitives (:mod:`mlx_rmsprop.paths.native`), used where
+    every parameter computes in float32; MLX ops give the same results elsewhere.
+
+    ``statistics(gradients, accumulators, loss_scale, accumulation_steps, scaled_norm)``: the
+    statistics matrix of :func:`~mlx_rmsprop.pipeline.statistics_ops`, one node per step.
+    ``accumulate(gradient, accumulator, gates, loss_scale, accumulation_steps, dtype)``:
+    ``(mean gradient, new accumulator)`` as :func:`accumulate` and
+    :func:`carry_accumulators` compute them, one node per parameter."""
+
+    statistics: Callable[[list, list, float, int, int], mx.array]
+    accumulate: Callable[..., tuple[mx.array, mx.array]]
 
 
 def compute_dtype(parameter: mx.array, gradient: mx.array, state: dict) -> mx.Dtype:
@@ -77,7 +86,7 @@ def make_step_function(
     update: UpdateFn,
     compiled: bool,
     decay_excluded: tuple[bool, ...],
-    statistics: StatisticsFn | None = None,
+    native: NativePipeline | None = None,
 ) -> Callable:
     """``step_fn(counters, parameters, gradients, states)`` returning
     ``(new_parameters, new_states, new_counters)``.
@@ -85,7 +94,8 @@ def make_step_function(
     ``counters`` holds ``learning_rate`` (this step's), ``step`` (updates so far) and, when
     skipping non-finite steps, ``skipped_steps``. ``decay_excluded[i]`` turns weight decay off
     for parameter ``i``: it is fixed per function (the optimizer keeps one per pattern).
-    ``statistics``: the native reduction, used where every norm is taken in float32.
+    ``native``: the native pipeline primitives, used where every parameter computes in
+    float32.
     """
 
     def step_fn(
@@ -97,11 +107,25 @@ def make_step_function(
         dtypes = [
             compute_dtype(p, g, s) for p, g, s in zip(parameters, gradients, states, strict=True)
         ]
-        accumulated = accumulate(pipeline, gradients, states, dtypes)
-        summary = gradient_statistics(pipeline, statistics, gradients, states, accumulated, dtypes)
+        primitives = native if all(dtype == mx.float32 for dtype in dtypes) else None
+        if primitives is None:
+            accumulated = accumulate(pipeline, gradients, states, dtypes)
+        summary = gradient_statistics(
+            pipeline,
+            primitives,
+            gradients,
+            states,
+            None if primitives else accumulated,
+            dtypes,
+        )
         clipping = clip_factors(pipeline, summary, dtypes, [g.size for g in gradients])
         gates = count(pipeline, counters, nonfinite(pipeline, summary, clipping))
-        new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
+        if primitives is None:
+            new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
+        else:
+            accumulated, new_states = accumulate_natively(
+                pipeline, primitives, gradients, states, gates, dtypes
+            )
         scalars = StepScalars(
             options, constants, pipeline, counters["learning_rate"], gates, clipping.global_factor
         )
@@ -170,18 +194,18 @@ def norm_dtype(dtypes: list[mx.Dtype]) -> mx.Dtype:
 
 def gradient_statistics(
     pipeline: PipelineConfig,
-    statistics: StatisticsFn | None,
+    native: NativePipeline | None,
     gradients: list[mx.array],
     states: list[dict],
-    accumulated: Accumulated,
+    accumulated: Accumulated | None,
     dtypes: list[mx.Dtype],
 ) -> mx.array | None:
     """The statistics matrix (:mod:`mlx_rmsprop.pipeline`) of the values whose norms Keras
     clips and whose finiteness decides a skip: the gradients with the loss scale divided out,
     or with accumulation the accumulated sums over the steps. ``None`` when nothing reads it.
 
-    One native node for the whole step where ``statistics`` is given and every value is
-    float32; the same matrix from MLX ops otherwise."""
+    One native node for the whole step with ``native`` (which reads the gradients and
+    accumulators itself); otherwise the same matrix from MLX ops on ``accumulated``."""
     clips = pipeline.clipnorm is not None or pipeline.global_clipnorm is not None
     if not (clips or pipeline.skip_nonfinite):
         return None
@@ -192,9 +216,9 @@ def gradient_statistics(
         if pipeline.clipnorm is not None
         else ScaledNorm.NONE
     )
-    if statistics is not None and all(dtype == mx.float32 for dtype in dtypes):
+    if native is not None:
         accumulators = [state[ACCUMULATOR] for state in states] if pipeline.accumulates else []
-        return statistics(
+        return native.statistics(
             list(gradients),
             accumulators,
             pipeline.loss_scale_factor or 0.0,
@@ -339,6 +363,38 @@ def carry_accumulators(
             )
         new_state[ACCUMULATOR] = new_accumulator.astype(state[ACCUMULATOR].dtype)
     return new_states
+
+
+def accumulate_natively(
+    pipeline: PipelineConfig,
+    native: NativePipeline,
+    gradients: list[mx.array],
+    states: list[dict],
+    gates: Gates,
+    dtypes: list[mx.Dtype],
+) -> tuple[Accumulated, list[dict]]:
+    """:func:`accumulate` and :func:`carry_accumulators` as one native node per parameter
+    (the same values): the gradients the update sees, and each parameter's new state holding
+    its new accumulator."""
+    new_states: list[dict] = [dict() for _ in states]
+    if not pipeline.accumulates:
+        return Accumulated(list(gradients), []), new_states
+    skip = mx.array(False) if gates.skip is None else gates.skip
+    gate_vector = mx.stack([gates.applies, skip]).astype(mx.float32)
+    update_grads = []
+    for gradient, state, new_state, dtype in zip(
+        gradients, states, new_states, dtypes, strict=True
+    ):
+        mean, new_state[ACCUMULATOR] = native.accumulate(
+            gradient,
+            state[ACCUMULATOR],
+            gate_vector,
+            pipeline.loss_scale_factor or 0.0,
+            pipeline.gradient_accumulation_steps,
+            dtype,
+        )
+        update_grads.append(mean)
+    return Accumulated(update_grads, []), new_states
 
 
 class StepScalars:

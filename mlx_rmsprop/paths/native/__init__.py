@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from ... import pipeline
 from ...spec import FLAGS, Scalar, UpdateFn, UpdateOptions
+from ...step import NativePipeline
 from .. import probe
 from ..kernels.source import Variant
 from . import build, cache
@@ -83,6 +84,29 @@ def statistics(
     )
 
 
+def accumulate(
+    gradient: mx.array,
+    accumulator: mx.array,
+    gates: mx.array,
+    loss_scale: float,
+    accumulation_steps: int,
+    dtype: mx.Dtype,
+) -> tuple[mx.array, mx.array]:
+    """Keras' gradient accumulation for one parameter as one native node on the CPU stream:
+    ``(mean gradient in dtype, new accumulator)``, the values of
+    :func:`mlx_rmsprop.step.accumulate` and :func:`mlx_rmsprop.step.carry_accumulators`.
+    ``gates``: float32 (applies, skip); ``loss_scale``: 0 when off."""
+    mean, new_accumulator = _loaded().accumulate_gradient(
+        gradient,
+        accumulator,
+        gates,
+        float(loss_scale),
+        int(accumulation_steps),
+        dtype == mx.float64,
+    )
+    return mean, new_accumulator
+
+
 def _statistics_ops(
     inputs: list[mx.array], loss_scale: float, accumulation_steps: int, scaled_norm: int
 ) -> mx.array:
@@ -92,6 +116,10 @@ def _statistics_ops(
         inputs[:count], inputs[count:], loss_scale, accumulation_steps, mx.float32
     )
     return pipeline.statistics_ops(values, pipeline.ScaledNorm(scaled_norm))
+
+
+# The native path's pipeline primitives, as the step function takes them.
+PIPELINE = NativePipeline(statistics, accumulate)
 
 
 def load() -> UpdateFn:

@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "accumulate_gradient.h"
 #include "gradient_statistics.h"
 #include "rmsprop_update.h"
 #include "spec.h"
@@ -68,6 +69,32 @@ NB_MODULE(_ext, m) {
       "Registers the MLX-ops statistics that the primitive's vjp, jvp and vmap transform.");
   m.attr("STATISTICS_LANES") = mlx_rmsprop::kStatisticsLanes;
   m.attr("STATISTICS_BLOCK") = mlx_rmsprop::kStatisticsBlock;
+
+  m.def(
+      "accumulate_gradient",
+      [](const mlx::core::array& gradient,
+         const mlx::core::array& accumulator,
+         const mlx::core::array& gates,
+         double loss_scale,
+         int steps,
+         bool float64) {
+        return mlx_rmsprop::accumulate_gradient(
+            gradient,
+            accumulator,
+            gates,
+            loss_scale,
+            steps,
+            float64 ? mlx::core::float64 : mlx::core::float32);
+      },
+      "gradient"_a,
+      "accumulator"_a,
+      "gates"_a,
+      "loss_scale"_a,
+      "steps"_a,
+      "float64"_a,
+      "Keras' gradient accumulation for one parameter as one graph node on the CPU stream: "
+      "[the mean the update sees (compute dtype), the new accumulator]. `gates`: float32 "
+      "(applies, skip).");
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
 

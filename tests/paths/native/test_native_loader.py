@@ -83,8 +83,19 @@ def _stand_in() -> types.ModuleType:
     def gradient_statistics(gradients, accumulators, loss_scale, steps, scaled_norm):
         return module.statistics_ops(gradients + accumulators, loss_scale, steps, scaled_norm)
 
+    def accumulate_gradient(gradient, accumulator, gates, loss_scale, steps, float64):
+        dtype = mx.float64 if float64 else mx.float32
+        value = gradient.astype(dtype)
+        if loss_scale:
+            value = value / mx.array(loss_scale, dtype)
+        summed = value + accumulator.astype(dtype)
+        kept = mx.where(gates[0] != 0, mx.zeros_like(summed), summed)
+        kept = mx.where(gates[1] != 0, accumulator.astype(dtype), kept)
+        return [summed / mx.array(steps, dtype), kept.astype(accumulator.dtype)]
+
     module.update = update
     module.gradient_statistics = gradient_statistics
+    module.accumulate_gradient = accumulate_gradient
     return module
 
 
