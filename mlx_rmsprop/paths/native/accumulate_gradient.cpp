@@ -228,11 +228,33 @@ void AccumulateGradient::eval_cpu(
     encoder.add_temporary(copy);
     return copy;
   };
+  // As in RMSpropUpdate::eval_cpu: every output holds its own copy of the input list, so no
+  // input of a multi-output node is donatable until the other outputs' copies are dropped
+  // (MLX drops them right after this call anyway). Tracers keep their graph.
+  const bool tracing = std::any_of(
+      outputs.begin(), outputs.end(), [](const mx::array& out) { return out.is_tracer(); });
+  if (!tracing) {
+    for (auto& out : outputs) {
+      if (&out.inputs() != &inputs) {
+        out.inputs().clear();
+      }
+    }
+  }
+  // Donation first (taking any further reference to an input makes it non-donatable): the
+  // mean into the gradient's buffer, the new accumulator into the old one's. Each element is
+  // read before it is written, so updating in place is safe. Freed buffers above MLX's CPU
+  // cache limit are not kept, so large outputs would otherwise page-fault every step.
+  for (int k = 0; k < 2; ++k) {
+    const mx::array& in = inputs[k];
+    mx::array& out = outputs[k];
+    if (in.flags().row_contiguous && in.is_donatable() && in.itemsize() == out.itemsize()) {
+      out.copy_shared_buffer(in);
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+  }
   const mx::array gradient = row_major(inputs[0]);
   const mx::array accumulator = row_major(inputs[1]);
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
   for (const auto& in : inputs) {
     encoder.set_input_array(in);
   }
