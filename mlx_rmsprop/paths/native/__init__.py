@@ -29,6 +29,7 @@ import mlx
 import mlx.core as mx
 
 from ... import pipeline
+from ...reference import rmsprop_reference
 from ...spec import FLAGS, Scalar, UpdateFn, UpdateOptions
 from ...step import NativePipeline
 from .. import probe
@@ -58,6 +59,11 @@ def update(
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """:func:`~mlx_rmsprop.reference.rmsprop_reference`'s update as one native node on the
     CPU stream (same signature, same results)."""
+    if options.quantized_state or options.stochastic_rounding:
+        # The C++ update does not store 8-bit state or round stochastically yet.
+        return rmsprop_reference(
+            options, scalars, parameter, gradient, state, index=index, factors=factors
+        )
     keys = options.state_keys
     outputs = _loaded().update(
         scalars, gradient, parameter, [state[key] for key in keys], _flags(options), factors, index
