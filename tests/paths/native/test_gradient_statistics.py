@@ -238,3 +238,42 @@ def test_transforms_through_accumulation_equal_plain_ops():
         tree_flatten(forward[1]), tree_flatten(forward[0]), strict=True
     ):
         np.testing.assert_array_equal(bits(value), bits(reference), err_msg=key)
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 0.3}, {"global_clipnorm": 0.3}, {}])
+def test_full_pipeline_on_native_equals_plain_ops(clip):
+    # Half-precision parameters, a tensor of several statistics blocks that the threads
+    # split, an empty one, a non-finite call (skipped) and accumulation cycles: every
+    # parameter and buffer bit for bit against fused=False.
+    rng = np.random.default_rng(1)
+    start = {
+        "a": mx.array(rng.standard_normal((300, 40)).astype(np.float32)).astype(mx.bfloat16),
+        "b": mx.array(rng.standard_normal(70000).astype(np.float32)),
+        "c": mx.array(rng.standard_normal(7).astype(np.float16)),
+        "e": mx.zeros((0,)),
+    }
+    results = {}
+    for fused in (False, NATIVE):
+        optimizer = RMSprop.from_keras(
+            learning_rate=0.1,
+            fused=fused,
+            skip_nonfinite=True,
+            use_ema=True,
+            loss_scale_factor=8.0,
+            gradient_accumulation_steps=3,
+            **clip,
+        )
+        params = start
+        for t in range(7):
+            grads = {key: (value * (t + 1)).astype(value.dtype) for key, value in start.items()}
+            if t == 4:
+                grads["b"] = grads["b"] * float("inf")
+            params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, optimizer.state)
+        results[fused] = dict(tree_flatten((params, optimizer.state)))
+    assert results[NATIVE]["1.skipped_steps"].item() == 1
+    assert results[False].keys() == results[NATIVE].keys()
+    for key, expected in results[False].items():
+        actual = results[NATIVE][key]
+        assert actual.dtype == expected.dtype, key
+        assert mx.array_equal(actual, expected, equal_nan=True).item(), key
