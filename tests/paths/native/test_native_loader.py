@@ -65,9 +65,10 @@ def _stand_in() -> types.ModuleType:
     module.worker_threads = lambda: 2
     module.set_statistics_ops = lambda ops: setattr(module, "statistics_ops", ops)
 
-    def update(scalars, gradient, parameter, state, flags, factors=None, index=0):
+    def update(scalars, gradient, parameter, state, flags, block_size=0, index=0, factors=None):
         options = UpdateOptions(
-            **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()}
+            **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()},
+            block_size=block_size,
         )
         new_parameter, new_state = rmsprop_reference(
             options,
@@ -207,6 +208,14 @@ def test_extension_with_wrong_results_falls_back(stand_in, caplog):
     correct = stand_in.update
     stand_in.update = lambda *args: [out + 1e-3 for out in correct(*args)]
     _assert_falls_back("probe update differs from the reference", caplog)
+
+
+def test_extension_that_rounds_with_another_index_falls_back(stand_in, caplog):
+    # The first probe has no storage flags; the second (8-bit state, stochastic rounding at
+    # index 1) catches a module that drops the index.
+    correct = stand_in.update
+    stand_in.update = lambda *args: correct(*args[:6])
+    _assert_falls_back("8-bit state and stochastic rounding, step 1, parameter", caplog)
 
 
 def test_every_option_has_a_flag_bit(stand_in):
