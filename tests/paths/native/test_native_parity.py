@@ -60,6 +60,7 @@ def scalars_for(
     gate: float = 1.0,
     ema_gate: float = 1.0,
     overwrite: float = 0.0,
+    rounding_key: int = 0,
 ) -> mx.array:
     alpha = 0.9
     values = {
@@ -79,7 +80,7 @@ def scalars_for(
         Scalar.EMA_ONE_MINUS_MOMENTUM: 1.0 - 0.99,
         Scalar.EMA_GATE: ema_gate,
         Scalar.EMA_OVERWRITE: overwrite,
-        Scalar.ROUNDING_KEY: 0.0,
+        Scalar.ROUNDING_KEY: rounding_key,
     }
     return mx.array([values[index] for index in Scalar], dtype)
 
@@ -353,7 +354,8 @@ def _with_flag(name: str) -> UpdateOptions:
 @pytest.mark.parametrize("flag", [name for name in FLAGS if name not in STORAGE_FLAGS])
 def test_every_flag_differentiates_as_the_reference(flag):
     # The primitive's vjp runs transforms.cpp, a fourth copy of the update: each flag of the
-    # spec, a new one included, must reach it (cotangents bit for bit).
+    # spec, a new one included, must reach it (cotangents bit for bit). The storage flags:
+    # test_native_storage.py.
     options = _with_flag(flag)
     parameter, gradient, state = random_inputs(options, (37,), 13, *[mx.float32] * 3)
     scalars = scalars_for(options)
@@ -452,7 +454,7 @@ _ERROR_CASES = {
     ),
     "state shape": (
         lambda s, p, g, st: (s, g, p, [st.reshape(2, 2)], 0),
-        "state[0] must be a floating array shaped like the parameter (shape (4,) and dtype "
+        "state[0] (v) must be a floating array shaped like the parameter (shape (4,) and dtype "
         "float32), got shape (2, 2) and dtype float32",
     ),
     "unknown flag": (lambda s, p, g, st: (s, g, p, [st], 1 << 20), "flags has unknown bits: "),
