@@ -58,14 +58,15 @@ class _UpdateLock:
         return (_UpdateLock, ())
 
 
-def _in_order(state: dict, keys: tuple[str, ...]) -> dict:
-    """``state``, its entries (exactly ``keys``) put in the order of ``keys`` if they were not:
-    mx.compile takes a step's inputs in the order of the trees it is given."""
-    if tuple(state) != keys:
-        entries = {key: state[key] for key in keys}
-        state.clear()
-        state.update(entries)
-    return state
+def _inputs(found: Any) -> list[dict]:
+    """Each leaf's state as the step function takes it: its buffers in its layout's key
+    order. mx.compile takes the inputs in the order of the trees it is given, and a user's
+    ``mx.compile(..., outputs=optimizer.state)`` writes its outputs back in the state's own
+    order, which must therefore never change: the nodes are copied, not reordered."""
+    return [
+        {key: state[key] for key in layout.keys}
+        for layout, state in zip(found.layouts, found.states, strict=True)
+    ]
 
 
 class RMSprop(Optimizer):
@@ -498,12 +499,7 @@ class RMSprop(Optimizer):
             self._counters(self.step),
             found.parameters,
             found.gradients,
-            # Each node put in its layout's key order: mx.compile takes the inputs in the
-            # order of the trees it is given, and the cache passes the nodes as they are.
-            [
-                _in_order(state, layout.keys)
-                for layout, state in zip(found.layouts, found.states, strict=True)
-            ],
+            _inputs(found),
         )
         for state, new_state in zip(found.states, new_states, strict=True):
             state.update(new_state)
@@ -555,7 +551,10 @@ class RMSprop(Optimizer):
         traces = self._traces[0]
         try:
             new_parameters, new_states, new_counters = cache.payload(
-                counters, found.parameters, found.gradients, found.states
+                counters,
+                found.parameters,
+                found.gradients,
+                found.states if cache.in_order else _inputs(found),
             )
         except Exception:
             self._forget_steps()

@@ -410,7 +410,7 @@ class LeafCache:
     state holds anyway (holding an old buffer would keep MLX from updating it in place).
     """
 
-    __slots__ = ("structure", "nodes", "written", "paths", "layouts", "payload")
+    __slots__ = ("structure", "nodes", "written", "paths", "layouts", "in_order", "payload")
 
     def __init__(self, gradients: Any, found: Gathered, payload: Any = None) -> None:
         """Built from a step's ``gradients`` and what :func:`gather` found for them, once
@@ -423,6 +423,12 @@ class LeafCache:
         self.written = [tuple(node.values()) for node in found.states]
         self.paths = found.paths
         self.layouts = found.layouts
+        # Whether every node holds its buffers in its layout's key order (a state made by
+        # init_single), so that the nodes themselves can be the step's inputs.
+        self.in_order = all(
+            tuple(node) == layout.keys
+            for node, layout in zip(found.states, found.layouts, strict=True)
+        )
         # Whatever the caller derives from the leaves (their paths) and keeps with them.
         self.payload = payload
 

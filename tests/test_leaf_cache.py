@@ -254,3 +254,39 @@ def test_a_dtype_change_the_checks_accept_takes_the_step_function_for_it(fused):
         assert np.array_equal(
             np.array(ours.astype(mx.float32)), np.array(theirs.astype(mx.float32))
         ), key
+
+
+@pytest.mark.parametrize("fused", CACHED_PATHS)
+def test_a_state_in_another_key_order_trains_under_a_users_compile(fused):
+    # A state read from a file may list a parameter's buffers in another order. Under
+    # mx.compile(..., outputs=optimizer.state) MLX writes the outputs back in the state's own
+    # order: reordering the nodes in place swapped v and momentum_buffer (NaN on resume).
+    def run(reverse):
+        optimizer = RMSprop(0.01, momentum=0.9, fused=fused)
+        holder = {"params": {"w": mx.ones((4,)), "b": mx.zeros((3,))}}
+        optimizer.init(holder["params"])
+        if reverse:
+            for node in (optimizer.state["w"], optimizer.state["b"]):
+                items = list(node.items())[::-1]
+                node.clear()
+                node.update(items)
+        order = {key: tuple(optimizer.state[key]) for key in ("w", "b")}
+        captured = [holder, optimizer.state]
+
+        def step(gradients):
+            holder["params"] = optimizer.apply_gradients(gradients, holder["params"])
+
+        compiled = mx.compile(step, inputs=captured, outputs=captured)
+        for index in range(5):
+            compiled({"w": mx.full((4,), 0.1 * (index + 1)), "b": mx.full((3,), -0.2)})
+            mx.eval(captured)
+        assert {key: tuple(optimizer.state[key]) for key in ("w", "b")} == order
+        return {
+            key: {name: np.array(value) for name, value in optimizer.state[key].items()}
+            for key in ("w", "b")
+        }
+
+    reordered, plain = run(True), run(False)
+    for key in ("w", "b"):
+        for name in plain[key]:
+            assert np.array_equal(reordered[key][name], plain[key][name]), (key, name)
