@@ -26,7 +26,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
+from mlx_rmsprop.check import (
+    SHAPES,
+    STEPS,
+    shapes_for,
+    step_scalars,
+    verification_inputs,
+    verify,
+)
 from mlx_rmsprop.paths.kernels.launch import (
     MAX_1D_GRID,
     ROW_WIDTH,
@@ -41,10 +48,12 @@ from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
     pairwise_option_sets,
+    plan_variant,
     verification_plan,
 )
+from mlx_rmsprop.paths.probe import update_arguments
 from mlx_rmsprop.reference import rmsprop_reference
-from mlx_rmsprop.spec import FLAGS, UpdateOptions, option_space
+from mlx_rmsprop.spec import BLOCK_SIZES, FLAGS, UpdateOptions, option_space
 
 from metal_emulation.harness import (
     CUDA_INCLUDE,
@@ -77,7 +86,10 @@ def emulator() -> Emulator:
 def cuda_emulator() -> Emulator:
     # CUDA has no address-space classes, but the launcher's plan still tells small from large.
     variants = cuda_variants()
-    variants += [dataclasses.replace(v, small=True) for v in variants]
+    variants += [
+        dataclasses.replace(v, small=True, small_scales=v.options.quantized_state)
+        for v in variants
+    ]
     return Emulator(variants, BUILD_DIR, backend="cuda")
 
 
@@ -85,39 +97,70 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def run_emulated(emulator: Emulator, variant: Variant, shape, seed: int, steps: int) -> None:
-    """``steps`` steps of the emulated kernel, each compared with the reference on the same
-    inputs, each starting from the kernel's previous outputs."""
-    transposed = len(shape) >= 2 and seed % 2 == 0
-    parameter, gradient, state = verification_inputs(variant, shape, seed, transposed)
+def same_bits(actual: mx.array, expected: mx.array) -> np.ndarray:
+    """Element-wise: the same stored bits, or both NaN (payloads may differ)."""
+    a, e = _to_numpy(actual).reshape(-1), _to_numpy(expected).reshape(-1)
+    nan = np.zeros(a.shape, bool)
+    if actual.dtype in (mx.float32, mx.float16, mx.bfloat16):
+        nan = np.isnan(np.array(actual.astype(mx.float32)).reshape(-1)) & np.isnan(
+            np.array(expected.astype(mx.float32)).reshape(-1)
+        )
+    return (a.view(np.uint8).reshape(len(a), -1) == e.view(np.uint8).reshape(len(e), -1)).all(
+        axis=1
+    ) | nan
+
+
+def assert_same(actual: mx.array, expected: mx.array, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    same = same_bits(actual, expected)
+    if not same.all():
+        k = int(np.flatnonzero(~same)[0])
+        got = np.array(actual.astype(mx.float32)).reshape(-1)[k]
+        wanted = np.array(expected.astype(mx.float32)).reshape(-1)[k]
+        raise AssertionError(
+            f"{what}: {int((~same).sum())} elements differ, first [{k}]: {got!r} vs {wanted!r}"
+        )
+
+
+def run_steps(
+    emulator: Emulator,
+    variant: Variant,
+    inputs: tuple,
+    steps: int,
+    what: str,
+    order: int = 0,
+    scalars_for=step_scalars,
+) -> tuple:
+    """``steps`` steps of the emulated kernel from ``inputs``, each compared bit for bit with
+    the reference on the same inputs (every output: the parameter, every buffer, codes and
+    scales), each starting from the kernel's previous outputs. Returns the last outputs."""
+    parameter, gradient, state = inputs
+    arguments = update_arguments(variant)
     for step in range(1, steps + 1):
-        scalars = step_scalars(step)
-        call = plan(variant.options, scalars, parameter, gradient, state)
-        assert call is not None and call.variant == variant
-        new_parameter, new_state = call.unpack(emulator.run(call))
+        scalars = scalars_for(step)
+        call = plan(variant.options, scalars, parameter, gradient, state, **arguments)
+        assert call is not None and call.variant == variant, (call and call.variant, variant)
+        new_parameter, new_state = call.unpack(emulator.run(call, order))
         expected_parameter, expected_state = rmsprop_reference(
-            variant.options, scalars, parameter, gradient, state
+            variant.options, scalars, parameter, gradient, state, **arguments
         )
-        what = f"{variant} shape={shape} transposed={transposed} step={step}"
-        assert new_parameter.dtype == expected_parameter.dtype
-        assert_close(
-            new_parameter.astype(mx.float32),
-            expected_parameter.astype(mx.float32),
-            _dtype_name(variant.parameter_dtype),
-            f"{what}: parameter",
-            rtol=0.0,
-        )
+        assert_same(new_parameter, expected_parameter, f"{what} step={step}: parameter")
         assert new_state.keys() == expected_state.keys()
         for key, value in expected_state.items():
-            assert new_state[key].dtype == value.dtype
-            assert_close(
-                new_state[key].astype(mx.float32),
-                value.astype(mx.float32),
-                _dtype_name(variant.state_dtype),
-                f"{what}: {key}",
-                rtol=0.0,
-            )
+            assert_same(new_state[key], value, f"{what} step={step}: {key}")
         parameter, state = new_parameter, new_state
+    return parameter, gradient, state
+
+
+def run_emulated(
+    emulator: Emulator, variant: Variant, shape, seed: int, steps: int, order: int = 0
+) -> None:
+    """``steps`` steps of the emulated kernel on check's inputs for ``shape``, compared bit for
+    bit with the reference (``run_steps``)."""
+    transposed = len(shape) >= 2 and seed % 2 == 0
+    inputs = verification_inputs(variant, shape, seed, transposed)
+    what = f"{variant} shape={shape} transposed={transposed}"
+    run_steps(emulator, variant, inputs, steps, what, order)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda keys: "+".join(keys))
@@ -132,13 +175,20 @@ def test_every_option_set_float32(emulator, layout):
 
 @pytest.mark.parametrize("small", [False, True], ids=["size>=8", "size<8"])
 @pytest.mark.parametrize(
-    "dtypes", dtype_combinations(), ids=lambda d: "-".join(_dtype_name(x) for x in d)
+    "combination", list(enumerate(dtype_combinations())), ids=lambda c: "-".join(
+        _dtype_name(x) for x in c[1]
+    )
 )
-def test_every_dtype_combination_pairwise_options(emulator, dtypes, small):
-    parameter, gradient, state = dtypes
-    for k, (options, shape) in enumerate(itertools.product(pairwise_option_sets(), SHAPES[small])):
-        variant = Variant(options, parameter, gradient, state, small)
-        run_emulated(emulator, variant, shape, seed=k, steps=STEPS)
+def test_every_dtype_combination_pairwise_options(emulator, combination, small):
+    # The plan's rows for this dtype combination: the pairwise option sets with the storage
+    # flags (8-bit state in turn at every block size and both scale classes, stochastic
+    # rounding), each on the shapes of its size classes.
+    k, dtypes = combination
+    turn = 2 * k + small
+    for row, options in enumerate(pairwise_option_sets(storage=True)):
+        variant = plan_variant(options, dtypes, small, turn + row)
+        for j, shape in enumerate(shapes_for(variant)):
+            run_emulated(emulator, variant, shape, seed=row + j, steps=STEPS)
 
 
 @pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)
@@ -148,29 +198,45 @@ def test_cuda_twin_run_on_the_cpu(cuda_emulator):
     # body's bounds guard is exercised on every size that is not a multiple of 256.
     for k, variant in enumerate(cuda_variants()):
         for small in (False, True):
-            pool = SHAPES[small]
-            shape = pool[k % len(pool)]
-            run_emulated(cuda_emulator, dataclasses.replace(variant, small=small), shape, k, STEPS)
+            quantized = variant.options.quantized_state
+            small_scales = quantized and (small or variant.small_scales)
+            sized = dataclasses.replace(variant, small=small, small_scales=small_scales)
+            pool = shapes_for(sized)
+            run_emulated(cuda_emulator, sized, pool[k % len(pool)], k, STEPS)
 
 
 def test_plan_counts():
-    # Every option set once in float32, then the pairwise sets for the 15 dtype combinations
-    # and 2 address-space classes (less the float32 large-array repeats of the first part).
+    # Every option set once in float32, then the pairwise sets of the whole space (storage
+    # flags included) for the 15 dtype combinations and 2 address-space classes, less the
+    # float32 large-array rows the first part already holds.
     assert len(dtype_combinations()) == 15
-    pairwise = pairwise_option_sets()
-    expected = len(option_space()) + 15 * 2 * len(pairwise) - len(pairwise)
-    assert len(verification_plan()) == expected
-    covered = set()
-    for options in pairwise:
-        covered |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
-    # Every (flag, value) pair some valid option set holds.
-    possible = set()
-    for options in option_space():
-        possible |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
-    assert covered == possible
+    plan = verification_plan()
+    pairwise = pairwise_option_sets(storage=True)
+    repeats = sum(1 for o in pairwise if not (o.quantized_state or o.stochastic_rounding))
+    assert len(plan) == len(option_space()) + 15 * 2 * len(pairwise) - repeats
+    for storage in (False, True):
+        covered = set()
+        for options in pairwise_option_sets(storage):
+            covered |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
+        # Every (flag, value) pair some valid option set holds.
+        possible = set()
+        for options in option_space(storage):
+            possible |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
+        assert covered == possible
     # 4 value pairs for each two flags, less the 3 the invariants forbid (nesterov or
     # lr_in_momentum without momentum, both decays).
     assert len(possible) == 4 * math.comb(len(FLAGS), 2) - 3
+    # 8-bit state: every block size, both scale classes of large parameters, and stochastic
+    # rounding with every parameter dtype.
+    quantized = [v for v in plan if v.options.quantized_state]
+    assert {v.options.block_size for v in quantized} == set(BLOCK_SIZES)
+    assert {(v.small, v.small_scales) for v in quantized} == {
+        (True, True),
+        (False, True),
+        (False, False),
+    }
+    rounding = [v for v in plan if v.options.stochastic_rounding]
+    assert {v.parameter_dtype for v in rounding} == {mx.float32, mx.float16, mx.bfloat16}
 
 
 def test_empty_parameter_launches_nothing():

@@ -39,6 +39,7 @@ from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
     pairwise_option_sets,
+    plan_variant,
 )
 from mlx_rmsprop.spec import option_space
 
@@ -470,13 +471,16 @@ class Emulator:
 
 
 def cuda_variants() -> list[Variant]:
-    """Every dtype combination with the pairwise option sets, and every buffer layout with
-    every flag on that it allows (the address-space class does not exist on CUDA)."""
+    """Every dtype combination with the pairwise option sets (storage flags included, as the
+    verification plan takes them), and every buffer layout, with and without stochastic
+    rounding, with every flag on that it allows (the address-space class does not exist on
+    CUDA)."""
     variants = [
-        Variant(options, parameter, gradient, state)
-        for parameter, gradient, state in dtype_combinations()
-        for options in pairwise_option_sets()
+        plan_variant(options, dtypes, False, k + row)
+        for k, dtypes in enumerate(dtype_combinations())
+        for row, options in enumerate(pairwise_option_sets(storage=True))
     ]
-    for keys in sorted({o.state_keys for o in option_space()}):
-        variants.append(Variant(every_flag_on(keys), mx.bfloat16, mx.float16, mx.bfloat16))
+    layouts = {(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)}
+    for keys, rounding in sorted(layouts):
+        variants.append(Variant(every_flag_on(keys, rounding), mx.bfloat16, mx.float16, mx.bfloat16))
     return list(dict.fromkeys(variants))
