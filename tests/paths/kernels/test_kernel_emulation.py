@@ -426,7 +426,7 @@ def test_emulation_catches_metal_max_min(tmp_path, mutate_source):
     )
     variant = Variant(UpdateOptions(clip_value=True))
     mutant = Emulator([variant], tmp_path)
-    with pytest.raises(AssertionError, match="non-finite entries differ"):
+    with pytest.raises(AssertionError, match=r"elements differ, first .* vs np.float32\(nan\)"):
         for seed in range(4):
             run_emulated(mutant, variant, (257,), seed=seed, steps=1)
 
@@ -482,11 +482,11 @@ def fusing_failures(variants: list[Variant], build_dir: Path) -> list[tuple[Vari
     failures = []
     for k, variant in enumerate(variants):
 
-        def run_update(scalars, parameter, gradient, state, variant=variant):
-            call = plan(variant.options, scalars, parameter, gradient, state)
+        def run_update(scalars, parameter, gradient, state, variant=variant, **arguments):
+            call = plan(variant.options, scalars, parameter, gradient, state, **arguments)
             return call.unpack(emulator.run(call))
 
-        pool = SHAPES[variant.small]
+        pool = shapes_for(variant)
         shapes = [pool[(k + j) % len(pool)] for j in range(2)]
         errors, failure = verify(variant, run_update, shapes, seed=k)
         if failure is not None:
@@ -505,8 +505,14 @@ def centred_unclipped() -> list[Variant]:
 
 
 def fusing_sample() -> list[Variant]:
-    """The pairwise option sets in float32 and ``centred_unclipped``."""
-    return [Variant(o) for o in pairwise_option_sets()] + centred_unclipped()
+    """The pairwise option sets (storage flags included, 8-bit state at the block sizes of
+    the plan's first rows) in float32 and bfloat16 and ``centred_unclipped``."""
+    variants = [
+        plan_variant(o, dtypes, False, row)
+        for row, o in enumerate(pairwise_option_sets(storage=True))
+        for dtypes in [(mx.float32,) * 3, (mx.bfloat16, mx.float32, mx.bfloat16)]
+    ]
+    return list(dict.fromkeys(variants + centred_unclipped()))
 
 
 @pytest.mark.skipif(NO_FUSING, reason=NO_FUSING_REASON)
@@ -521,11 +527,11 @@ def test_fusing_emulation_passes_check_quick_plan():
     # The variants of `check --quick` on a GPU: 15 dtype combinations x both size classes x
     # the pairwise option sets.
     variants = [
-        Variant(o, p, g, s, small)
-        for (p, g, s), small in itertools.product(dtype_combinations(), (False, True))
-        for o in pairwise_option_sets()
+        plan_variant(options, dtypes, small, k + row)
+        for k, (dtypes, small) in enumerate(itertools.product(dtype_combinations(), (False, True)))
+        for row, options in enumerate(pairwise_option_sets(storage=True))
     ]
-    assert len(variants) == 15 * 2 * len(pairwise_option_sets())
+    assert len(variants) == 15 * 2 * len(pairwise_option_sets(storage=True))
     assert fusing_failures(variants, BUILD_DIR) == []
 
 
