@@ -314,9 +314,10 @@ def option_space(storage: bool = False) -> tuple[UpdateOptions, ...]:
     )
 
 
-# The signature of rmsprop_reference: (options, scalars, parameter, gradient, state) ->
-# (new parameter, new state). Spelled with strings so that this module imports nothing but the
-# standard library.
+# The signature of rmsprop_reference: (options, scalars, parameter, gradient, state, *,
+# index=0) -> (new parameter, new state), index being the parameter's position in the step
+# (keyword-only, a static int; Callable cannot spell it). Spelled with strings so that this
+# module imports nothing but the standard library.
 UpdateFn = Callable[
     [UpdateOptions, "mx.array", "mx.array", "mx.array", "dict[str, mx.array]"],
     "tuple[mx.array, dict[str, mx.array]]",

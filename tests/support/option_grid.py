@@ -5,7 +5,8 @@ pair of values of two arguments, appears at least once) for paths where each con
 costs a compilation.
 
 The projection: pipeline flags (``spec.PIPELINE_FLAGS``, set by the Keras pipeline arguments
-and swept by test_pipeline) stay off; ``momentum`` becomes the number 0.0 or 0.9, the two decay
+and swept by test_pipeline) and storage flags (``spec.STORAGE_FLAGS``, constructor arguments of
+other names) stay off; ``momentum`` becomes the number 0.0 or 0.9, the two decay
 flags become ``weight_decay`` and ``decoupled_weight_decay``; every other flag is the
 constructor argument of the same name.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 
-from mlx_rmsprop.spec import FLAGS, PIPELINE_FLAGS, UpdateOptions, option_space
+from mlx_rmsprop.spec import FLAGS, PIPELINE_FLAGS, STORAGE_FLAGS, UpdateOptions, option_space
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 0.1
@@ -32,7 +33,7 @@ def constructor_arguments(options: UpdateOptions) -> dict:
             decays = options.coupled_decay or options.decoupled_decay
             config["weight_decay"] = WEIGHT_DECAY if decays else 0.0
             config["decoupled_weight_decay"] = options.decoupled_decay
-        elif name not in PIPELINE_FLAGS:
+        elif name not in PIPELINE_FLAGS and name not in STORAGE_FLAGS:
             config[name] = value
     return config
 
