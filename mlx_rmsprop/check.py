@@ -62,6 +62,8 @@ def shapes_for(variant: Variant) -> list[tuple[int, ...]]:
     if variant.small_scales:
         return [s for s in SHAPES[False] if -(-math.prod(s) // block) < METAL_CONSTANT_BELOW]
     return [(7 * block + 1,), (3, 3 * block - 1)]
+
+
 STEPS = 3
 # Element patterns mixed into every input: the ones every framework must agree on.
 SPECIALS = (

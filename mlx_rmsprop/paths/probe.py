@@ -19,7 +19,15 @@ import mlx.core as mx
 import numpy as np
 
 from ..reference import rmsprop_reference
-from ..spec import FLAGS, NUM_SCALARS, QUANTIZED_KEYS, Scalar, code_table, rounding_step_key, scale_key
+from ..spec import (
+    FLAGS,
+    NUM_SCALARS,
+    QUANTIZED_KEYS,
+    Scalar,
+    code_table,
+    rounding_step_key,
+    scale_key,
+)
 from ..storage import quantize
 from ..tolerance import compare
 from .kernels.source import METAL_CONSTANT_BELOW, Variant

@@ -23,7 +23,9 @@ def kernel_object(state_keys: tuple[str, ...], rounding: bool = False) -> Callab
 
 
 def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
-    return launch_with(kernel_object(call.variant.options.state_keys, call.variant.rounding), call, verbose)
+    return launch_with(
+        kernel_object(call.variant.options.state_keys, call.variant.rounding), call, verbose
+    )
 
 
 def load() -> UpdateFn:

@@ -164,9 +164,7 @@ def plan(
     def flat(array: mx.array) -> mx.array:
         return array if array.shape == shape else array.reshape(shape)
 
-    buffers = [
-        state[key] if key in scales else flat(state[key]) for key in options.state_keys
-    ]
+    buffers = [state[key] if key in scales else flat(state[key]) for key in options.state_keys]
     index_input = (mx.array([index], dtype=mx.uint32),) if options.stochastic_rounding else ()
     output_shapes = tuple(
         (blocks,) if name in scales else tuple(parameter.shape)

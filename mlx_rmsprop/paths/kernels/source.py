@@ -29,9 +29,9 @@ from ...spec import (
     QUANTIZED_KEYS,
     SIGNED_CODE,
     UNSIGNED_CODE,
-    V,
     Scalar,
     UpdateOptions,
+    V,
     code_midpoints,
     scale_key,
 )
@@ -189,8 +189,14 @@ TABLES = {
     "kSignedMidpoints": code_midpoints(SIGNED_CODE),
 }
 TABLE_DECLARATIONS = {
-    "metal": ("constant uint32_t {name}[{size}] = {{{values}}};", "constant uint32_t* {name} = nullptr;"),
-    "cuda": ("static const uint32_t {name}[{size}] = {{{values}}};", "const uint32_t* {name} = nullptr;"),
+    "metal": (
+        "constant uint32_t {name}[{size}] = {{{values}}};",
+        "constant uint32_t* {name} = nullptr;",
+    ),
+    "cuda": (
+        "static const uint32_t {name}[{size}] = {{{values}}};",
+        "const uint32_t* {name} = nullptr;",
+    ),
 }
 # How an absent optional buffer is declared (input, output) so the body compiles without it.
 ABSENT_BUFFERS = {

@@ -18,12 +18,11 @@ Linux) runs:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from functools import cache
 
 import mlx.core as mx
-
-import dataclasses
 
 from ...spec import (
     BLOCK_SIZES,
@@ -31,8 +30,8 @@ from ...spec import (
     FLAGS,
     GRAD_AVG,
     MOMENTUM_BUFFER,
-    V,
     UpdateOptions,
+    V,
     option_space,
     scale_key,
 )

@@ -67,7 +67,6 @@ from metal_emulation.harness import (
     cuda_variants,
     mlx_cuda_launch,
 )
-from tolerances import assert_close
 
 BUILD_DIR = Path(tempfile.gettempdir()) / "mlx_rmsprop_emulation"
 LAYOUTS = sorted({options.state_keys for options in option_space()})
@@ -87,8 +86,7 @@ def cuda_emulator() -> Emulator:
     # CUDA has no address-space classes, but the launcher's plan still tells small from large.
     variants = cuda_variants()
     variants += [
-        dataclasses.replace(v, small=True, small_scales=v.options.quantized_state)
-        for v in variants
+        dataclasses.replace(v, small=True, small_scales=v.options.quantized_state) for v in variants
     ]
     return Emulator(variants, BUILD_DIR, backend="cuda")
 
@@ -175,9 +173,9 @@ def test_every_option_set_float32(emulator, layout):
 
 @pytest.mark.parametrize("small", [False, True], ids=["size>=8", "size<8"])
 @pytest.mark.parametrize(
-    "combination", list(enumerate(dtype_combinations())), ids=lambda c: "-".join(
-        _dtype_name(x) for x in c[1]
-    )
+    "combination",
+    list(enumerate(dtype_combinations())),
+    ids=lambda c: "-".join(_dtype_name(x) for x in c[1]),
 )
 def test_every_dtype_combination_pairwise_options(emulator, combination, small):
     # The plan's rows for this dtype combination: the pairwise option sets with the storage
@@ -566,6 +564,8 @@ STORAGE_OPTIONS = UpdateOptions(
     quantized_state=True,
     stochastic_rounding=True,
 )
+
+
 # Sizes per block size: 0-d, 1, under a block, a block, a partial last block, several blocks
 # and a 2-D non-contiguous one, and more than 7 blocks (scales no longer in Metal's
 # constant address space).
@@ -743,8 +743,7 @@ def test_emulation_catches_a_missing_barrier(tmp_path, mutate_source, backend):
         "    block_magnitude[slot] = active ? RMS_BITS_FLOAT(magnitude_bits) : 0.0f;\n"
         "  }\n"
         "  RMS_GROUP_BARRIER();\n",
-        "    block_magnitude[slot] = active ? RMS_BITS_FLOAT(magnitude_bits) : 0.0f;\n"
-        "  }\n",
+        "    block_magnitude[slot] = active ? RMS_BITS_FLOAT(magnitude_bits) : 0.0f;\n  }\n",
     )
     with pytest.raises(AssertionError, match="elements differ"):
         missing_barrier_caught(tmp_path, backend)
@@ -755,7 +754,9 @@ def test_emulation_catches_threads_that_skip_a_barrier(tmp_path, mutate_source, 
     # Threads past the end of the parameter returning early, as without 8-bit state: the
     # rest of their group then waits at a barrier they never reach (undefined on a GPU), which
     # the emulation reports.
-    mutate_source("if constexpr (!QUANTIZED_STATE) {\n  if (!active)", "if constexpr (true) {\n  if (!active)")
+    mutate_source(
+        "if constexpr (!QUANTIZED_STATE) {\n  if (!active)", "if constexpr (true) {\n  if (!active)"
+    )
     with pytest.raises(AssertionError, match="ended while others waited at a barrier"):
         missing_barrier_caught(tmp_path, backend)
 

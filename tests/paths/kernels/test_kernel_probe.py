@@ -66,7 +66,7 @@ def reference_launch(scale_small: float = 1.0, scale_large: float = 1.0):
         new_parameter, new_state = rmsprop_reference(options, scalars, parameter, gradient, state)
         new_parameter = new_parameter * (scale_small if call.variant.small else scale_large)
         outputs = [new_parameter, *(new_state[key] for key in options.state_keys)]
-        return [output.reshape(call.output_shape) for output in outputs]
+        return [o.reshape(shape) for o, shape in zip(outputs, call.output_shapes, strict=True)]
 
     return launch
 
@@ -106,9 +106,11 @@ def test_a_correct_kernel_is_adopted(fake_metal, caplog):
 @pytest.fixture
 def faulty_body(mutate_source):
     """The body with a planted fault: the parameter scaled once more before it is stored."""
-    store = re.search(r"^new_parameter\[i\] = .*$", source.body_text(), re.M)
+    store = re.search(
+        r"^ *new_parameter\[i\] = static_cast<P>\(stored\[0\]\);$", source.body_text(), re.M
+    )
     assert store, "the body stores the parameter in a line of its own"
-    mutate_source(store.group(), "p_new = p_new * 1.0001f;\n" + store.group())
+    mutate_source(store.group(), "stored[0] = stored[0] * 1.0001f;\n" + store.group())
 
 
 def test_a_faulty_kernel_falls_back_once_with_a_warning(fake_metal, faulty_body, caplog):

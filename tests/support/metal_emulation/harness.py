@@ -150,7 +150,9 @@ def _driver(unit: str, variant: Variant, backend: str) -> str:
         elif parameter.attribute == "threads_per_grid":
             arguments.append("grid")
         elif parameter.attribute == "thread_position_in_threadgroup":
-            arguments.append("uint3{position.x % group.x, position.y % group.y, position.z % group.z}")
+            arguments.append(
+                "uint3{position.x % group.x, position.y % group.y, position.z % group.z}"
+            )
         elif parameter.attribute == "threads_per_threadgroup":
             arguments.append("group")
         elif parameter.attribute != "buffer":
@@ -482,5 +484,7 @@ def cuda_variants() -> list[Variant]:
     ]
     layouts = {(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)}
     for keys, rounding in sorted(layouts):
-        variants.append(Variant(every_flag_on(keys, rounding), mx.bfloat16, mx.float16, mx.bfloat16))
+        variants.append(
+            Variant(every_flag_on(keys, rounding), mx.bfloat16, mx.float16, mx.bfloat16)
+        )
     return list(dict.fromkeys(variants))
