@@ -6,6 +6,7 @@ computing the reference with MLX ops, which also runs inside the optimizer's com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import tempfile
@@ -225,3 +226,32 @@ def test_check_reports_the_variants_auto_would_not_use(fake_metal, monkeypatch, 
         "First refused: centered+momentum, parameter/gradient/state float32/float32/float32, "
         "<8 elements: its probe differs from the reference: step 1, parameter element (0,)"
     ) in out
+
+
+def test_check_and_the_probe_run_the_storage_variants_on_the_emulated_kernel(
+    fake_metal, monkeypatch, capsys
+):
+    # `check` on a GPU (here the Metal emulation) runs the 8-bit state and stochastic rounding
+    # rows of its plan like every other variant: codes, scales and rounded stores against the
+    # reference, and `auto`'s probe adopts each (its probe input quantized the same way).
+    storage = [
+        variant
+        for variant in check._gpu_plan(quick=True)
+        if variant.options.quantized_state or variant.options.stochastic_rounding
+    ]
+    plan = storage[::13]
+    assert {v.options.quantized_state for v in plan} == {True, False}
+    assert any(v.options.stochastic_rounding for v in plan)
+    assert any(v.options.quantized_state and not v.small_scales for v in plan)
+    emulator = Emulator(plan, BUILD_DIR)
+    fake_metal(emulator.run)
+    # The emulation runs eagerly: check's runs are not traced by mx.compile here.
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    monkeypatch.setattr(check, "_gpu_plan", lambda quick: plan)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args(["--quick"])) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{len(plan)} of {len(plan)} adopted here" in out
+    assert "err:v_scale" in out
