@@ -23,8 +23,8 @@ from mlx_rmsprop.check import step_scalars
 from mlx_rmsprop.paths.kernels.launch import grid_for
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
 from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
-from mlx_rmsprop.reference import rmsprop_reference
 from mlx_rmsprop.paths.probe import INDEX, ROUNDING_SEED
+from mlx_rmsprop.reference import rmsprop_reference
 from mlx_rmsprop.spec import BLOCK_SIZES, UpdateOptions
 
 if __name__ == "__main__":  # run as a script to regenerate the plan: tests/conftest.py not loaded
