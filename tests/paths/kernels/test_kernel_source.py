@@ -58,6 +58,53 @@ CAPTURED = [
         False,
     ),
     (UpdateOptions(ema=True, gated=True), mx.float32, mx.bfloat16, mx.float32, (2, 3, 7), True),
+    # 8-bit state (uint8 codes, float32 scales: 3 blocks, in `constant`) with stochastic
+    # rounding (the uint32 index input) to a bfloat16 parameter and a float16 EMA.
+    (
+        every_flag_on(
+            (
+                "v",
+                "v_scale",
+                "grad_avg",
+                "grad_avg_scale",
+                "momentum_buffer",
+                "momentum_buffer_scale",
+                "ema",
+            ),
+            True,
+            32,
+        ),
+        mx.bfloat16,
+        mx.float16,
+        mx.float16,
+        (5, 17),
+        True,
+    ),
+    # More than 7 blocks (scales in `device`), no stochastic rounding; and a 0-d parameter.
+    (
+        UpdateOptions(quantized_state=True, block_size=32),
+        mx.float32,
+        mx.float32,
+        mx.float32,
+        (300,),
+        False,
+    ),
+    (
+        UpdateOptions(momentum=True, quantized_state=True, stochastic_rounding=True),
+        mx.float16,
+        mx.float16,
+        mx.float32,
+        (),
+        False,
+    ),
+    (
+        UpdateOptions(stochastic_rounding=True, centered=True),
+        mx.bfloat16,
+        mx.bfloat16,
+        mx.bfloat16,
+        (40,),
+        False,
+    ),
 ]
 
 
@@ -78,6 +125,8 @@ def test_assembled_source_equals_mlx_generated_source(capfd, case):
     call = plan(options, step_scalars(1), parameter, gradient, state)
     assert call.variant.small == (len(parameter.reshape(-1)) < 8)
     assert captured == translation_unit(call.variant, "metal")
+    if options.quantized_state:
+        assert call.variant.small_scales == (-(-parameter.size // options.block_size) < 8)
 
 
 def test_learning_rate_schedule_never_changes_the_source(capfd):
