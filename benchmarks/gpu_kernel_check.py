@@ -560,6 +560,8 @@ def compile_kernels(cupy, variants: list[Variant], programs: int) -> dict[str, o
         finally:
             nvrtc.destroyProgram(program)
 
+    # One definition per kernel: variants that differ only in block size share it.
+    variants = list({v.kernel_name: v for v in variants}.values())
     chunks = [c for c in (variants[k::programs] for k in range(programs)) if c]
     kernels: dict[str, object] = {}
     with ThreadPoolExecutor(len(chunks)) as pool:

@@ -58,6 +58,8 @@ def compile_kernels(variants: list[Variant], programs: int = 1) -> dict[str, str
     """The PTX of each kernel (by kernel name), ``programs`` NVRTC programs compiled side by
     side (MLX compiles one per kernel; one program for many kernels only saves the header
     parsing, each kernel is compiled on its own)."""
+    # One definition per kernel: variants that differ only in block size share it.
+    variants = list({cuda_kernel_name(v): v for v in variants}.values())
     chunks = [variants[k::programs] for k in range(programs)]
 
     def build(chunk: list[Variant]) -> str:
