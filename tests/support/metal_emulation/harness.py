@@ -1,5 +1,8 @@
 """Compile the translation units MLX generates with g++ and run them on the CPU: every thread
-of the launched grid, or chosen thread positions, one call each.
+of the launched grid, or chosen thread positions, one call each. Kernels with 8-bit state run
+each threadgroup as fibers that meet at every barrier (``threadgroups.h``): real barrier
+semantics, so a kernel that reads threadgroup memory too early, or whose threads skip a
+barrier, fails here.
 
 Metal: against ``metal_shim.h`` (this folder). CUDA: against CUDA's own headers plus the
 host stand-ins in ``tests/support/cuda_shim`` (MLX's device header, ``cuda_host.h``), where each call
