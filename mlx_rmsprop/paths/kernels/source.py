@@ -147,7 +147,8 @@ PRIMITIVE_NAMES = ("RMS_MUL", "RMS_ADD", "RMS_SUB", "RMS_DIV", "RMS_SQRT")
 # - CUDA: __float_as_uint / __uint_as_float, __shared__ and __syncthreads() (CUDA Programming
 #   Guide, "Synchronization functions": it must be reached by every thread of the block).
 # Both type traits are what the backends' standard headers provide (metal_type_traits;
-# libcu++'s cuda/std/type_traits, which MLX's device headers include).
+# libcu++'s cuda/std/type_traits, which MLX's device headers include:
+# tests/paths/kernels/test_kernel_ptx.py compiles the kernels with those headers).
 SPELLINGS = {
     "metal": (
         "#define RMS_FLOAT_BITS(x) as_type<uint32_t>(x)\n"
@@ -180,8 +181,9 @@ GROUP_LINES = {
 # The code tables and midpoints of spec as float32 bit patterns (exact by construction), in
 # the address space each backend reads constant data from. Metal declares them `constant` in
 # the kernel's scope (function-scope constant arrays stay in constant memory instead of being
-# copied per thread: Apple's change to Blender's Metal backend, D17089); CUDA as static const
-# data of the kernel. Without 8-bit state they are null pointers, never read.
+# copied per thread: Blender differential D17089, written by Apple for Blender's Metal
+# backend; Apple's compiler has not seen these kernels, clang's strict parse has); CUDA as
+# static const data of the kernel. Without 8-bit state they are null pointers, never read.
 TABLES = {
     "kUnsignedCode": UNSIGNED_CODE,
     "kUnsignedMidpoints": code_midpoints(UNSIGNED_CODE),
