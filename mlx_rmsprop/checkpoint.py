@@ -27,6 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_unflatten
 
 from ._version import __version__
+from .config import STORAGE_DEFAULTS, StateLayout
 
 FORMAT = "mlx_rmsprop.optimizer_state"
 FORMAT_VERSION = "1"
@@ -34,7 +35,7 @@ FORMAT_VERSION = "1"
 MAX_PATH_DEPTH = 64
 MAX_LIST_INDEX = 1 << 20
 # Counters kept at the top of the state tree (MLX's and ours); everything else is per parameter.
-COUNTERS = ("step", "learning_rate", "skipped_steps")
+COUNTERS = ("step", "learning_rate", "skipped_steps", "rounding_seed")
 # Conversions that lose nothing.
 WIDENING = {
     (mx.float16, mx.float32),
@@ -200,7 +201,8 @@ def _json(path: Path, metadata: dict, key: str, kind: type, default: str | None 
 
 def _check_counters(path: Path, arrays: dict) -> None:
     """The counters as the constructor would accept them: an integer step >= 0 (0-d), a
-    finite learning rate >= 0 (one floating value), an integer skipped_steps >= 0."""
+    finite learning rate >= 0 (one floating value), an integer skipped_steps >= 0, a 0-d
+    uint32 rounding_seed."""
 
     def refuse(key: str, requirement: str) -> None:
         raise CheckpointError(
@@ -227,6 +229,9 @@ def _check_counters(path: Path, arrays: dict) -> None:
     ):
         refuse("learning_rate", "one finite floating value >= 0")
     arrays["learning_rate"] = value.reshape(())
+    seed = arrays.get("rounding_seed")
+    if seed is not None and not (seed.ndim == 0 and seed.dtype == mx.uint32):
+        refuse("rounding_seed", "a 0-d uint32 array")
 
 
 def _check_integrity(path: Path, arrays: dict, metadata: dict) -> dict | None:
@@ -429,18 +434,13 @@ def load_state(
     exact = key_paths is not None or reference is not None
     if key_paths is None:
         key_paths = _dotted_paths(path, arrays, reference)
-    expected_keys = set(optimizer.state_keys)
     grouped = _per_parameter(key_paths)
-    for key_path, buffers in grouped.items():
-        if set(buffers) != expected_keys:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} keeps {sorted(buffers)} for {_dotted(key_path)!r}, "
-                f"but this configuration keeps {sorted(expected_keys)}: it was saved by another "
-                f"configuration"
-            )
+    layouts = _layouts(path, optimizer, arrays, grouped, reference)
     restore_exclusions = None
     if saved_config is not None:
-        # Checkpoints written before the exclusions were saved had none.
+        # Checkpoints written before these arguments existed had their defaults.
+        for key, default in STORAGE_DEFAULTS.items():
+            saved_config.setdefault(key, default)
         exclusions = saved_config.setdefault("exclude_from_weight_decay", [])
         if not isinstance(exclusions, list) or not all(isinstance(p, str) for p in exclusions):
             raise CheckpointError(
@@ -475,6 +475,10 @@ def load_state(
     if optimizer.pipeline.skip_nonfinite and "skipped_steps" not in arrays:
         arrays["skipped_steps"] = mx.array(0, mx.uint64)
         key_paths["skipped_steps"] = ("skipped_steps",)
+    if optimizer.stochastic_rounding and "rounding_seed" not in arrays:
+        # A state saved without stochastic rounding (strict=False, or a plain MLX file).
+        arrays["rounding_seed"] = mx.array(optimizer._config.rounding_seed, mx.uint32)
+        key_paths["rounding_seed"] = ("rounding_seed",)
 
     if reference is not None:
         # Parameters in a list whose entries had no gradient have no state: nothing to match.
@@ -487,22 +491,21 @@ def load_state(
                 + ("; " if missing and extra else "")
                 + (f"state for unknown parameters {extra}" if extra else "")
             )
-        for key_path, (shape, dtype) in reference.items():
+        for key_path, (_, dtype) in reference.items():
+            layout = layouts[key_path]
             for buffer, name in grouped[key_path].items():
                 value = arrays[name]
                 key = _dotted((*key_path, buffer))
-                if tuple(value.shape) != shape:
-                    raise CheckpointError(
-                        f"checkpoint {str(path)!r}: {key!r} has shape {tuple(value.shape)}, the "
-                        f"parameter has shape {shape}"
-                    )
-                if dtype is not None and value.dtype != dtype:
-                    if (value.dtype, dtype) not in WIDENING:
+                if dtype is None or layout.dtype(buffer) is not None:
+                    continue  # codes and scales were checked with the layout
+                wanted = optimizer.buffer_dtype(dtype)
+                if value.dtype != wanted:
+                    if (value.dtype, wanted) not in WIDENING:
                         raise CheckpointError(
                             f"checkpoint {str(path)!r}: {key!r} is {value.dtype}, this optimizer "
-                            f"keeps {dtype}; converting would lose precision"
+                            f"keeps {wanted}; converting would lose precision"
                         )
-                    arrays[name] = value.astype(dtype)
+                    arrays[name] = value.astype(wanted)
 
     if exact:
         state = _unflatten(path, [(key_paths[name], value) for name, value in arrays.items()])
@@ -524,12 +527,13 @@ def load_state(
 
 
 def _reference_shapes(optimizer: Any, parameters: Any) -> dict[KeyPath, tuple] | None:
-    """``{key path: (shape, dtype or None)}`` the loaded state must match, or None: the array
-    leaves of ``parameters`` (strings and other attributes a module keeps are not
-    parameters), else the parameters the optimizer holds state for now."""
+    """``{key path: (shape, parameter dtype or None)}`` the loaded state must match, or None:
+    the array leaves of ``parameters`` (strings and other attributes a module keeps are not
+    parameters), else the parameters the optimizer holds state for now (``v``, float or
+    codes, has the parameter's shape)."""
     if parameters is not None:
         return {
-            key_path: (tuple(value.shape), optimizer.buffer_dtype(value.dtype))
+            key_path: (tuple(value.shape), value.dtype)
             for key_path, value in _leaves(parameters)
             if isinstance(value, mx.array)
         }
@@ -538,3 +542,78 @@ def _reference_shapes(optimizer: Any, parameters: Any) -> dict[KeyPath, tuple] |
         if key_path[-1] == "v" and len(key_path) > 1 and isinstance(value, mx.array):
             current[key_path[:-1]] = (tuple(value.shape), None)
     return current or None
+
+
+def _layouts(
+    path: Path,
+    optimizer: Any,
+    arrays: dict[str, mx.array],
+    grouped: dict[KeyPath, dict[str, str]],
+    reference: dict[KeyPath, tuple] | None,
+) -> dict[KeyPath, StateLayout]:
+    """The layout this optimizer keeps for each parameter of the file, checked against the
+    saved buffers: the same keys (8-bit codes and scales, or float buffers, as
+    ``state_bits``, ``min_quantized_size`` and the parameter make them), codes uint8 of the
+    parameter's shape, scales float32, one per block. The parameter's shape and dtype come
+    from ``reference``; without it the shape is ``v``'s (the first step checks the parameter
+    itself). 8-bit and float state never convert into each other: requantizing loses
+    precision, and a silent dequantization would hide a configuration mistake."""
+    config = optimizer._config
+    layouts = {}
+    for key_path, buffers in grouped.items():
+        known = reference.get(key_path) if reference is not None else None
+        shape, dtype = known if known is not None else (None, None)
+        if "v" in buffers:
+            saved_v = arrays[buffers["v"]]
+            shape = tuple(saved_v.shape) if shape is None else shape
+            # Only a float64 parameter keeps float64 state beside 8-bit state (state_bits=8
+            # refuses state_dtype=float64): the dtype where the layouts differ.
+            if dtype is None:
+                dtype = mx.float64 if saved_v.dtype == mx.float64 else mx.float32
+        expected = config.layout(shape or (), dtype or mx.float32)
+        if expected.key_set != set(buffers) or shape is None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} keeps {sorted(buffers)} for {_dotted(key_path)!r}, "
+                f"but this configuration keeps {sorted(expected.keys)}"
+                f"{_layout_reason(config, expected, shape or ())}: it was saved by another "
+                f"configuration"
+            )
+        layout = expected
+        for buffer, name in buffers.items():
+            value = arrays[name]
+            key = _dotted((*key_path, buffer))
+            wanted = layout.shape(buffer, shape)
+            if tuple(value.shape) != wanted:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: {key!r} has shape {tuple(value.shape)}, "
+                    + (
+                        f"the parameter has shape {shape}"
+                        if wanted == shape
+                        else f"a parameter of shape {shape} in blocks of "
+                        f"{layout.block_size} has {wanted[0]} scales"
+                    )
+                )
+            dtype_kept = layout.dtype(buffer)
+            if dtype_kept is not None and value.dtype != dtype_kept:
+                kept = "uint8 codes" if buffer in layout.code_keys else "float32 scales"
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: {key!r} is {value.dtype}, this optimizer keeps "
+                    f"{kept} there"
+                )
+        layouts[key_path] = layout
+    return layouts
+
+
+def _layout_reason(config: Any, layout: StateLayout, shape: tuple | None) -> str:
+    """Why this configuration keeps 8-bit or float state for a parameter, in its arguments."""
+    if layout.quantized:
+        return (
+            f" (8-bit state: state_bits=8 and the parameter has {math.prod(shape)} >= "
+            f"min_quantized_size={config.min_quantized_size} elements)"
+        )
+    if config.state_bits == 32:
+        return " (float state: state_bits=32)"
+    return (
+        f" (float state: the parameter is float64 or has fewer than "
+        f"min_quantized_size={config.min_quantized_size} elements)"
+    )

@@ -16,11 +16,27 @@ import numpy as np
 from mlx.optimizers import Optimizer
 
 from . import paths, presets, validation
-from .config import rmsprop_config
+from .config import StateLayout, blocks, rmsprop_config
+from .spec import EMA, V, code_midpoints, code_table, scale_key
 from .step import make_step_function
 from .trees import check_state, gather, match_gradients, rebuild
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
+
+
+def _constant_codes(
+    key: str, shape: tuple[int, ...], value: float, block_size: int
+) -> tuple[mx.array, mx.array]:
+    """The codes and scales of quantized buffer ``key`` holding ``value`` everywhere, as the
+    requantization rule gives them (without building the float32 tensor): every block's scale
+    is |value| and every normalised element 1 (or, for 0, scale 0 and element 0)."""
+    scale = validation.in_float32(abs(value))
+    normalised = 0.0 if scale == 0 else 1.0
+    code = sum(midpoint < normalised for midpoint in code_midpoints(code_table(key)))
+    return (
+        mx.full(shape, code, mx.uint8),
+        mx.full((blocks(math.prod(shape), block_size),), scale, mx.float32),
+    )
 
 
 class _UpdateLock:
@@ -85,9 +101,30 @@ class RMSprop(Optimizer):
             identical to the default while :math:`\eta` is constant, different under a schedule.
         initial_accumulator_value: start value of :math:`v` (TF1 uses 1.0), >= 0.
         bias_correction: divide :math:`v` and :math:`\bar g` by :math:`1-\alpha^t` (optax).
-        state_dtype: dtype of the state buffers. ``None`` (default): float32 for float16,
-            bfloat16 and float32 parameters, float64 for float64 ones. Arithmetic is always at
-            least float32 whatever this is.
+        state_dtype: dtype of the float state buffers. ``None`` (default): float32 for
+            float16, bfloat16 and float32 parameters, float64 for float64 ones. Arithmetic is
+            always at least float32 whatever this is.
+        state_bits: ``32`` (default): ``v``, ``grad_avg`` and ``momentum_buffer`` are float
+            buffers (``state_dtype``); ``8``: each is kept as uint8 codes (the parameter's
+            shape) and one float32 scale per block of ``state_block_size`` elements
+            (``v_scale``, ...), for every parameter of at least ``min_quantized_size``
+            elements that is not float64 (smaller ones keep float buffers). A code stands for
+            ``table[code] * scale``, on a logarithmic table with no zero; the update
+            dequantizes, computes in float32 and requantizes in one pass. ``ema`` and
+            ``accumulated_gradient`` stay float (``state_dtype``, which must not be float64).
+        state_block_size: elements per scale with ``state_bits=8``: 32, 64, 128, 256 (default),
+            512 or 1024, in row-major order.
+        min_quantized_size: the smallest parameter (in elements, >= 0) whose state is 8-bit
+            with ``state_bits=8``. Default 4096.
+        stochastic_rounding: round each float32 result stored to a float16/bfloat16 parameter
+            (or float16/bfloat16 state buffer) up or down at random, with probability
+            proportional to its distance, instead of to nearest: small updates then survive
+            in expectation. Reproducible bit for bit: the random bits are a hash of
+            ``rounding_seed``, the update count, the parameter's position and the element
+            index. With float32 and float64 parameters and state it changes nothing.
+        rounding_seed: the seed of stochastic rounding, an integer in [0, 2**32 - 1]. Kept in
+            ``optimizer.state["rounding_seed"]`` (uint32) with ``stochastic_rounding``, so a
+            checkpoint resumes the same random bits.
         fused: which update path runs (``optimizer.path`` says which one did):
             ``"auto"`` (default) the first of ``"metal"``, ``"cuda"``, ``"native"``,
             ``"compiled"`` that runs on this machine; ``"metal"`` one fused Metal kernel
@@ -119,8 +156,9 @@ class RMSprop(Optimizer):
         name: a name for the optimizer.
 
     State per parameter: ``v``, plus ``grad_avg`` (centered), ``momentum_buffer``
-    (momentum > 0), ``ema`` (use_ema) and ``accumulated_gradient`` (accumulation). A state
-    saved from ``mlx.optimizers.RMSprop`` loads into the defaults.
+    (momentum > 0), ``ema`` (use_ema) and ``accumulated_gradient`` (accumulation); with 8-bit
+    state each of the first three is followed by its scales (``v_scale``, ...). A state saved
+    from ``mlx.optimizers.RMSprop`` loads into the defaults.
     """
 
     def __init__(
@@ -140,6 +178,11 @@ class RMSprop(Optimizer):
         initial_accumulator_value: float = 0.0,
         bias_correction: bool = False,
         state_dtype: mx.Dtype | None = None,
+        state_bits: int = 32,
+        state_block_size: int = 256,
+        min_quantized_size: int = 4096,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         fused: str | bool = "auto",
         skip_nonfinite: bool = False,
         loss_scale_factor: float | None = None,
@@ -169,6 +212,11 @@ class RMSprop(Optimizer):
             initial_accumulator_value=initial_accumulator_value,
             bias_correction=bias_correction,
             state_dtype=state_dtype,
+            state_bits=state_bits,
+            state_block_size=state_block_size,
+            min_quantized_size=min_quantized_size,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
             fused=fused,
             skip_nonfinite=skip_nonfinite,
             loss_scale_factor=loss_scale_factor,
@@ -196,6 +244,10 @@ class RMSprop(Optimizer):
             )
         if self._config.pipeline.skip_nonfinite:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)
+        if self._config.stochastic_rounding:
+            # State, not only configuration: a checkpoint carries it, so a resume draws the
+            # same random bits.
+            self.state["rounding_seed"] = mx.array(self._config.rounding_seed, mx.uint32)
 
     # Attributes that copy.deepcopy and pickle leave out and _init_runtime rebuilds: functions
     # (compiled graphs, kernel launchers) that cannot be pickled and follow from the
@@ -206,8 +258,9 @@ class RMSprop(Optimizer):
         path, self._update = paths.resolve(self._config.fused)
         self._path = path.name
         self._compile_step = path.compile_step
-        # One step function per weight-decay exclusion pattern over the parameters.
-        self._step_functions: dict[tuple[bool, ...], Callable] = {}
+        # One step function per weight-decay exclusion pattern and per-parameter options over
+        # the parameters.
+        self._step_functions: dict[tuple, Callable] = {}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -235,6 +288,18 @@ class RMSprop(Optimizer):
     lr_in_momentum = property(lambda self: self._config.flags["lr_in_momentum"])
     bias_correction = property(lambda self: self._config.flags["bias_correction"])
     state_dtype = property(lambda self: self._config.state_dtype)
+    state_bits = property(lambda self: self._config.state_bits)
+    state_block_size = property(lambda self: self._config.state_block_size)
+    min_quantized_size = property(lambda self: self._config.min_quantized_size)
+    stochastic_rounding = property(lambda self: self._config.stochastic_rounding)
+
+    @property
+    def rounding_seed(self) -> int:
+        """The seed of stochastic rounding: the state's (a checkpoint loaded with
+        ``strict=False`` brings its own) when it rounds stochastically."""
+        seed = self.state.get("rounding_seed")
+        return self._config.rounding_seed if seed is None else int(seed.item())
+
     fused = property(lambda self: self._config.fused)
     pipeline = property(lambda self: self._config.pipeline, doc="The Keras pipeline settings.")
     skipped_steps = property(
@@ -285,13 +350,24 @@ class RMSprop(Optimizer):
             f"momentum={config.momentum!r}, weight_decay={config.weight_decay!r}, "
             + ", ".join(f"{name}={value!r}" for name, value in config.flags.items())
             + f", initial_accumulator_value={config.initial_accumulator_value!r}, "
-            f"state_dtype={config.state_dtype}, fused={config.fused!r})"
+            f"state_dtype={config.state_dtype}, state_bits={config.state_bits!r}, "
+            f"state_block_size={config.state_block_size!r}, "
+            f"min_quantized_size={config.min_quantized_size!r}, "
+            f"stochastic_rounding={config.stochastic_rounding!r}, "
+            f"rounding_seed={self.rounding_seed!r}, fused={config.fused!r})"
         )
 
     @property
     def state_keys(self) -> tuple[str, ...]:
-        """The buffers kept per parameter, in the order the fused update takes them."""
+        """The buffers kept per parameter with float state, in the order the fused update
+        takes them (a parameter with 8-bit state keeps ``state_layout(parameter).keys``)."""
         return self._config.state_keys
+
+    def state_layout(self, parameter: mx.array) -> StateLayout:
+        """The state buffers this optimizer keeps for ``parameter``: their keys, and whether
+        they are 8-bit (``layout.quantized``; ``layout.shape(key, parameter.shape)`` and
+        ``layout.dtype(key)`` give each buffer's shape and dtype)."""
+        return self._config.layout(parameter.shape, parameter.dtype)
 
     def get_config(self) -> dict:
         """The constructor arguments (JSON-serialisable; a schedule shows as ``"schedule"``)."""
@@ -299,6 +375,7 @@ class RMSprop(Optimizer):
         return {
             "learning_rate": "schedule" if schedule else self.state["learning_rate"].item(),
             **self._config.arguments(),
+            "rounding_seed": self.rounding_seed,
             "exclude_from_weight_decay": list(self._decay_patterns),
             "name": self.name,
         }
@@ -317,21 +394,27 @@ class RMSprop(Optimizer):
         )
 
     def buffer_dtype(self, parameter_dtype: mx.Dtype) -> mx.Dtype:
-        """The dtype of the state buffers this optimizer creates for such a parameter."""
-        if self._config.state_dtype is not None:
-            return self._config.state_dtype
-        return mx.float64 if parameter_dtype == mx.float64 else mx.float32
+        """The dtype of the float state buffers this optimizer creates for such a parameter."""
+        return self._config.buffer_dtype(parameter_dtype)
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Create ``v`` (at ``initial_accumulator_value``) and, when used, ``grad_avg`` and
-        ``momentum_buffer`` (at 0) for one parameter."""
+        ``momentum_buffer`` (at 0) for one parameter; 8-bit ones as codes and scales that
+        dequantize to exactly those values."""
         dtype = self.buffer_dtype(parameter.dtype)
-        state["v"] = mx.full(parameter.shape, self._config.initial_accumulator_value, dtype)
-        for key in self._config.state_keys[1:]:
-            # The EMA starts as the weights themselves (Keras).
-            state[key] = (
-                parameter.astype(dtype) if key == "ema" else mx.zeros(parameter.shape, dtype)
-            )
+        layout = self.state_layout(parameter)
+        start = self._config.initial_accumulator_value
+        for key in layout.keys:
+            if key in layout.scale_keys:
+                continue
+            if key in layout.code_keys:
+                state[key], state[scale_key(key)] = _constant_codes(
+                    key, parameter.shape, start if key == V else 0.0, layout.block_size
+                )
+            elif key == EMA:
+                state[key] = parameter.astype(dtype)  # the EMA starts as the weights (Keras)
+            else:
+                state[key] = mx.full(parameter.shape, start if key == V else 0.0, dtype)
 
     def _new_state(self, parameter: mx.array) -> dict:
         state: dict = {}
@@ -353,17 +436,24 @@ class RMSprop(Optimizer):
         excluding = self._decay_exclusion is not None
         # Parameters without state (the first step, one added mid-training) get init_single's
         # state here, once the whole tree has passed its checks: what `init` would create.
+        if self._config.state_bits == 32:
+            # One layout for every parameter: skip the per-leaf lookup (per-step overhead).
+            layout = self._config.layout((), mx.float32)
+            layout_of = lambda parameter: layout  # noqa: E731
+        else:
+            layout_of = self.state_layout
         found = gather(
             gradients,
             parameters,
             self.state,
-            self._config.state_keys,
+            layout_of,
             with_paths=excluding,
             new_state=self._new_state,
         )
         self._initialized = True
         if self._config.pipeline.skip_nonfinite and "skipped_steps" not in self.state:
             self.state["skipped_steps"] = mx.array(0, mx.uint64)  # a state loaded from elsewhere
+        self._ensure_rounding_seed()
         self.state.update(scheduled)
 
         excluded = (
@@ -371,12 +461,25 @@ class RMSprop(Optimizer):
             if excluding
             else (False,) * len(found.parameters)
         )
-        new_parameters, new_states, counters = self._step_function(excluded)(
+        # (quantized, rounds) per parameter: a cheap key for the step functions.
+        if self._config.state_bits == 32 and not self._config.stochastic_rounding:
+            storage = ((False, False),) * len(found.parameters)
+        else:
+            storage = tuple(
+                (layout.quantized, self._config.rounds(layout, parameter, state))
+                for layout, parameter, state in zip(
+                    found.layouts, found.parameters, found.states, strict=True
+                )
+            )
+        new_parameters, new_states, counters = self._step_function(excluded, storage)(
             self._counters(self.step),
             found.parameters,
             found.gradients,
-            # In the configuration's key order: mx.compile matches inputs by position.
-            [{key: state[key] for key in self._config.state_keys} for state in found.states],
+            # In the layout's key order: mx.compile matches inputs by position.
+            [
+                {key: state[key] for key in layout.keys}
+                for layout, state in zip(found.layouts, found.states, strict=True)
+            ],
         )
         for state, new_state in zip(found.states, new_states, strict=True):
             state.update(new_state)
@@ -385,7 +488,8 @@ class RMSprop(Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """One update of one parameter at the current learning rate and step; stores the new
-        buffers in ``state`` and returns the new parameter (MLX's per-parameter contract)."""
+        buffers in ``state`` and returns the new parameter (MLX's per-parameter contract).
+        Stochastic rounding draws its bits as for the first parameter of a step (index 0)."""
         with self._update_lock:
             return self._apply_single(gradient, parameter, state)
 
@@ -393,17 +497,26 @@ class RMSprop(Optimizer):
         (leaf,) = match_gradients(gradient, parameter)
         if not state:
             self.init_single(parameter, state)
-        check_state(leaf.path, parameter, state, self._config.state_keys)
+        layout = self.state_layout(parameter)
+        check_state(leaf.path, parameter, state, layout)
+        self._ensure_rounding_seed()
+        storage = ((layout.quantized, self._config.rounds(layout, parameter, state)),)
         # MLX calls this after incrementing the step; the update counts from step - 1.
         step = mx.maximum(self.step, 1) - 1
-        (new_parameter,), (new_state,), _ = self._step_function((False,))(
+        (new_parameter,), (new_state,), _ = self._step_function((False,), storage)(
             self._counters(step),
             [parameter],
             [gradient],
-            [{k: state[k] for k in self._config.state_keys}],
+            [{k: state[k] for k in layout.keys}],
         )
         state.update(new_state)
         return new_parameter
+
+    def _ensure_rounding_seed(self) -> None:
+        # A state assigned from elsewhere (MLX's own, or a configuration without stochastic
+        # rounding) gets this optimizer's seed.
+        if self._config.stochastic_rounding and "rounding_seed" not in self.state:
+            self.state["rounding_seed"] = mx.array(self._config.rounding_seed, mx.uint32)
 
     def _checked_schedule_value(self, value: Any, check_value: bool = True) -> mx.array:
         """The schedule's learning rate as a scalar array; NaN, infinite or negative values
@@ -465,19 +578,29 @@ class RMSprop(Optimizer):
         counters = {"learning_rate": self.state["learning_rate"], "step": step}
         if self._config.pipeline.skip_nonfinite:
             counters["skipped_steps"] = self.state["skipped_steps"]
+        if self._config.stochastic_rounding:
+            counters["rounding_seed"] = self.state["rounding_seed"]
         return counters
 
-    def _step_function(self, decay_excluded: tuple[bool, ...]) -> Callable:
-        if decay_excluded not in self._step_functions:
-            self._step_functions[decay_excluded] = make_step_function(
+    def _step_function(
+        self, decay_excluded: tuple[bool, ...], storage: tuple[tuple[bool, bool], ...]
+    ) -> Callable:
+        """The step function for these weight-decay exclusions and, per parameter, whether
+        its state is 8-bit and whether it rounds stochastically."""
+        key = (decay_excluded, storage)
+        if key not in self._step_functions:
+            self._step_functions[key] = make_step_function(
                 self._config.options,
                 self._config.constants,
                 self._config.pipeline,
                 self._update,
                 compiled=self._compile_step,
                 decay_excluded=decay_excluded,
+                parameter_options=tuple(
+                    self._config.parameter_options(*flags) for flags in storage
+                ),
             )
-        return self._step_functions[decay_excluded]
+        return self._step_functions[key]
 
     def _excluded(self, path: str) -> bool:
         # Looked up every step for every parameter: search each path once (the patterns are

@@ -27,7 +27,8 @@ def from_torch(
     weight decay, learning rate applied after the momentum buffer. ``capturable``, ``foreach``
     and ``differentiable`` choose torch's implementation, not its numbers: they are checked and
     have no effect here (every path is one fused update, and ``mx.grad`` runs through a step
-    on the CPU paths). ``options`` go to ``RMSprop`` (``state_dtype``, ``fused``)."""
+    on the CPU paths). ``options`` go to ``RMSprop`` (``state_dtype``, ``state_bits``,
+    ``stochastic_rounding``, ``fused``, ...: ``FORWARDED_OPTIONS``)."""
     _check_forwarded(options)
     validation.flag("capturable", capturable)
     validation.flag("differentiable", differentiable)
@@ -147,6 +148,11 @@ def from_tensorflow(
 # does not change the framework's update rule.
 FORWARDED_OPTIONS = (
     "state_dtype",
+    "state_bits",
+    "state_block_size",
+    "min_quantized_size",
+    "stochastic_rounding",
+    "rounding_seed",
     "fused",
     "skip_nonfinite",
     "loss_scale_factor",

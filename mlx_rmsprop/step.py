@@ -25,12 +25,26 @@ from .pipeline import (
     global_clip_factor,
 )
 from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
+from .storage import mix32
 
 
-def compute_dtype(parameter: mx.array, gradient: mx.array, state: dict) -> mx.Dtype:
-    """Arithmetic is float32 at least; float64 anywhere in the inputs makes it float64."""
+def compute_dtype(
+    options: UpdateOptions, parameter: mx.array, gradient: mx.array, state: dict
+) -> mx.Dtype:
+    """Arithmetic is float32 at least; float64 anywhere in the inputs makes it float64, except
+    with 8-bit state, which is always updated in float32 (a float64 gradient of a float32
+    parameter is rounded to float32 first)."""
+    if options.quantized_state:
+        return mx.float32
     dtypes = [parameter.dtype, gradient.dtype, *(buffer.dtype for buffer in state.values())]
     return mx.float64 if mx.float64 in dtypes else mx.float32
+
+
+def rounding_key(seed: mx.array, updates_done: mx.array) -> mx.array:
+    """:func:`mlx_rmsprop.spec.rounding_step_key` in the graph: the ROUNDING_KEY of update
+    ``updates_done`` (1-based, taken modulo 2^32) under the uint32 ``seed``, as uint32."""
+    step = updates_done.astype(mx.uint32)
+    return mix32(seed.astype(mx.uint32) ^ mix32(step)) >> mx.array(8, mx.uint32)
 
 
 def constant_scalars(hyper: dict[Scalar, float]) -> list[float]:
@@ -69,13 +83,17 @@ def make_step_function(
     update: UpdateFn,
     compiled: bool,
     decay_excluded: tuple[bool, ...],
+    parameter_options: tuple[UpdateOptions, ...],
 ) -> Callable:
     """``step_fn(counters, parameters, gradients, states)`` returning
     ``(new_parameters, new_states, new_counters)``.
 
-    ``counters`` holds ``learning_rate`` (this step's), ``step`` (updates so far) and, when
-    skipping non-finite steps, ``skipped_steps``. ``decay_excluded[i]`` turns weight decay off
-    for parameter ``i``: it is fixed per function (the optimizer keeps one per pattern).
+    ``counters`` holds ``learning_rate`` (this step's), ``step`` (updates so far), when
+    skipping non-finite steps ``skipped_steps``, and with stochastic rounding
+    ``rounding_seed`` (uint32; read, never changed). ``options`` are the configuration's,
+    ``parameter_options[i]`` what parameter ``i``'s update is told (its storage flags).
+    ``decay_excluded[i]`` turns weight decay off for parameter ``i``. Both are fixed per
+    function (the optimizer keeps one per combination).
     """
 
     def step_fn(
@@ -85,18 +103,28 @@ def make_step_function(
         states: list[dict],
     ) -> tuple[list[mx.array], list[dict], dict[str, mx.array]]:
         dtypes = [
-            compute_dtype(p, g, s) for p, g, s in zip(parameters, gradients, states, strict=True)
+            compute_dtype(o, p, g, s)
+            for o, p, g, s in zip(parameter_options, parameters, gradients, states, strict=True)
         ]
         accumulated = accumulate(pipeline, gradients, states, dtypes)
         clipping = clip_factors(pipeline, accumulated.gradients, dtypes)
         checked = nonfinite_candidates(pipeline, gradients, accumulated, clipping, dtypes)
         gates = count(pipeline, counters, checked)
         new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
+        key = None
+        if any(o.stochastic_rounding for o in parameter_options):
+            key = rounding_key(counters["rounding_seed"], gates.updates_done)
         scalars = StepScalars(
-            options, constants, pipeline, counters["learning_rate"], gates, clipping.global_factor
+            options,
+            constants,
+            pipeline,
+            counters["learning_rate"],
+            gates,
+            clipping.global_factor,
+            key,
         )
         new_parameters = update_parameters(
-            options,
+            parameter_options,
             update,
             scalars,
             parameters,
@@ -300,8 +328,10 @@ class StepScalars:
         learning_rate: mx.array,
         gates: Gates,
         global_factor: mx.array | None,
+        rounding_key: mx.array | None = None,
     ) -> None:
         self._options = options
+        self._rounding_key = rounding_key
         self._constants = constants
         self._pipeline = pipeline
         self._learning_rate = learning_rate
@@ -310,13 +340,16 @@ class StepScalars:
         self._entries: dict[tuple, dict[Scalar, mx.array]] = {}
         self._vectors: dict[tuple, mx.array] = {}
 
-    def entries(self, dtype: mx.Dtype, excluded: bool) -> dict[Scalar, mx.array]:
-        """The entries of the scalars vector that are not constants this step."""
-        key = (dtype, excluded)
+    def entries(self, dtype: mx.Dtype, excluded: bool, rounding: bool) -> dict[Scalar, mx.array]:
+        """The entries of the scalars vector that are not constants this step (the rounding
+        key only for a parameter that rounds stochastically: 0 for the others)."""
+        key = (dtype, excluded, rounding)
         if key in self._entries:
             return self._entries[key]
         pipeline, gates = self._pipeline, self._gates
         entries = {Scalar.LR: self._learning_rate.astype(dtype)}
+        if rounding and self._rounding_key is not None:
+            entries[Scalar.ROUNDING_KEY] = self._rounding_key.astype(dtype)
         if excluded:
             entries[Scalar.WEIGHT_DECAY] = mx.array(0.0, dtype)
         if self._options.bias_correction:
@@ -343,27 +376,29 @@ class StepScalars:
         dtype: mx.Dtype,
         excluded: bool,
         clip: tuple[mx.array, mx.array] | None,
+        rounding: bool = False,
     ) -> mx.array:
         """The scalars vector for a parameter computed in ``dtype``, with weight decay
-        ``excluded`` or not, and its own clipnorm factors ``clip`` (or ``None``)."""
+        ``excluded`` or not, its own clipnorm factors ``clip`` (or ``None``), and this step's
+        rounding key when it rounds stochastically (``rounding``)."""
         if clip is not None:
             multiplier, divisor = clip
             entries = {
-                **self.entries(dtype, excluded),
+                **self.entries(dtype, excluded, rounding),
                 Scalar.CLIP_MULTIPLIER: multiplier,
                 Scalar.CLIP_DIVISOR: divisor,
             }
             return assemble_scalars(self._constants, entries, dtype)
-        key = (dtype, excluded)
+        key = (dtype, excluded, rounding)
         if key not in self._vectors:
             self._vectors[key] = assemble_scalars(
-                self._constants, self.entries(dtype, excluded), dtype
+                self._constants, self.entries(dtype, excluded, rounding), dtype
             )
         return self._vectors[key]
 
 
 def update_parameters(
-    options: UpdateOptions,
+    parameter_options: tuple[UpdateOptions, ...],
     update: UpdateFn,
     scalars: StepScalars,
     parameters: list[mx.array],
@@ -375,15 +410,25 @@ def update_parameters(
     decay_excluded: tuple[bool, ...],
 ) -> list[mx.array]:
     """The last stages, in the path's fused update of each parameter: weight decay, the
-    RMSprop update and the EMA. Stores each new state buffer in ``new_states``."""
-    kernel_keys = options.state_keys
+    RMSprop update and the EMA. Stores each new state buffer in ``new_states``. Each update is
+    told the parameter's position in the list (``index``: it seeds stochastic rounding)."""
     new_parameters = []
-    for index, (parameter, gradient, state, new_state, dtype) in enumerate(
-        zip(parameters, gradients, states, new_states, dtypes, strict=True)
+    for index, (options, parameter, gradient, state, new_state, dtype) in enumerate(
+        zip(parameter_options, parameters, gradients, states, new_states, dtypes, strict=True)
     ):
-        vector = scalars.vector(dtype, decay_excluded[index], clipping.per_parameter[index])
+        vector = scalars.vector(
+            dtype,
+            decay_excluded[index],
+            clipping.per_parameter[index],
+            options.stochastic_rounding,
+        )
         new_parameter, kernel_state = update(
-            options, vector, parameter, gradient, {key: state[key] for key in kernel_keys}
+            options,
+            vector,
+            parameter,
+            gradient,
+            {key: state[key] for key in options.state_keys},
+            index=index,
         )
         new_state.update(kernel_state)
         new_parameters.append(new_parameter)

@@ -90,6 +90,9 @@ def dequantize(
         )
     if codes.size == 0:
         return mx.zeros(codes.shape, dtype=mx.float32)
+    # Codes are indices: no derivative flows through them (transforms differentiate the
+    # scales, the one real-valued input), and MLX refuses a vjp with respect to indices.
+    codes = mx.stop_gradient(codes)
     values = mx.take_along_axis(_float32_constant(tuple(table))[None], codes.reshape(1, -1), axis=1)
     values = values.reshape(-1)
     scaled = _blocks(values, block_size) * scales[:, None]
@@ -135,7 +138,7 @@ def quantize(
     codes = mx.zeros(y.shape, dtype=mx.uint8)
     for half in (128, 64, 32, 16, 8, 4, 2, 1):
         probe = mx.take_along_axis(midpoints, codes + _uint8(half - 1), axis=1)
-        codes = codes + (y > probe).astype(mx.uint8) * _uint8(half)
+        codes = mx.stop_gradient(codes + (y > probe).astype(mx.uint8) * _uint8(half))
     return codes.reshape(-1)[:n].reshape(values.shape), scales
 
 
@@ -196,16 +199,25 @@ def stochastic_round(
         raise ValueError(f"stochastic_round stores float16 or bfloat16, got {dtype}")
     u = rounding_bits(x.shape, key, index, output) >> _uint32(8)
     nearest = x.astype(dtype)
-    y = nearest.astype(mx.float32)
-    exact = mx.isnan(x) | (y == x) | mx.isinf(y)
-    away = mx.abs(y) < mx.abs(x)
-    bits = nearest.view(mx.uint16)
+    # The choice is made on values held constant: it carries no derivative (and MLX has no
+    # vjp for the bit views that give the neighbours).
+    held_x = mx.stop_gradient(x)
+    held = mx.stop_gradient(nearest)
+    y = held.astype(mx.float32)
+    exact = mx.isnan(held_x) | (y == held_x) | mx.isinf(y)
+    away = mx.abs(y) < mx.abs(held_x)
+    bits = held.view(mx.uint16)
     one = mx.array(1, dtype=mx.uint16)
     # Unselected lanes may wrap (bits 0 - 1): harmless, `exact` or `away` discards them.
     neighbour = mx.where(away, bits + one, bits - one).view(dtype)
-    lo = mx.where(away, nearest, neighbour)
-    hi = mx.where(away, neighbour, nearest)
+    lo = mx.where(away, held, neighbour)
+    hi = mx.where(away, neighbour, held)
     low = mx.abs(lo.astype(mx.float32))
-    frac = (mx.abs(x) - low) / (mx.abs(hi.astype(mx.float32)) - low)
+    frac = (mx.abs(held_x) - low) / (mx.abs(hi.astype(mx.float32)) - low)
     draw = u.astype(mx.float32) * mx.array(2.0**-24)
-    return mx.where(exact, nearest, mx.where(draw < frac, hi, lo))
+    chosen = mx.where(draw < frac, hi, lo)
+    # Straight-through derivative, as the round-to-nearest cast has: chosen - (held - n) is
+    # chosen bit for bit (n is finite in these lanes, so held - n is +0, and subtracting +0
+    # keeps the sign of a zero) and differentiates as n = x.astype(dtype).
+    chosen = chosen - (held - nearest)
+    return mx.where(exact, nearest, chosen)

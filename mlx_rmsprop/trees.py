@@ -12,13 +12,18 @@ a parameter added mid-training, list entries that had no gradient so far) gets t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 
 from .validation import FLOATING_DTYPES
 
+if TYPE_CHECKING:
+    from .config import StateLayout
+
 NewState = Callable[[mx.array], dict]
+# The state buffers a parameter keeps (``RMSprop.state_layout``).
+LayoutOf = Callable[[mx.array], "StateLayout"]
 
 
 class Leaf(NamedTuple):
@@ -162,31 +167,53 @@ def _explain_states(leaves: list, grad: Any, node: Any, path: str) -> None:
         leaves.append(None if _missing(node) else node)
 
 
-def check_state(path: str, parameter: mx.array, state: Any, keys: tuple[str, ...]) -> None:
-    """The state of one parameter must hold exactly ``keys``, each a floating array of the
-    parameter's shape: a state assigned from another model or configuration is refused."""
+def check_state(path: str, parameter: mx.array, state: Any, layout: StateLayout) -> None:
+    """The state of one parameter must hold exactly ``layout.keys``, each of the shape and
+    dtype the layout gives it (floating arrays of the parameter's shape; with 8-bit state,
+    uint8 codes of the parameter's shape and float32 scales, one per block): a state assigned
+    from another model or configuration is refused."""
     if not isinstance(state, dict):
         raise ValueError(
             f"optimizer state for {_shown(path)} must be a dict, got {type(state).__name__}"
         )
+    keys = layout.keys
     missing = [key for key in keys if key not in state]
     extra = [key for key in state if key not in keys]
     if missing or extra:
+        kind = (
+            f" (8-bit state, for a parameter of {parameter.size} elements)"
+            if layout.quantized
+            else ""
+        )
         raise ValueError(
             f"optimizer state for {_shown(path)} has keys {sorted(state)}, but this "
-            f"configuration uses {list(keys)}: it was made by another configuration"
+            f"configuration uses {list(keys)}{kind}: it was made by another configuration"
         )
     for key in keys:
         buffer = state[key]
+        where = _shown(_join(path, key))
         if not isinstance(buffer, mx.array):
             raise TypeError(
-                f"optimizer state {_shown(_join(path, key))} must be an mx.array, got "
-                f"{type(buffer).__name__}"
+                f"optimizer state {where} must be an mx.array, got {type(buffer).__name__}"
             )
-        _floating("optimizer state", _join(path, key), buffer)
-        if buffer.shape != parameter.shape:
+        dtype = layout.dtype(key)
+        if dtype is None:
+            _floating("optimizer state", _join(path, key), buffer)
+        elif buffer.dtype != dtype:
+            kept = "uint8 codes" if key in layout.code_keys else "float32 scales"
+            raise TypeError(
+                f"optimizer state {where} has dtype {buffer.dtype}; 8-bit state keeps {kept} there"
+            )
+        expected = layout.shape(key, parameter.shape)
+        if key in layout.scale_keys and buffer.shape != expected:
             raise ValueError(
-                f"optimizer state {_shown(_join(path, key))} has shape {tuple(buffer.shape)} "
+                f"optimizer state {where} has shape {tuple(buffer.shape)} but its parameter "
+                f"(shape {tuple(parameter.shape)}) in blocks of {layout.block_size} has "
+                f"{expected[0]} scales: it belongs to another model or block size"
+            )
+        if buffer.shape != expected:
+            raise ValueError(
+                f"optimizer state {where} has shape {tuple(buffer.shape)} "
                 f"but its parameter has shape {tuple(parameter.shape)}: it belongs to "
                 f"another model"
             )
@@ -199,9 +226,11 @@ class Gathered(NamedTuple):
     gradients: list[mx.array]
     parameters: list[mx.array]
     states: list[dict]
+    layouts: list[StateLayout]
 
 
 class _Walk(NamedTuple):
+    layout_of: LayoutOf
     new_state: NewState
     # (container, key, value) to store once every leaf has passed: state for parameters that
     # had none. Containers made during the walk are detached until then.
@@ -215,30 +244,28 @@ def gather(
     gradients: Any,
     parameters: Any,
     state: Any,
-    keys: tuple[str, ...],
+    layout_of: LayoutOf,
     with_paths: bool,
     new_state: NewState,
 ) -> Gathered:
-    """Every leaf of ``gradients`` with its parameter and its per-parameter state, after the
-    checks of :func:`match_gradients` and :func:`check_state`. A parameter without state gets
-    ``new_state(parameter)``, stored in ``state`` only after every check has passed.
+    """Every leaf of ``gradients`` with its parameter, its per-parameter state and that
+    state's layout (``layout_of(parameter)``), after the checks of :func:`match_gradients` and
+    :func:`check_state`. A parameter without state gets ``new_state(parameter)``, stored in
+    ``state`` only after every check has passed.
 
     One walk with cheap checks serves the usual case (about 1 us a leaf instead of 6: it is
     per-step overhead for models of many small tensors); when anything looks wrong the
     detailed walkers run to raise their path-naming error.
     """
-    found = Gathered([] if with_paths else None, [], [], [])
-    walk = _Walk(new_state, [])
-    if (
-        _gather_into(found, gradients, parameters, state, "", keys, frozenset(keys), walk)
-        is _FAILED
-    ):
+    found = Gathered([] if with_paths else None, [], [], [], [])
+    walk = _Walk(layout_of, new_state, [])
+    if _gather_into(found, gradients, parameters, state, "", walk) is _FAILED:
         leaves = match_gradients(gradients, parameters)
         nodes: list = []
         _explain_states(nodes, gradients, state, "")
         for leaf, node in zip(leaves, nodes, strict=True):
             if node is not None:
-                check_state(leaf.path, leaf.parameter, node, keys)
+                check_state(leaf.path, leaf.parameter, node, layout_of(leaf.parameter))
         raise AssertionError("gather() refused a tree that the detailed checks accept")
     for container, key, value in walk.attach:
         if isinstance(container, list):
@@ -253,8 +280,6 @@ def _gather_into(
     param: Any,
     node: Any,
     path: str,
-    keys: tuple,
-    keyset: frozenset,
     walk: _Walk,
 ) -> Any:
     """The state node for ``grad`` (a new one where it had none), or ``_FAILED``."""
@@ -280,8 +305,6 @@ def _gather_into(
                 param[key],
                 had,
                 _join(path, key) if paths else path,
-                keys,
-                keyset,
                 walk,
             )
             if now is not had:
@@ -308,8 +331,6 @@ def _gather_into(
                 param[index],
                 had,
                 _join(path, index) if paths else path,
-                keys,
-                keyset,
                 walk,
             )
             if now is not had:
@@ -324,21 +345,39 @@ def _gather_into(
     shape = grad.shape
     if shape != param.shape or grad.dtype not in _FLOATING or param.dtype not in _FLOATING:
         return _FAILED
-    if not isinstance(node, dict) or node.keys() != keyset:
+    layout = walk.layout_of(param)
+    if not isinstance(node, dict) or node.keys() != layout.key_set:
         if not _missing(node):
             return _FAILED
         node = walk.new_state(param)
-    for key in keys:
-        buffer = node[key]
-        if not isinstance(buffer, mx.array) or buffer.shape != shape:
-            return _FAILED
-        if buffer.dtype not in _FLOATING:
-            return _FAILED
+    if layout.quantized:
+        for key in layout.keys:
+            buffer = node[key]
+            if not isinstance(buffer, mx.array):
+                return _FAILED
+            if key in layout.scale_keys:
+                if buffer.dtype != mx.float32 or buffer.shape != layout.shape(key, shape):
+                    return _FAILED
+            elif buffer.shape != shape:
+                return _FAILED
+            elif key in layout.code_keys:
+                if buffer.dtype != mx.uint8:
+                    return _FAILED
+            elif buffer.dtype not in _FLOATING:
+                return _FAILED
+    else:
+        for key in layout.keys:
+            buffer = node[key]
+            if not isinstance(buffer, mx.array) or buffer.shape != shape:
+                return _FAILED
+            if buffer.dtype not in _FLOATING:
+                return _FAILED
     if found.paths is not None:
         found.paths.append(path)
     found.gradients.append(grad)
     found.parameters.append(param)
     found.states.append(node)
+    found.layouts.append(layout)
     return node
 
 

@@ -136,6 +136,26 @@ def integer_at_least(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def integer_choice(name: str, value: Any, allowed: tuple[int, ...]) -> int:
+    """A Python/NumPy integer (not a bool, not a float) among ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in allowed:
+        raise ValueError(
+            f"{name} must be one of {', '.join(map(str, allowed))}, got {describe(value)}"
+        )
+    return int(value)
+
+
+def integer_in_range(name: str, value: Any, low: int, high: int) -> int:
+    """A Python/NumPy integer (not a bool, not a float) in [``low``, ``high``]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not low <= value <= high
+    ):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {describe(value)}")
+    return int(value)
+
+
 def name_patterns(name: str, value: Any) -> list[str]:
     """A list of regular-expression strings (a lone string is refused: it is almost always a
     missing pair of brackets, and would be read character by character)."""

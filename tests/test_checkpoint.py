@@ -19,7 +19,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rmsprop import CheckpointError, RMSprop, load_state, save_state
 from mlx_rmsprop.paths import availability
@@ -73,6 +73,32 @@ RESUME_CONFIGS = {
         "state_dtype": "bfloat16",
         "_dtype": "bfloat16",
     },
+    # The worker's (6, 5) and (5, 3) parameters 8-bit in blocks of 32, (5,) and () float.
+    "8-bit-stochastic-rounding": {
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "centered": True,
+        "state_bits": 8,
+        "state_block_size": 32,
+        "min_quantized_size": 10,
+        "stochastic_rounding": True,
+        "rounding_seed": 4_000_000_007,
+        "_dtype": "bfloat16",
+    },
+    "8-bit-keras-pipeline-bfloat16-ema": {
+        "preset": "keras",
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "use_ema": True,
+        "gradient_accumulation_steps": 3,
+        "skip_nonfinite": True,
+        "state_bits": 8,
+        "min_quantized_size": 0,
+        "stochastic_rounding": True,
+        "state_dtype": "bfloat16",
+        "_dtype": "float16",
+        "_nonfinite_step": 7,
+    },
 }
 TOTAL, SPLIT = 14, 6
 
@@ -92,8 +118,9 @@ def worker(config: dict, start: int, stop: int, workdir: Path, resume: bool = Fa
 
 
 def loaded(path: Path) -> dict:
+    # bfloat16 as its bits: NumPy has no bfloat16, and a bit-identical resume is the claim.
     return {
-        k: np.array(v.astype(mx.float32)) if v.dtype == mx.bfloat16 else np.array(v)
+        k: np.array(v.view(mx.uint16)) if v.dtype == mx.bfloat16 else np.array(v)
         for k, v in mx.load(str(path)).items()
     }
 
@@ -980,3 +1007,286 @@ def test_module_with_string_attributes_resumes_exactly(make, reference, fused, t
     module_steps(model, resumed, 2)
     for (key, want), (_, have) in zip(expected, tree_flatten(model.parameters()), strict=True):
         np.testing.assert_array_equal(np.array(have), np.array(want), err_msg=key)
+
+
+# --- 8-bit state and stochastic rounding (issue 17) -----------------------------------------
+
+EIGHT_BIT = {
+    "learning_rate": 0.05,
+    "momentum": 0.9,
+    "state_bits": 8,
+    "state_block_size": 32,
+    "min_quantized_size": 6,
+    "stochastic_rounding": True,
+    "rounding_seed": 99,
+}
+
+
+def trained_8_bit(config=None, steps=3):
+    """``trained``'s tree in bfloat16 plus a 70-element table (3 blocks): the (3, 2) weight and
+    the table 8-bit, the bias and the scale float."""
+    optimizer = RMSprop(**(config or EIGHT_BIT))
+    rng = np.random.default_rng(8)
+    shapes = {"layers": [{"weight": (3, 2), "bias": (2,)}], "scale": (), "table": (7, 10)}
+
+    def tree(scale=1.0):
+        return {
+            "layers": [
+                {k: mx.array(scale * rng.standard_normal(s), mx.bfloat16) for k, s in layer.items()}
+                for layer in shapes["layers"]
+            ],
+            **{
+                k: mx.array(scale * rng.standard_normal(shapes[k]), mx.bfloat16)
+                for k in ("scale", "table")
+            },
+        }
+
+    params = tree()
+    for _ in range(steps):
+        params = optimizer.apply_gradients(tree(), params)
+    mx.eval(params, optimizer.state)
+    return optimizer, params, tree
+
+
+def bits(optimizer):
+    return {
+        k: np.array(v.view(mx.uint16)) if v.dtype == mx.bfloat16 else np.array(v)
+        for k, v in tree_flatten(optimizer.state)
+    }
+
+
+@pytest.mark.parametrize("with_parameters", [True, False], ids=["parameters", "no-parameters"])
+def test_codes_scales_and_rounding_seed_round_trip_and_continue_exactly(with_parameters, tmp_path):
+    source, params, tree = trained_8_bit()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    target = RMSprop(**EIGHT_BIT)
+    load_state(target, path, params if with_parameters else None)
+    saved = dict(tree_flatten(source.state))
+    restored = dict(tree_flatten(target.state))
+    assert saved.keys() == restored.keys()
+    for key, value in saved.items():
+        assert restored[key].dtype == value.dtype and restored[key].shape == value.shape, key
+    before_target, before_source = bits(target), bits(source)
+    assert all(np.array_equal(before_target[k], before_source[k]) for k in before_source)
+    assert restored["layers.0.weight.v"].dtype == mx.uint8
+    assert restored["table.momentum_buffer_scale"].shape == (3,)
+    assert restored["rounding_seed"].dtype == mx.uint32 and restored["rounding_seed"].item() == 99
+    grads = [tree() for _ in range(3)]
+    for gradients in grads:
+        expected = source.apply_gradients(gradients, params)
+        got = target.apply_gradients(gradients, params)
+        params = expected
+        assert all(
+            mx.array_equal(a, b).item()
+            for (_, a), (_, b) in zip(tree_flatten(got), tree_flatten(expected), strict=True)
+        )
+    after_source, after_target = bits(source), bits(target)
+    assert all(np.array_equal(after_target[k], after_source[k]) for k in after_source)
+
+
+FLOAT = {"learning_rate": 0.05, "momentum": 0.9}
+LAYOUT_MISMATCHES = [
+    (
+        "float state into 8-bit",
+        FLOAT,
+        {**FLOAT, "state_bits": 8, "min_quantized_size": 6},
+        "keeps ['momentum_buffer', 'v'] for 'layers.0.weight', but this configuration keeps "
+        "['momentum_buffer', 'momentum_buffer_scale', 'v', 'v_scale'] (8-bit state: "
+        "state_bits=8 and the parameter has 6 >= min_quantized_size=6 elements): it was saved "
+        "by another configuration",
+    ),
+    (
+        "8-bit state into float",
+        {**FLOAT, "state_bits": 8, "min_quantized_size": 6},
+        FLOAT,
+        "keeps ['momentum_buffer', 'momentum_buffer_scale', 'v', 'v_scale'] for "
+        "'layers.0.weight', but this configuration keeps ['momentum_buffer', 'v'] (float "
+        "state: state_bits=32): it was saved by another configuration",
+    ),
+    (
+        "8-bit state below this optimizer's threshold",
+        {**FLOAT, "state_bits": 8, "min_quantized_size": 6},
+        {**FLOAT, "state_bits": 8, "min_quantized_size": 7},
+        "keeps ['momentum_buffer', 'momentum_buffer_scale', 'v', 'v_scale'] for "
+        "'layers.0.weight', but this configuration keeps ['momentum_buffer', 'v'] (float "
+        "state: the parameter is float64 or has fewer than min_quantized_size=7 elements): it "
+        "was saved by another configuration",
+    ),
+]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("with_parameters", [True, False], ids=["parameters", "no-parameters"])
+@pytest.mark.parametrize(
+    "name, saved, loading, message", LAYOUT_MISMATCHES, ids=[m[0] for m in LAYOUT_MISMATCHES]
+)
+def test_float_and_8_bit_state_never_load_into_each_other(
+    name, saved, loading, message, strict, with_parameters, tmp_path
+):
+    source, params = trained(saved)
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    target = RMSprop(**loading)
+    target.init(params)
+    before = state_snapshot(target)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_state(target, path, params if with_parameters else None, strict=strict)
+    assert all(np.array_equal(state_snapshot(target)[k], before[k]) for k in before)
+    fresh = RMSprop(**loading)  # nothing to compare with: the file's own v gives the shape
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_state(fresh, path, strict=strict)
+    assert fresh.state.keys() == RMSprop(**loading).state.keys()
+
+
+@pytest.mark.parametrize(
+    "saved, loading, difference",
+    [
+        # Both keep the 70-element table in one block, so only the configuration differs.
+        (
+            {"state_block_size": 128},
+            {"state_block_size": 256},
+            "state_block_size: saved 128, this optimizer 256",
+        ),
+        ({}, {"min_quantized_size": 5}, "min_quantized_size: saved 6, this optimizer 5"),
+        ({}, {"rounding_seed": 100}, "rounding_seed: saved 99, this optimizer 100"),
+        (
+            {},
+            {"stochastic_rounding": False},
+            "stochastic_rounding: saved True, this optimizer False",
+        ),
+    ],
+)
+def test_strict_loading_compares_the_storage_arguments(saved, loading, difference, tmp_path):
+    source, params, _ = trained_8_bit({**EIGHT_BIT, **saved})
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    target = RMSprop(**{**EIGHT_BIT, **loading})
+    with pytest.raises(CheckpointError, match=re.escape(difference)):
+        load_state(target, path, params)
+    load_state(target, path, params, strict=False)
+    assert target.step.item() == 3
+
+
+def test_another_block_size_with_other_scale_counts_is_refused_even_without_strict(tmp_path):
+    source, params, _ = trained_8_bit()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    target = RMSprop(**{**EIGHT_BIT, "state_block_size": 64})
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            "'table.v_scale' has shape (3,), a parameter of shape (7, 10) in blocks of 64 has "
+            "2 scales"
+        ),
+    ):
+        load_state(target, path, params, strict=False)
+
+
+def test_strict_false_takes_the_saved_rounding_seed_as_state(tmp_path):
+    source, params, tree = trained_8_bit()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    target = RMSprop(**{**EIGHT_BIT, "rounding_seed": 5})
+    load_state(target, path, params, strict=False)
+    assert target.state["rounding_seed"].item() == 99
+    assert target.rounding_seed == 99 and target.get_config()["rounding_seed"] == 99
+    gradients = tree()
+    expected = source.apply_gradients(gradients, params)
+    got = target.apply_gradients(gradients, params)
+    assert all(
+        mx.array_equal(a, b).item()
+        for (_, a), (_, b) in zip(tree_flatten(got), tree_flatten(expected), strict=True)
+    )
+
+
+def test_a_checkpoint_saved_before_the_storage_arguments_loads_strictly(tmp_path):
+    source, params = trained()
+    path = save_state(source, tmp_path / "ckpt.safetensors")
+    _, metadata = mx.load(str(path), return_metadata=True)
+    config = json.loads(metadata["config"])
+    for key in ("state_bits", "state_block_size", "min_quantized_size", "stochastic_rounding"):
+        del config[key]
+    del config["rounding_seed"]
+    rewrite_metadata(path, config=json.dumps(config, sort_keys=True))
+    target = RMSprop(0.05, momentum=0.9)
+    load_state(target, path, params)  # strict: the missing arguments read as their defaults
+    assert target.step.item() == 3
+    with pytest.raises(CheckpointError, match=re.escape("state_bits: saved 32, this optimizer 8")):
+        load_state(RMSprop(0.05, momentum=0.9, state_bits=8), path, params)
+
+
+def plain_8_bit_file(path: Path, change) -> tuple[Path, dict]:
+    """A plain ``tree_flatten`` file (no metadata, so no checksums) of an 8-bit state, with
+    ``change(arrays)`` applied."""
+    source, params, _ = trained_8_bit()
+    arrays = dict(tree_flatten(source.state))
+    change(arrays)
+    mx.save_safetensors(str(path), arrays)
+    return path, params
+
+
+BAD_8_BIT_FILES = [
+    (
+        "codes of another dtype",
+        lambda a: a.update({"table.v": a["table.v"].astype(mx.float32)}),
+        "'table.v' is mlx.core.float32, this optimizer keeps uint8 codes there",
+    ),
+    (
+        "scales of another dtype",
+        lambda a: a.update({"table.v_scale": a["table.v_scale"].astype(mx.float16)}),
+        "'table.v_scale' is mlx.core.float16, this optimizer keeps float32 scales there",
+    ),
+    (
+        "scales of another block size",
+        lambda a: a.update({"table.momentum_buffer_scale": mx.ones((2,))}),
+        "'table.momentum_buffer_scale' has shape (2,), a parameter of shape (7, 10) in blocks "
+        "of 32 has 3 scales",
+    ),
+    (
+        "codes of another shape",
+        lambda a: a.update({"table.v": mx.zeros((10, 7), mx.uint8)}),
+        "'table.v' has shape (10, 7), the parameter has shape (7, 10)",
+    ),
+    (
+        "missing scales",
+        lambda a: a.pop("table.v_scale"),
+        "keeps ['momentum_buffer', 'momentum_buffer_scale', 'v'] for 'table'",
+    ),
+    (
+        "rounding seed of another dtype",
+        lambda a: a.update(rounding_seed=mx.array(99, mx.int32)),
+        "'rounding_seed' must be a 0-d uint32 array, got 99 (mlx.core.int32",
+    ),
+    (
+        "rounding seed of another shape",
+        lambda a: a.update(rounding_seed=mx.array([99], mx.uint32)),
+        "'rounding_seed' must be a 0-d uint32 array, got 99 (mlx.core.uint32, shape (1,))",
+    ),
+]
+
+
+@pytest.mark.parametrize("with_parameters", [True, False], ids=["parameters", "no-parameters"])
+@pytest.mark.parametrize(
+    "name, change, message", BAD_8_BIT_FILES, ids=[b[0] for b in BAD_8_BIT_FILES]
+)
+def test_damaged_8_bit_state_is_refused_and_nothing_changes(
+    name, change, message, with_parameters, tmp_path
+):
+    path, params = plain_8_bit_file(tmp_path / "plain.safetensors", change)
+    target = RMSprop(**EIGHT_BIT)
+    target.init(params)
+    before = state_snapshot(target)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_state(target, path, params if with_parameters else None)
+    after = state_snapshot(target)
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_a_state_without_a_seed_gets_this_optimizers_seed(tmp_path):
+    path, params = builtin_state_file(tmp_path / "builtin.safetensors")
+    target = RMSprop(0.05, stochastic_rounding=True, rounding_seed=321)
+    load_state(target, path, params)
+    assert target.state["rounding_seed"].dtype == mx.uint32
+    assert target.state["rounding_seed"].item() == 321
+    # A state assigned directly (MLX's way) gets it at the next step.
+    other = RMSprop(0.05, stochastic_rounding=True, rounding_seed=321)
+    other.state = tree_unflatten(list(mx.load(str(path)).items()))
+    other.apply_gradients({"w": mx.ones((4,))}, params)
+    assert other.state["rounding_seed"].item() == 321

@@ -3,8 +3,12 @@ the matching preset: every parameter at every step and every state buffer at the
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+
+from mlx_rmsprop import RMSprop
 
 from framework_refs import load_cases, optimizer_for, replay
 from native_available import native_path
@@ -68,3 +72,35 @@ def test_ill_conditioned_optax_case_stays_finite(fused):
     assert np.isfinite(trajectories["w"]).all()
     assert all(np.isfinite(value).all() for value in state.values())
     assert not np.isfinite(case.variables["w"].params).all()
+
+
+PRESETS = [
+    (RMSprop.from_torch, {"lr": 0.01}),
+    (RMSprop.from_keras, {}),
+    (RMSprop.from_optax, {"learning_rate": 0.01}),
+    (RMSprop.from_tensorflow, {}),
+]
+STORAGE = {
+    "state_bits": 8,
+    "state_block_size": 128,
+    "min_quantized_size": 100,
+    "stochastic_rounding": True,
+    "rounding_seed": 11,
+}
+
+
+@pytest.mark.parametrize("preset, arguments", PRESETS, ids=lambda p: getattr(p, "__name__", ""))
+def test_every_preset_passes_the_storage_arguments_through(preset, arguments):
+    optimizer = preset(**arguments, **STORAGE)
+    assert {key: optimizer.get_config()[key] for key in STORAGE} == STORAGE
+    assert optimizer.state["rounding_seed"].item() == 11
+    # The framework's rule is untouched: only how the state is stored changes.
+    plain = preset(**arguments)
+    assert optimizer._config.options == plain._config.options
+    assert optimizer._config.constants == plain._config.constants
+    with pytest.raises(ValueError, match=re.escape("state_bits must be one of 8, 32, got 4")):
+        preset(**arguments, state_bits=4)
+    with pytest.raises(
+        ValueError, match=re.escape("stochastic_rounding must be True or False, got 'no'")
+    ):
+        preset(**arguments, stochastic_rounding="no")

@@ -362,3 +362,40 @@ def test_stochastic_round_refuses_bad_arguments():
         ValueError, match=r"^stochastic_round stores float16 or bfloat16, got mlx.core.float32$"
     ):
         storage.stochastic_round(mx.ones((2,)), mx.float32, mx.array(0.0), 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_stochastic_rounding_differentiates_like_the_nearest_cast(dtype):
+    # Straight-through, as x.astype(dtype) differentiates; the choice carries no derivative.
+    x = mx.array([1.001, 2.3, -0.7, -1e-42, 0.0, 3e-5, -65504.5])
+    key = mx.array(77.0)
+
+    def rounded(values):
+        return storage.stochastic_round(values * 3, dtype, key, 2, 1).astype(mx.float32).sum()
+
+    def nearest(values):
+        return (values * 3).astype(dtype).astype(mx.float32).sum()
+
+    assert mx.array_equal(mx.grad(rounded)(x), mx.grad(nearest)(x))
+    tangent = mx.linspace(-1, 1, x.size)
+    (jvp_rounded,) = mx.jvp(
+        lambda v: storage.stochastic_round(v, dtype, key, 0, 0), [x], [tangent]
+    )[1]
+    assert mx.array_equal(jvp_rounded, tangent.astype(dtype))
+    # The derivative path leaves the values bit for bit as they were.
+    values = storage.stochastic_round(x, dtype, key, 0, 0)
+    batched = mx.vmap(lambda v: storage.stochastic_round(v, dtype, key, 0, 0))(mx.stack([x, x]))
+    assert np.array_equal(np.array(batched[0].view(mx.uint16)), np.array(values.view(mx.uint16)))
+
+
+def test_8_bit_buffers_differentiate_through_their_scales():
+    values = mx.linspace(0.0, 3.0, 300)
+
+    def round_trip(v):
+        codes, scales = storage.quantize(v, UNSIGNED_CODE, 256)
+        return storage.dequantize(codes, scales, UNSIGNED_CODE, 256).sum()
+
+    gradient = mx.grad(round_trip)(values)
+    # Only each block's largest element moves its scale; the codes are constants.
+    assert np.count_nonzero(np.array(gradient)) == 2
+    assert mx.isfinite(mx.jvp(round_trip, [values], [mx.ones_like(values)])[1][0]).item()

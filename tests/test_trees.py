@@ -13,6 +13,9 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rmsprop import RMSprop
+from mlx_rmsprop.optimizer import _constant_codes
+from mlx_rmsprop.spec import code_table
+from mlx_rmsprop.storage import dequantize, quantize
 
 from native_available import native_path
 from tiny_models import tiny_llama
@@ -298,3 +301,156 @@ def test_mlx_lm_llama_with_layer_types_trains_as_mlx_rmsprop_does(fused):
     builtin = train_llama(tiny_llama(), optim.RMSprop(0.01))
     assert ours.model.layer_types == ["full_attention", "sliding_attention"]
     assert_same_parameters(ours, builtin)
+
+
+# --- 8-bit state: each parameter's own layout ----------------------------------------------
+
+
+def eight_bit(**arguments):
+    return RMSprop(
+        0.1,
+        momentum=0.9,
+        **{"state_bits": 8, "state_block_size": 32, "min_quantized_size": 6, **arguments},
+    )
+
+
+def mixed_params():
+    # weight: 6 elements (8-bit), bias and scale below the threshold, table 70 elements in 3
+    # blocks, float64 never 8-bit.
+    return {
+        **params(),
+        "table": mx.full((7, 10), 0.5),
+        "double": mx.ones((3, 4), mx.float64),
+        "empty": mx.zeros((0, 8)),
+    }
+
+
+def test_a_mixed_tree_gets_codes_and_scales_for_its_large_parameters_only():
+    optimizer = eight_bit(initial_accumulator_value=0.25, use_ema=True)
+    tree = mixed_params()
+    optimizer.init(tree)
+    state = optimizer.state
+    weight, table = state["layers"][0]["weight"], state["table"]
+    for buffers, shape, blocks in ((weight, (3, 2), 1), (table, (7, 10), 3)):
+        assert list(buffers) == [
+            "v",
+            "v_scale",
+            "momentum_buffer",
+            "momentum_buffer_scale",
+            "ema",
+        ]
+        for key in ("v", "momentum_buffer"):
+            assert buffers[key].dtype == mx.uint8 and buffers[key].shape == shape
+            assert buffers[f"{key}_scale"].dtype == mx.float32
+            assert buffers[f"{key}_scale"].shape == (blocks,)
+        assert buffers["ema"].dtype == mx.float32
+    for name, dtype in (("scale", mx.float32), ("double", mx.float64), ("empty", mx.float32)):
+        assert list(state[name]) == ["v", "momentum_buffer", "ema"], name
+        assert state[name]["v"].dtype == dtype, name
+    assert list(state["layers"][0]["bias"]) == ["v", "momentum_buffer", "ema"]
+    # The 8-bit start values read back as the float start values: v at 0.25, the buffer at 0.
+    for key, start in (("v", 0.25), ("momentum_buffer", 0.0)):
+        values = dequantize(table[key], table[f"{key}_scale"], code_table(key), 32)
+        np.testing.assert_array_equal(np.array(values), np.full((7, 10), start, np.float32))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (31,), (32,), (33,), (4, 25)])
+@pytest.mark.parametrize("key", ["v", "grad_avg", "momentum_buffer"])
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.1, 1e-30, 3.4e38])
+def test_initial_codes_are_what_the_normative_quantize_gives(shape, key, value):
+    codes, scales = _constant_codes(key, shape, value, 32)
+    want_codes, want_scales = quantize(mx.full(shape, value, mx.float32), code_table(key), 32)
+    assert codes.dtype == want_codes.dtype and codes.shape == want_codes.shape
+    assert scales.dtype == want_scales.dtype and scales.shape == want_scales.shape
+    np.testing.assert_array_equal(np.array(codes), np.array(want_codes))
+    np.testing.assert_array_equal(np.array(scales), np.array(want_scales))
+
+
+def with_state(optimizer, change):
+    """``optimizer`` after one step on mixed_params, with ``change(state)`` applied."""
+    tree = mixed_params()
+    optimizer.apply_gradients({"table": mx.ones((7, 10))}, tree)
+    change(optimizer.state)
+    return tree
+
+
+LAYOUT_CASES = [
+    (
+        "float state in an 8-bit optimizer",
+        lambda state: state.update(
+            table={"v": mx.zeros((7, 10)), "momentum_buffer": mx.zeros((7, 10))}
+        ),
+        ValueError,
+        "optimizer state for 'table' has keys ['momentum_buffer', 'v'], but this configuration "
+        "uses ['v', 'v_scale', 'momentum_buffer', 'momentum_buffer_scale'] (8-bit state, for a "
+        "parameter of 70 elements): it was made by another configuration",
+    ),
+    (
+        "codes of another dtype",
+        lambda state: state["table"].update(v=state["table"]["v"].astype(mx.float32)),
+        TypeError,
+        "optimizer state 'table.v' has dtype mlx.core.float32; 8-bit state keeps uint8 codes there",
+    ),
+    (
+        "scales of another dtype",
+        lambda state: state["table"].update(v_scale=state["table"]["v_scale"].astype(mx.float16)),
+        TypeError,
+        "optimizer state 'table.v_scale' has dtype mlx.core.float16; 8-bit state keeps float32 "
+        "scales there",
+    ),
+    (
+        "scales of another block size",
+        lambda state: state["table"].update(v_scale=mx.ones((2,))),
+        ValueError,
+        "optimizer state 'table.v_scale' has shape (2,) but its parameter (shape (7, 10)) in "
+        "blocks of 32 has 3 scales: it belongs to another model or block size",
+    ),
+    (
+        "codes of another shape",
+        lambda state: state["table"].update(momentum_buffer=mx.zeros((10, 7), mx.uint8)),
+        ValueError,
+        "optimizer state 'table.momentum_buffer' has shape (10, 7) but its parameter has shape "
+        "(7, 10): it belongs to another model",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name, change, error, message", LAYOUT_CASES, ids=[case[0] for case in LAYOUT_CASES]
+)
+def test_state_of_another_layout_is_refused_by_path_and_nothing_changes(
+    name, change, error, message
+):
+    optimizer = eight_bit()
+    tree = with_state(optimizer, change)
+    before = snapshot(optimizer)
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        optimizer.apply_gradients({"table": mx.ones((7, 10))}, tree)
+    after = snapshot(optimizer)
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    # apply_single checks the same way.
+    with pytest.raises(
+        error,
+        match="^"
+        + re.escape(message.replace("'table'", "at the tree root").replace("'table.", "'")),
+    ):
+        optimizer.apply_single(mx.ones((7, 10)), tree["table"], optimizer.state["table"])
+
+
+def test_8_bit_state_in_a_float_optimizer_is_refused():
+    source = eight_bit()
+    tree = mixed_params()
+    source.init(tree)
+    target = RMSprop(0.1, momentum=0.9)
+    target.state = source.state
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "optimizer state for 'layers.0.weight' has keys ['momentum_buffer', "
+            "'momentum_buffer_scale', 'v', 'v_scale'], but this configuration uses ['v', "
+            "'momentum_buffer']: it was made by another configuration"
+        ),
+    ):
+        target.apply_gradients(grads(), tree)

@@ -19,6 +19,7 @@ with ``fused="metal"`` / ``"cuda"`` it raises ``RuntimeError``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,10 +84,44 @@ FUSED_CHOICES = ("auto", False, *(name for name in PATHS if name != "reference")
 
 
 def resolve(fused: str | bool) -> tuple[UpdatePath, UpdateFn]:
-    """The path ``fused`` selects on this machine, and its update function.
+    """The path ``fused`` selects on this machine, and its update function, which takes the
+    keyword ``index`` (the parameter's position in the step).
 
     Raises ``RuntimeError`` when an explicitly requested path cannot run here.
     """
+    path, update = _resolved(fused)
+    return path, _with_storage(update)
+
+
+def _takes_index(update: UpdateFn) -> bool:
+    return "index" in inspect.signature(update).parameters
+
+
+def _with_storage(update: UpdateFn) -> UpdateFn:
+    """``update`` when it takes ``index``: such a path implements the storage flags (8-bit
+    state, stochastic rounding). Otherwise the update of every parameter with a storage flag
+    runs the reference math (``rmsprop_reference(..., index=index)``) and the others run
+    ``update`` as before."""
+    if _takes_index(update):
+        return update
+
+    def with_storage(
+        options: UpdateOptions,
+        scalars: mx.array,
+        parameter: mx.array,
+        gradient: mx.array,
+        state: dict[str, mx.array],
+        *,
+        index: int = 0,
+    ) -> tuple[mx.array, dict[str, mx.array]]:
+        if options.quantized_state or options.stochastic_rounding:
+            return rmsprop_reference(options, scalars, parameter, gradient, state, index=index)
+        return update(options, scalars, parameter, gradient, state)
+
+    return with_storage
+
+
+def _resolved(fused: str | bool) -> tuple[UpdatePath, UpdateFn]:
     if fused is False:
         path = PATHS["reference"]
         return path, path.load()

@@ -27,8 +27,21 @@ from types import ModuleType
 
 import mlx
 import mlx.core as mx
+import numpy as np
 
-from ...spec import FLAGS, Scalar, UpdateFn, UpdateOptions
+from ...reference import rmsprop_reference
+from ...spec import (
+    FLAGS,
+    QUANTIZED_KEYS,
+    Scalar,
+    UpdateFn,
+    UpdateOptions,
+    code_table,
+    rounding_step_key,
+    scale_key,
+)
+from ...storage import quantize
+from ...tolerance import compare
 from .. import probe
 from ..kernels.source import Variant
 from . import build, cache
@@ -50,12 +63,21 @@ def update(
     parameter: mx.array,
     gradient: mx.array,
     state: dict[str, mx.array],
+    *,
+    index: int = 0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """:func:`~mlx_rmsprop.reference.rmsprop_reference`'s update as one native node on the
-    CPU stream (same signature, same results)."""
+    CPU stream (same signature, same results). ``index``: the parameter's position in the
+    step, which stochastic rounding hashes; an attribute of the node, not compiled code."""
     keys = options.state_keys
     outputs = _loaded().update(
-        scalars, gradient, parameter, [state[key] for key in keys], _flags(options)
+        scalars,
+        gradient,
+        parameter,
+        [state[key] for key in keys],
+        _flags(options),
+        options.block_size,
+        index,
     )
     return outputs[0], dict(zip(keys, outputs[1:], strict=True))
 
@@ -202,9 +224,9 @@ def _flags_from(bits: dict[str, int], options: UpdateOptions) -> int:
 
 def _check_against_reference(extension: ModuleType) -> None:
     """The shared probe (:mod:`mlx_rmsprop.paths.probe`: NaN, infinite, zero and overflowing rows,
-    three steps) on a centered momentum update must give the reference's result bit for bit:
-    this catches a module that cannot exchange arrays with this mlx (another nanobind ABI) or
-    computes wrong."""
+    three steps) on a centered momentum update, then 8-bit state with stochastic rounding, must
+    give the reference's result bit for bit: this catches a module that cannot exchange arrays
+    with this mlx (another nanobind ABI) or computes wrong."""
     keys = ("v", "grad_avg", "momentum_buffer")
 
     def update(options, scalars, parameter, gradient, state):
@@ -218,7 +240,57 @@ def _check_against_reference(extension: ModuleType) -> None:
         difference = probe.difference(update, variant, rtol=0.0)
     except probe.RUN_ERRORS as error:
         raise _Mismatch(f"the native extension does not run with this mlx ({error})") from None
+    if difference is None:
+        difference = _storage_difference(extension)
     if difference is not None:
         raise RuntimeError(
             f"the native extension's probe update differs from the reference ({difference})"
         )
+
+
+def _storage_difference(extension: ModuleType) -> str | None:
+    """8-bit state and stochastic rounding on the probe's values (bfloat16 parameter, blocks of
+    32 with a ragged last one, the probe's three steps with the gate closed on the second), bit
+    for bit against the reference; ``None`` when equal, else the first difference."""
+    options = UpdateOptions(
+        centered=True,
+        momentum=True,
+        gated=True,
+        quantized_state=True,
+        stochastic_rounding=True,
+        block_size=32,
+    )
+    flags = _flags_from(extension.FLAG_BITS, options)
+    values = probe.conditioned_values(np.random.default_rng(20240613), 45)
+    parameter = mx.array(values["parameter"].astype(np.float32)).astype(mx.bfloat16)
+    gradient = mx.array(values["gradient"].astype(np.float32)).astype(mx.bfloat16)
+    state = {}
+    for key in QUANTIZED_KEYS:
+        state[key], state[scale_key(key)] = quantize(
+            mx.array(values[key].astype(np.float32)), code_table(key), options.block_size
+        )
+    assert tuple(state) == options.state_keys
+    ours, expected = (parameter, state), (parameter, state)
+    for step in range(1, probe.STEPS + 1):
+        scalars = probe.step_scalars(step)
+        scalars[Scalar.ROUNDING_KEY] = rounding_step_key(0, step)
+        keys = options.state_keys
+        try:
+            outputs = extension.update(
+                scalars, gradient, ours[0], [ours[1][k] for k in keys], flags, 32, 1
+            )
+        except probe.RUN_ERRORS as error:
+            return f"8-bit state and stochastic rounding do not run ({error})"
+        ours = outputs[0], dict(zip(keys, outputs[1:], strict=True))
+        with mx.stream(mx.cpu):
+            expected = rmsprop_reference(
+                options, scalars, *expected[:1], gradient, expected[1], index=1
+            )
+        for name, actual, wanted in [
+            ("parameter", ours[0], expected[0]),
+            *((key, ours[1][key], expected[1][key]) for key in keys),
+        ]:
+            mismatch = compare(actual.astype(mx.float32), wanted.astype(mx.float32), rtol=0.0)
+            if mismatch is not None:
+                return f"8-bit state and stochastic rounding, step {step}, {name} {mismatch}"
+    return None

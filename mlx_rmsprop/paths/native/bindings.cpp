@@ -28,11 +28,20 @@ NB_MODULE(_ext, m) {
       "parameter"_a,
       "state"_a,
       "flags"_a,
+      "block_size"_a = 0,
+      "index"_a = 0,
       "One RMSprop step for one parameter as a single graph node on the CPU stream.\n\n"
-      "Returns [new parameter, new state buffers...] in the order of `state` "
-      "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS.");
+      "Returns [new parameter, new state arrays...] in the order of `state` "
+      "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS; `block_size` is "
+      "UpdateOptions.block_size (0 without quantized_state); `index` the parameter's "
+      "position in the step (stochastic rounding).");
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
+  m.def(
+      "storage_loops",
+      &mlx_rmsprop::storage_loops_name,
+      "Which build of the 8-bit state and stochastic-rounding loops runs: \"avx2\" or "
+      "\"baseline\" (MLX_RMSPROP_NATIVE_AVX2=0 forces the baseline).");
 
   // Both tables expand the X-macros of spec.h, generated from mlx_rmsprop/spec.py; the loader
   // compares them with the Python spec before it trusts a build.

@@ -20,19 +20,28 @@ namespace mx = mlx::core;
 // worker's wake-up is a sizeable share.
 constexpr int64_t kParallelThreshold = int64_t(1) << 16;
 
-// The state buffers `flags` asks for, in mlx_rmsprop.spec.UpdateOptions.state_keys order:
-// v, then grad_avg (centered), momentum_buffer (momentum), ema (EMA).
+// The number of state arrays `flags` asks for, in mlx_rmsprop.spec.UpdateOptions.state_keys
+// order: v, then grad_avg (centered), momentum_buffer (momentum), each followed by its scales
+// with quantized_state, then ema (EMA).
 int state_buffer_count(uint32_t flags);
 
-// Builds the update node on the CPU stream. Returns {new parameter, new state buffers...},
+// Whether the update with these flags and primitive inputs rounds a store stochastically:
+// stochastic_rounding, float32 arithmetic and a float16/bfloat16 output.
+bool stochastic_stores(uint32_t flags, const std::vector<mx::array>& inputs);
+
+// Builds the update node on the CPU stream. Returns {new parameter, new state arrays...},
 // each with the shape and dtype of the array it replaces. Arithmetic runs in scalars.dtype
-// (float32 or float64). Throws std::invalid_argument naming the bad argument.
+// (float32 or float64). With quantized_state, v, grad_avg and momentum_buffer are uint8 codes
+// with float32 scales per `block_size` elements; `index` is the parameter's position in the
+// step, which stochastic rounding hashes. Throws std::invalid_argument naming the bad argument.
 std::vector<mx::array> rmsprop_update(
     const mx::array& scalars,
     const mx::array& gradient,
     const mx::array& parameter,
     const std::vector<mx::array>& state,
-    uint32_t flags);
+    uint32_t flags,
+    int block_size,
+    int64_t index);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
 // (transforms.cpp): what the primitive's vjp, jvp and vmap differentiate or batch. Takes the
@@ -41,7 +50,9 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
 
 class RMSpropUpdate : public mx::Primitive {
  public:
-  RMSpropUpdate(mx::Stream stream, uint32_t flags) : mx::Primitive(stream), flags_(flags) {}
+  // block_size and index are attributes (not compiled code): one node type serves all.
+  RMSpropUpdate(mx::Stream stream, uint32_t flags, int block_size, uint32_t index)
+      : mx::Primitive(stream), flags_(flags), block_size_(block_size), index_(index) {}
 
   // inputs: {scalars, gradient, parameter, state...}; outputs: {parameter, state...}. An
   // output reuses its input's memory when MLX says that input is donatable.
@@ -49,7 +60,8 @@ class RMSpropUpdate : public mx::Primitive {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
   // Transforms run on update_ops (the reference's ops); vmap with unbatched scalars stays one
-  // RMSpropUpdate node over the batched arrays.
+  // RMSpropUpdate node over the batched arrays. With quantized_state (and vmap with stochastic
+  // rounding that rounds a store) they throw std::invalid_argument naming the flag.
   std::vector<mx::array> jvp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& tangents,
@@ -74,10 +86,19 @@ class RMSpropUpdate : public mx::Primitive {
   }
 
  private:
+  // Throws std::invalid_argument when `transform` cannot follow the reference for a storage
+  // flag of this node.
+  void require_transformable(const char* transform, const std::vector<mx::array>& inputs) const;
+
   uint32_t flags_;
+  int block_size_;
+  uint32_t index_;
 };
 
 // Threads a large update is split across (the caller's included).
 int worker_threads();
+
+// Which build of the 8-bit and stochastic-rounding loops runs: "avx2" or "baseline".
+const char* storage_loops_name();
 
 } // namespace mlx_rmsprop

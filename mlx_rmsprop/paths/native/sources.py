@@ -19,6 +19,7 @@ SOURCE_FILES = (
     "rmsprop_update.cpp",
     "rmsprop_update.h",
     "spec.h",
+    "storage.h",
     "transforms.cpp",
     "update_kernel.h",
     "worker_pool.h",

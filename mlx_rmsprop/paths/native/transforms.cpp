@@ -7,6 +7,9 @@
 // traces costs what it cost before.
 #include "rmsprop_update.h"
 
+#include <stdexcept>
+#include <string>
+
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
 
@@ -155,11 +158,33 @@ std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(uint
 
 } // namespace
 
+// The storage flags (docs/transforms.md). 8-bit state: refused (the reference differentiates
+// its scales through dequantize and the block maxima, which update_ops does not restate).
+// Stochastic rounding: the reference differentiates each rounded store straight through, as
+// the round-to-nearest cast that update_ops ends with (bit for bit, tested), so vjp and jvp
+// run update_ops; vmap is refused where it rounds a store, as its random bits are drawn by
+// element index, which a batch renumbers.
+void RMSpropUpdate::require_transformable(
+    const char* transform,
+    const std::vector<mx::array>& inputs) const {
+  if (flags_ & Flag::kQuantizedState) {
+    throw std::invalid_argument(
+        std::string("[rmsprop_update] ") + transform +
+        " is not supported with quantized_state=True (8-bit state)");
+  }
+  if (std::string(transform) == "vmap" && stochastic_stores(flags_, inputs)) {
+    throw std::invalid_argument(
+        std::string("[rmsprop_update] ") + transform +
+        " is not supported with stochastic_rounding=True on float16/bfloat16 outputs");
+  }
+}
+
 std::vector<mx::array> RMSpropUpdate::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
+  require_transformable("vjp", primals);
   auto [outputs, grads] = mx::vjp(ops_of(flags_), primals, cotangents);
   std::vector<mx::array> selected;
   for (int index : argnums) {
@@ -172,6 +197,7 @@ std::vector<mx::array> RMSpropUpdate::jvp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
+  require_transformable("jvp", primals);
   std::vector<mx::array> all;
   for (const auto& primal : primals) {
     all.push_back(mx::zeros_like(primal));
@@ -185,6 +211,7 @@ std::vector<mx::array> RMSpropUpdate::jvp(
 std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
+  require_transformable("vmap", inputs);
   // Every input but the scalars is parameter-shaped: move each batch axis to the front and
   // broadcast the unbatched ones, so all share the shape (B, ...).
   int batch = 0;
@@ -214,7 +241,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
   if (axes[0] < 0) {
     // The update is element-wise: with one set of scalars the batch is just more elements.
     const std::vector<mx::array> state(batched.begin() + 3, batched.end());
-    return {rmsprop_update(batched[0], batched[1], batched[2], state, flags_), out_axes};
+    return {rmsprop_update(batched[0], batched[1], batched[2], state, flags_, block_size_, index_),
+            out_axes};
   }
   // Scalars per batch entry: the ops broadcast each (B, 1, ...) scalar over its entry.
   return {update_ops(batched, flags_), out_axes};

@@ -193,8 +193,29 @@ auto with_bool(bool value, F&& f) {
 
 } // namespace detail
 
+// update_core's instantiations as a type: select_core's `Kernel`, which a caller may replace
+// by wrappers that compile them for another instruction set (rmsprop_update.cpp).
+struct UpdateCore {
+  template <
+      typename C,
+      bool kCenteredT,
+      Momentum kMomentumT,
+      bool kNesterovT,
+      bool kEpsInSqrtT,
+      bool kBiasCorrectionT,
+      bool kDecoupledT>
+  static constexpr CoreFn<C> instance = &update_core<
+      C,
+      kCenteredT,
+      kMomentumT,
+      kNesterovT,
+      kEpsInSqrtT,
+      kBiasCorrectionT,
+      kDecoupledT>;
+};
+
 // The update_core instantiation for `flags`.
-template <typename C>
+template <typename C, typename Kernel = UpdateCore>
 CoreFn<C> select_core(uint32_t flags) {
   using detail::with_bool;
   const Momentum momentum = !(flags & Flag::kMomentum) ? Momentum::kNone
@@ -204,7 +225,7 @@ CoreFn<C> select_core(uint32_t flags) {
     auto pick = [&](auto nesterov) -> CoreFn<C> {
       switch (momentum) {
         case Momentum::kNone:
-          return &update_core<
+          return Kernel::template instance<
               C,
               centered(),
               Momentum::kNone,
@@ -213,7 +234,7 @@ CoreFn<C> select_core(uint32_t flags) {
               corrected(),
               decoupled()>;
         case Momentum::kLrInside:
-          return &update_core<
+          return Kernel::template instance<
               C,
               centered(),
               Momentum::kLrInside,
@@ -222,7 +243,7 @@ CoreFn<C> select_core(uint32_t flags) {
               corrected(),
               decoupled()>;
         default:
-          return &update_core<
+          return Kernel::template instance<
               C,
               centered(),
               Momentum::kLrOutside,

@@ -62,12 +62,18 @@ def _stand_in() -> types.ModuleType:
     module.PARALLEL_THRESHOLD = 65536
     module.worker_threads = lambda: 2
 
-    def update(scalars, gradient, parameter, state, flags):
+    def update(scalars, gradient, parameter, state, flags, block_size=0, index=0):
         options = UpdateOptions(
-            **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()}
+            **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()},
+            block_size=block_size,
         )
         new_parameter, new_state = rmsprop_reference(
-            options, scalars, parameter, gradient, dict(zip(options.state_keys, state, strict=True))
+            options,
+            scalars,
+            parameter,
+            gradient,
+            dict(zip(options.state_keys, state, strict=True)),
+            index=index,
         )
         return [new_parameter, *(new_state[key] for key in options.state_keys)]
 
@@ -176,6 +182,14 @@ def test_extension_with_wrong_results_falls_back(stand_in, caplog):
     correct = stand_in.update
     stand_in.update = lambda *args: [out + 1e-3 for out in correct(*args)]
     _assert_falls_back("probe update differs from the reference", caplog)
+
+
+def test_extension_that_rounds_with_another_index_falls_back(stand_in, caplog):
+    # The first probe has no storage flags; the second (8-bit state, stochastic rounding at
+    # index 1) catches a module that drops the index.
+    correct = stand_in.update
+    stand_in.update = lambda *args: correct(*args[:6])
+    _assert_falls_back("8-bit state and stochastic rounding, step 1, parameter", caplog)
 
 
 def test_every_option_has_a_flag_bit(stand_in):
