@@ -156,8 +156,12 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
         parameter: mx.array,
         gradient: mx.array,
         state: dict[str, mx.array],
+        *,
+        index: int = 0,
     ) -> tuple[mx.array, dict[str, mx.array]]:
-        call = plan(options, scalars, parameter, gradient, state) if parameter.size else None
+        # The kernels store 8-bit state and round stochastically themselves (index: the
+        # parameter's position, which the rounding hash reads).
+        call = plan(options, scalars, parameter, gradient, state, index) if parameter.size else None
         if call is not None:
             verdict = probe.kernel_verdict(name, call.variant, update, fall_back)
             if verdict is not None:
@@ -166,8 +170,8 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
                         f"fused={name!r}: the kernel for {probe.describe(call.variant)} cannot "
                         f"be used on this device: {verdict}"
                     )
-                return rmsprop_reference(options, scalars, parameter, gradient, state)
-        return update(options, scalars, parameter, gradient, state)
+                return rmsprop_reference(options, scalars, parameter, gradient, state, index=index)
+        return update(options, scalars, parameter, gradient, state, index=index)
 
     return proven
 

@@ -255,3 +255,49 @@ def test_check_and_the_probe_run_the_storage_variants_on_the_emulated_kernel(
     out = capsys.readouterr().out
     assert f"{len(plan)} of {len(plan)} adopted here" in out
     assert "err:v_scale" in out
+
+
+def test_optimizer_with_8_bit_state_and_stochastic_rounding_on_the_emulated_kernel(
+    fake_metal, monkeypatch
+):
+    # The optimizer's own steps on the Metal path (the emulated kernel, run eagerly): a mixed
+    # tree (an 8-bit weight, a small bias with float state), bfloat16 parameters rounded
+    # stochastically at each parameter's position; bit for bit the reference path's.
+    launches = fake_metal(lambda call: Emulator([call.variant], BUILD_DIR).run(call))
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    config = dict(
+        state_bits=8,
+        state_block_size=32,
+        min_quantized_size=64,
+        stochastic_rounding=True,
+        rounding_seed=7,
+        centered=True,
+        momentum=0.9,
+    )
+    rng = np.random.default_rng(11)
+    params = {
+        "w": mx.array(rng.standard_normal((6, 41)), mx.bfloat16),
+        "b": mx.array(rng.standard_normal((5,)), mx.bfloat16),
+    }
+    grads = [
+        {k: mx.array(rng.standard_normal(v.shape), mx.bfloat16) for k, v in params.items()}
+        for _ in range(3)
+    ]
+    results = {}
+    for fused in ("metal", False):
+        optimizer = RMSprop(0.01, fused=fused, **config)
+        current = dict(params)
+        for g in grads:
+            current = optimizer.apply_gradients(g, current)
+        mx.eval(current, optimizer.state)
+        results[fused] = (current, optimizer.state)
+    assert results["metal"][1]["w"]["v"].dtype == mx.uint8  # the weight's state is 8-bit
+    for name in ("w", "b"):
+        actual, expected = results["metal"][0][name], results[False][0][name]
+        assert mx.array_equal(actual, expected, equal_nan=True).item(), name
+        for key, value in results[False][1][name].items():
+            assert mx.array_equal(results["metal"][1][name][key], value, equal_nan=True).item()
+    # Both parameters ran the kernel (after their probes), each its own variant.
+    assert {v.options.quantized_state for v in launches} == {True, False}
+    assert all(v.options.stochastic_rounding for v in launches)
