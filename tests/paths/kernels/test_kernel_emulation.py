@@ -777,3 +777,17 @@ def test_empty_parameter_with_8_bit_state_launches_nothing():
     for key in options.state_keys:
         assert new_state[key].shape == expected[1][key].shape
         assert new_state[key].dtype == expected[1][key].dtype
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_storage_variant_of_the_plan_at_every_shape(backend):
+    # The storage rows of the verification plan (every dtype combination and size class), at
+    # every shape of their classes, 3 steps, both thread orders: bit for bit.
+    plan = [
+        v for v in verification_plan() if v.options.quantized_state or v.options.stochastic_rounding
+    ]
+    emulator = Emulator(plan, BUILD_DIR, backend=backend)
+    for k, variant in enumerate(plan):
+        for j, shape in enumerate(shapes_for(variant)):
+            run_emulated(emulator, variant, shape, seed=k + j, steps=STEPS, order=(k + j) % 2)
