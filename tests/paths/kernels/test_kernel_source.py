@@ -20,7 +20,7 @@ from mlx_rmsprop.paths import probe
 from mlx_rmsprop.paths.kernels import metal, source
 from mlx_rmsprop.paths.kernels.launch import make_update, plan
 from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
-from mlx_rmsprop.paths.kernels.variants import every_flag_on
+from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
 from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
@@ -235,7 +235,10 @@ def test_every_metal_kernel_stays_in_the_metal_subset():
         statements = re.sub(r"^#pragma [^\n]*", "", body, flags=re.M)
         calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", statements))
         assert calls <= ALLOWED_CALLS, f"calls {calls - ALLOWED_CALLS} for {keys}"
-    for options in option_space(storage=True):
+    # Every option set without storage flags; with them (4x as many, the same wrappers but for
+    # the buffer types), the pairwise sets and every layout with every flag on.
+    storage = [every_flag_on(keys, rounding) for keys, rounding in layouts()]
+    for options in dict.fromkeys([*option_space(), *pairwise_option_sets(True), *storage]):
         variant = Variant(options, mx.bfloat16, mx.float16, mx.float32)
         unit = translation_unit(variant, "metal")
         # MLX's wrapper has no comments: what is left once the body is taken out is code.
