@@ -397,6 +397,7 @@ def kernel_arguments(
     }
 
 
+@cache
 def shape_infos(source: str, input_names: tuple[str, ...]) -> list[tuple[bool, bool, bool]]:
     """Which of ``<name>_shape``, ``_strides``, ``_ndim`` MLX adds: a substring search of the
     body (both backends)."""

@@ -251,7 +251,7 @@ def test_every_metal_kernel_stays_in_the_metal_subset():
     # The largest layouts: 7 inputs, the parameter's shape and ndim, 5 outputs; with 8-bit
     # state and stochastic rounding 11 inputs (3 scales, index), shape, ndim and 8 outputs.
     assert max(source.metal_buffer_count(Variant(o)) for o in option_space()) == 14
-    largest = max(source.metal_buffer_count(Variant(o)) for o in option_space(storage=True))
+    largest = max(source.metal_buffer_count(Variant(o)) for o in storage)
     assert largest == 21
 
 
