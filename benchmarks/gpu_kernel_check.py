@@ -105,6 +105,12 @@ INDEX_LINE = (
 )
 GROUP_LINES = "const uint32_t group_thread = threadIdx.x;\nconst uint32_t group_size = blockDim.x;"
 MAX_BLOCK_SIZE = max(spec_module.BLOCK_SIZES)
+HASH_CONSTANTS = (
+    ("kMix32Multiplier1", spec_module.MIX32_MULTIPLIERS[0]),
+    ("kMix32Multiplier2", spec_module.MIX32_MULTIPLIERS[1]),
+    ("kRoundingTensorStride", spec_module.ROUNDING_TENSOR_STRIDE),
+    ("kRoundingOutputStride", spec_module.ROUNDING_OUTPUT_STRIDE),
+)
 TABLES = {
     "kUnsignedCode": spec_module.UNSIGNED_CODE,
     "kUnsignedMidpoints": spec_module.code_midpoints(spec_module.UNSIGNED_CODE),
@@ -203,6 +209,7 @@ def kernel_body(state_keys: tuple[str, ...], rounding: bool) -> str:
     lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
     lines.append(f"const uint32_t parameter_position = {'index[0]' if rounding else '0u'};")
     lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
+    lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
     lines += _table_lines("v_scale" in state_keys)
     for name, kind in OPTIONAL_STATE.items():
         if name not in state_keys:
@@ -310,9 +317,9 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, key: str, block_size: int)
 def _mix32(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.uint32)
     x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x21F0AAAD)
+    x = x * np.uint32(spec_module.MIX32_MULTIPLIERS[0])
     x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0xD35A2D97)
+    x = x * np.uint32(spec_module.MIX32_MULTIPLIERS[1])
     return x ^ (x >> np.uint32(15))
 
 

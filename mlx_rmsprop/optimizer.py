@@ -17,6 +17,7 @@ from mlx.optimizers import Optimizer
 
 from . import paths, presets, validation
 from .config import StateLayout, blocks, rmsprop_config
+from .paths import native
 from .spec import EMA, V, code_midpoints, code_table, scale_key
 from .step import make_step_function
 from .trees import check_state, gather, match_gradients, rebuild
@@ -599,6 +600,7 @@ class RMSprop(Optimizer):
                 parameter_options=tuple(
                     self._config.parameter_options(*flags) for flags in storage
                 ),
+                native=native.PIPELINE if self._path == "native" else None,
             )
         return self._step_functions[key]
 

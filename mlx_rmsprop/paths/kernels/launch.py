@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ...reference import rmsprop_reference
+from ...reference import rmsprop_reference, spliced_scalars
 from ...spec import EMA, QUANTIZED_KEYS, UpdateFn, UpdateOptions, scale_key
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
@@ -204,9 +204,12 @@ def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
         state: dict[str, mx.array],
         *,
         index: int = 0,
+        factors: mx.array | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
         if parameter.size == 0:
             return parameter, {key: state[key] for key in options.state_keys}
+        # The kernel body reads its clip factors from the scalars vector.
+        scalars = spliced_scalars(scalars, index, factors)
         call = plan(options, scalars, parameter, gradient, state, index)
         if call is None:
             return rmsprop_reference(options, scalars, parameter, gradient, state, index=index)

@@ -24,9 +24,12 @@ from ...spec import (
     EMA,
     FLAGS,
     GRAD_AVG,
+    MIX32_MULTIPLIERS,
     MOMENTUM_BUFFER,
     NUM_SCALARS,
     QUANTIZED_KEYS,
+    ROUNDING_OUTPUT_STRIDE,
+    ROUNDING_TENSOR_STRIDE,
     SIGNED_CODE,
     UNSIGNED_CODE,
     Scalar,
@@ -215,6 +218,14 @@ OPTIONAL_STATE = {
     scale_key(GRAD_AVG): "float",
     scale_key(MOMENTUM_BUFFER): "float",
 }
+# The constants of the stochastic-rounding hash (spec: mix32 and the strides), named as in
+# the generated spec.h.
+HASH_CONSTANTS = (
+    ("kMix32Multiplier1", MIX32_MULTIPLIERS[0]),
+    ("kMix32Multiplier2", MIX32_MULTIPLIERS[1]),
+    ("kRoundingTensorStride", ROUNDING_TENSOR_STRIDE),
+    ("kRoundingOutputStride", ROUNDING_OUTPUT_STRIDE),
+)
 # Threads of the largest threadgroup a block is reduced by (the size of the body's threadgroup
 # memory per 8-bit buffer).
 MAX_BLOCK_SIZE = max(BLOCK_SIZES)
@@ -372,6 +383,7 @@ def kernel_body(backend: str, state_keys: tuple[str, ...], rounding: bool = Fals
     position = "index[0]" if rounding else "0u"
     lines.append(f"const uint32_t parameter_position = {position};")
     lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
+    lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
     lines += _table_lines(backend, quantized)
     absent_input, absent_output = ABSENT_BUFFERS[backend]
     for name, kind in OPTIONAL_STATE.items():
