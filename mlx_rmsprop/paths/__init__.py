@@ -160,8 +160,10 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
         index: int = 0,
         factors: mx.array | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
+        # The kernels store 8-bit state and round stochastically themselves (index: the
+        # parameter's position, which the rounding hash reads).
         spliced = spliced_scalars(scalars, index, factors)
-        call = plan(options, spliced, parameter, gradient, state) if parameter.size else None
+        call = plan(options, spliced, parameter, gradient, state, index) if parameter.size else None
         if call is not None:
             verdict = probe.kernel_verdict(name, call.variant, update, fall_back)
             if verdict is not None:
