@@ -25,9 +25,9 @@ from . import report
 from .environment import on_gpu
 from .runner import Settings, run_benchmark
 from .targets import evaluate
-from .workloads import CONFIGURATIONS, DTYPES
+from .workloads import CONFIGURATIONS, DTYPES, KINDS
 
-WORKLOAD_KINDS = ("single", "tree", "small")
+WORKLOAD_KINDS = KINDS
 DEFAULT_EXPONENTS = (10, 14, 18, 22, 24)
 GPU_EXTRA_EXPONENT = 26
 DEFAULT_CONFIGURATIONS = ("plain", "centered+momentum")
@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choices(WORKLOAD_KINDS, "--workloads"),
         default=WORKLOAD_KINDS,
         help="single (one tensor per --sizes entry), tree (a 160-tensor, 24.8M-parameter "
-        "transformer), small (200 tensors of 2^10); default: all",
+        "transformer), gpt2 (GPT-2 small: 196 tensors, 124M parameters), small (200 tensors "
+        "of 2^10), lora-qv (7B LoRA on q and v, rank 8: 128 tensors), lora-7b (7B LoRA on "
+        "every projection, rank 16: 448 tensors), tiny (10,000 tensors of 4); default: all",
     )
     add(
         "--sizes",

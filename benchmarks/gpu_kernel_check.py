@@ -46,6 +46,10 @@ KERNEL_NAME = "rmsprop"
 THREADGROUP = 256
 SIZES = (1, 3, 8, 33, 257, 4099)
 STEPS = 3
+# check's (mlx_rmsprop.paths.probe): the stochastic-rounding keys of the steps, and the
+# parameter position the updates run at.
+ROUNDING_SEED = 20240613
+INDEX = 3
 TIMED_SIZE = 2**26
 
 
@@ -62,12 +66,26 @@ spec_module = _load_spec()
 UpdateOptions = spec_module.UpdateOptions
 Scalar = spec_module.Scalar
 FLAGS = spec_module.FLAGS
+QUANTIZED_KEYS = spec_module.QUANTIZED_KEYS
+scale_key = spec_module.scale_key
 
 # ---------------------------------------------------------------------------------------------
 # The translation unit (mirrors mlx_rmsprop/paths/kernels/source.py for backend "cuda").
 
-CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t"}
+CUDA_TYPES = {
+    "float32": "float",
+    "float16": "__half",
+    "bfloat16": "__nv_bfloat16",
+    "uint8": "uint8_t",
+    "uint32": "uint32_t",
+}
+METAL_TYPES = {
+    "float32": "float",
+    "float16": "float16_t",
+    "bfloat16": "bfloat16_t",
+    "uint8": "uint8_t",
+    "uint32": "uint32_t",
+}
 PRIMITIVES = (
     "#define RMS_MUL(a, b) __fmul_rn((a), (b))\n"
     "#define RMS_ADD(a, b) __fadd_rn((a), (b))\n"
@@ -75,19 +93,51 @@ PRIMITIVES = (
     "#define RMS_DIV(a, b) __fdiv_rn((a), (b))\n"
     "#define RMS_SQRT(x) __fsqrt_rn(x)"
 )
+SPELLINGS = (
+    "#define RMS_FLOAT_BITS(x) __float_as_uint(x)\n"
+    "#define RMS_BITS_FLOAT(u) __uint_as_float(u)\n"
+    "#define RMS_IS_HALF(T) cuda::std::is_same<T, __half>::value\n"
+    "#define RMS_GROUP_SHARED __shared__\n"
+    "#define RMS_GROUP_BARRIER() __syncthreads()"
+)
 INDEX_LINE = (
     "const size_t i = (size_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;"
 )
-OPTIONAL_STATE = ("grad_avg", "momentum_buffer", "ema")
+GROUP_LINES = "const uint32_t group_thread = threadIdx.x;\nconst uint32_t group_size = blockDim.x;"
+MAX_BLOCK_SIZE = max(spec_module.BLOCK_SIZES)
+HASH_CONSTANTS = (
+    ("kMix32Multiplier1", spec_module.MIX32_MULTIPLIERS[0]),
+    ("kMix32Multiplier2", spec_module.MIX32_MULTIPLIERS[1]),
+    ("kRoundingTensorStride", spec_module.ROUNDING_TENSOR_STRIDE),
+    ("kRoundingOutputStride", spec_module.ROUNDING_OUTPUT_STRIDE),
+)
+TABLES = {
+    "kUnsignedCode": spec_module.UNSIGNED_CODE,
+    "kUnsignedMidpoints": spec_module.code_midpoints(spec_module.UNSIGNED_CODE),
+    "kSignedCode": spec_module.SIGNED_CODE,
+    "kSignedMidpoints": spec_module.code_midpoints(spec_module.SIGNED_CODE),
+}
+# Optional buffers and the body's type of their elements.
+OPTIONAL_STATE = {
+    "grad_avg": "Q",
+    "momentum_buffer": "Q",
+    "ema": "S",
+    "v_scale": "float",
+    "grad_avg_scale": "float",
+    "momentum_buffer_scale": "float",
+}
 CUDA_PREAMBLE = (
     '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 )
 
 
 class Variant:
-    """Options and (parameter, gradient, state) dtype names."""
+    """Options and (parameter, gradient, state) dtype names; the state dtype is the float
+    buffers' (with 8-bit state only the EMA's: float32 without one)."""
 
     def __init__(self, options, parameter: str, gradient: str, state: str):
+        if options.quantized_state and not options.ema:
+            state = "float32"
         self.options, self.parameter, self.gradient, self.state = (
             options,
             parameter,
@@ -99,11 +149,31 @@ class Variant:
     def state_keys(self) -> tuple[str, ...]:
         return self.options.state_keys
 
+    @property
+    def moment(self) -> str:
+        """The storage dtype of v, grad_avg and momentum_buffer (template parameter Q)."""
+        return "uint8" if self.options.quantized_state else self.state
+
+    def state_dtype(self, key: str) -> str:
+        if key in QUANTIZED_KEYS:
+            return self.moment
+        return self.state if key == "ema" else "float32"
+
+    @property
+    def rounding(self) -> bool:
+        return self.options.stochastic_rounding
+
+    @property
+    def block_size(self) -> int:
+        """Threads per block: the quantization block with 8-bit state, else 256."""
+        return self.options.block_size if self.options.quantized_state else THREADGROUP
+
     def template_args(self) -> list[tuple[str, object]]:
         args: list[tuple[str, object]] = [
             ("P", self.parameter),
             ("G", self.gradient),
             ("S", self.state),
+            ("Q", self.moment),
         ]
         args += [(name.upper(), getattr(self.options, name)) for name in FLAGS]
         return args
@@ -122,21 +192,40 @@ class Variant:
         return f"{self.kernel_name} ({self.parameter}, {self.gradient}, {self.state})"
 
 
-def kernel_body(state_keys: tuple[str, ...]) -> str:
-    lines = [PRIMITIVES, INDEX_LINE]
+def _table_lines(quantized: bool) -> list[str]:
+    lines = []
+    for name, values in TABLES.items():
+        if not quantized:
+            lines.append(f"const uint32_t* {name} = nullptr;")
+            continue
+        bits = [f"{int(np.float32(v).view(np.uint32)):#010x}u" for v in values]
+        rows = ",\n    ".join(", ".join(bits[k : k + 8]) for k in range(0, len(bits), 8))
+        lines.append(f"static const uint32_t {name}[{len(values)}] = {{\n    {rows}}};")
+    return lines
+
+
+def kernel_body(state_keys: tuple[str, ...], rounding: bool) -> str:
+    lines = [PRIMITIVES, SPELLINGS, INDEX_LINE, GROUP_LINES]
     lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
-    for name in OPTIONAL_STATE:
+    lines.append(f"const uint32_t parameter_position = {'index[0]' if rounding else '0u'};")
+    lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
+    lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
+    lines += _table_lines("v_scale" in state_keys)
+    for name, kind in OPTIONAL_STATE.items():
         if name not in state_keys:
-            lines += [f"const S* {name} = nullptr;", f"S* new_{name} = nullptr;"]
+            lines += [f"const {kind}* {name} = nullptr;", f"{kind}* new_{name} = nullptr;"]
     return "\n".join(lines) + "\n\n" + BODY.read_text("utf-8")
 
 
 def translation_unit(variant: Variant) -> str:
     """The CUDA source MLX's CUDA backend compiles for ``variant``."""
-    source = kernel_body(variant.state_keys)
+    source = kernel_body(variant.state_keys, variant.rounding)
     inputs = ["parameter", "gradient", *variant.state_keys, "scalars"]
     input_dtypes = [variant.parameter, variant.gradient]
-    input_dtypes += [variant.state] * len(variant.state_keys) + ["float32"]
+    input_dtypes += [variant.state_dtype(key) for key in variant.state_keys] + ["float32"]
+    if variant.rounding:
+        inputs.append("index")
+        input_dtypes.append("uint32")
     text = CUDA_PREAMBLE + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += f"__global__ void {variant.kernel_name}(\n"
     for name, dtype in zip(inputs, input_dtypes, strict=True):
@@ -145,7 +234,7 @@ def translation_unit(variant: Variant) -> str:
             if f"{name}_{suffix}" in source:
                 text += f"    const __grid_constant__ {kind} {name}_{suffix},\n"
     outputs = ["parameter", *variant.state_keys]
-    output_dtypes = [variant.parameter] + [variant.state] * len(variant.state_keys)
+    output_dtypes = [variant.parameter] + [variant.state_dtype(k) for k in variant.state_keys]
     text += ",\n".join(
         f"    {CUDA_TYPES[d]}* new_{n}" for n, d in zip(outputs, output_dtypes, strict=True)
     )
@@ -166,7 +255,14 @@ def load_plan() -> list[Variant]:
 # ---------------------------------------------------------------------------------------------
 # Host storage of each dtype and the reference, in float32 NumPy.
 
-STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+STORAGE = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "uint8": np.uint8,
+    "uint32": np.uint32,
+}
+HALF = ("float16", "bfloat16")
 
 
 def to_float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -187,18 +283,102 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(nan, (bits >> 16) | np.uint32(0x40), rounded).astype(np.uint16)
 
 
-def numpy_reference(options, scalars: np.ndarray, parameter, gradient, state, dtypes):
+# ---------------------------------------------------------------------------------------------
+# How results are stored (mlx_rmsprop/storage.py, in float32 NumPy): 8-bit block codes and
+# stochastic rounding.
+
+
+def _blocks(x: np.ndarray, block_size: int) -> np.ndarray:
+    padding = -x.size % block_size
+    return np.concatenate([x, np.zeros(padding, np.float32)]).reshape(-1, block_size)
+
+
+def quantize(values: np.ndarray, key: str, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 codes, float32 scales per block) of float32 ``values`` (1-D) for buffer ``key``:
+    scale NaN if the block holds a NaN else max |x|; code = #midpoints below x / scale."""
+    table = spec_module.code_table(key)
+    midpoints = np.array(spec_module.code_midpoints(table), np.float32)
+    x = _blocks(np.asarray(values, np.float32).reshape(-1), block_size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nan = np.isnan(x).any(axis=1)
+        scales = np.where(nan, np.float32(np.nan), np.abs(x).max(axis=1)).astype(np.float32)
+        y = np.where(scales[:, None] == 0, np.float32(0.0), x / scales[:, None])
+    codes = np.where(np.isnan(y), 0, np.searchsorted(midpoints, y, side="left"))
+    return codes.reshape(-1)[: np.size(values)].astype(np.uint8), scales
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, key: str, block_size: int) -> np.ndarray:
+    """table[code] * scale of its block, float32."""
+    table = np.array(spec_module.code_table(key), np.float32)
+    per_element = np.repeat(scales.astype(np.float32), block_size)[: codes.size]
+    return table[codes.astype(np.int64)] * per_element
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(spec_module.MIX32_MULTIPLIERS[0])
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(spec_module.MIX32_MULTIPLIERS[1])
+    return x ^ (x >> np.uint32(15))
+
+
+def stochastic_round(x: np.ndarray, dtype: str, key: int, index: int, output: int) -> np.ndarray:
+    """Host storage of float32 ``x`` rounded stochastically to ``dtype`` (spec's rule)."""
+    mask = 0xFFFFFFFF
+    x = np.asarray(x, np.float32)
+    seed = (key + spec_module.ROUNDING_TENSOR_STRIDE * (index + 1)) & mask
+    tensor_key = int(_mix32(np.array([seed], np.uint32))[0])
+    stream = np.uint32((tensor_key + spec_module.ROUNDING_OUTPUT_STRIDE * output) & mask)
+    j = (np.arange(x.size, dtype=np.uint64) & mask).astype(np.uint32)
+    draw = (_mix32(_mix32(j) ^ stream) >> np.uint32(8)).astype(np.float32) * np.float32(2**-24)
+    nearest = from_float32(x, dtype)
+    bits = nearest.view(np.uint16)
+    y = to_float32(nearest, dtype)
+    exact = np.isnan(x) | (y == x) | np.isinf(y)
+    away = np.abs(y) < np.abs(x)
+    # Unselected lanes may wrap (0 - 1): `exact` or `away` discards them.
+    neighbour = np.where(away, bits + np.uint16(1), bits - np.uint16(1)).astype(np.uint16)
+    neighbour = neighbour.view(STORAGE[dtype])
+    lo = np.where(away, nearest, neighbour)
+    hi = np.where(away, neighbour, nearest)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        low = np.abs(to_float32(lo, dtype))
+        frac = (np.abs(x) - low) / (np.abs(to_float32(hi, dtype)) - low)
+    return np.where(exact, nearest, np.where(draw < frac, hi, lo)).astype(STORAGE[dtype])
+
+
+def state_dtypes(options, state_dtype: str) -> dict[str, str]:
+    """The dtype of each state buffer: uint8 codes and float32 scales with 8-bit state."""
+    dtypes = {}
+    for key in options.state_keys:
+        if options.quantized_state and key != "ema":
+            dtypes[key] = "uint8" if key in QUANTIZED_KEYS else "float32"
+        else:
+            dtypes[key] = state_dtype
+    return dtypes
+
+
+def numpy_reference(options, scalars: np.ndarray, parameter, gradient, state, dtypes, index=0):
     """``rmsprop_reference`` in float32 NumPy, one IEEE operation at a time in its order, on
-    host storage arrays; ``dtypes`` = (parameter, gradient, state) dtype names."""
+    host storage arrays; ``dtypes`` = (parameter, gradient, float state) dtype names,
+    ``index`` the parameter's position (stochastic rounding)."""
     with np.errstate(all="ignore"):  # inf and NaN are inputs of the check
-        return _numpy_reference(options, scalars, parameter, gradient, state, dtypes)
+        return _numpy_reference(options, scalars, parameter, gradient, state, dtypes, index)
 
 
-def _numpy_reference(options, scalars, parameter, gradient, state, dtypes):
+def _numpy_reference(options, scalars, parameter, gradient, state, dtypes, index):
     s = {entry: np.float32(scalars[int(entry)]) for entry in Scalar}
     p = to_float32(parameter, dtypes[0])
     g = to_float32(gradient, dtypes[1])
-    f32 = {key: to_float32(value, dtypes[2]) for key, value in state.items()}
+    stored = state_dtypes(options, dtypes[2])
+    block = options.block_size
+    f32 = {}
+    for key in options.state_keys:
+        if options.quantized_state and key in QUANTIZED_KEYS:
+            f32[key] = dequantize(state[key], state[scale_key(key)], key, block)
+        elif key in ("v", "grad_avg", "momentum_buffer", "ema"):
+            f32[key] = to_float32(state[key], stored[key])
     if options.maximize:
         g = -g
     if options.scale_gradient:
@@ -238,9 +418,11 @@ def _numpy_reference(options, scalars, parameter, gradient, state, dtypes):
         delta = lr * g / denom
     p_new = p - p * s[Scalar.WEIGHT_DECAY] * lr if options.decoupled_decay else p
     p_new = p_new - delta
-    if options.gated and s[Scalar.UPDATE_GATE] == 0:
+    keep = options.gated and s[Scalar.UPDATE_GATE] == 0
+    if keep:
         p_new = p
-        new = {key: f32[key] for key in new}
+        if not options.quantized_state:  # 8-bit buffers keep their codes in the store
+            new = {key: f32[key] for key in new}
     if options.ema:
         ema = s[Scalar.EMA_MOMENTUM] * f32["ema"] + s[Scalar.EMA_ONE_MINUS_MOMENTUM] * p_new
         if s[Scalar.EMA_GATE] == 0:
@@ -248,8 +430,24 @@ def _numpy_reference(options, scalars, parameter, gradient, state, dtypes):
         if s[Scalar.EMA_OVERWRITE] != 0:
             p_new = ema
         new["ema"] = ema
-    new_state = {key: from_float32(new[key], dtypes[2]) for key in options.state_keys}
-    return from_float32(p_new, dtypes[0]), new_state
+    rounding_key = int(s[Scalar.ROUNDING_KEY])
+
+    def store(value: np.ndarray, dtype: str, output: int) -> np.ndarray:
+        if options.stochastic_rounding and dtype in HALF:
+            return stochastic_round(value, dtype, rounding_key, index, output)
+        return from_float32(value, dtype)
+
+    new_state = {}
+    for key, value in new.items():
+        if options.quantized_state and key in QUANTIZED_KEYS:
+            codes, scales = quantize(value, key, block)
+            if keep:
+                codes, scales = state[key], state[scale_key(key)]
+            new_state[key], new_state[scale_key(key)] = codes, scales
+        else:
+            new_state[key] = store(value, stored[key], 1 + options.state_keys.index(key))
+    new_state = {key: new_state[key] for key in options.state_keys}
+    return store(p_new, dtypes[0], 0), new_state
 
 
 def step_scalars(step: int) -> np.ndarray:
@@ -271,6 +469,7 @@ def step_scalars(step: int) -> np.ndarray:
     values[Scalar.EMA_ONE_MINUS_MOMENTUM] = 1 - 0.99
     values[Scalar.EMA_GATE] = 0.0 if step == 2 else 1.0
     values[Scalar.EMA_OVERWRITE] = 1.0 if step >= 2 else 0.0
+    values[Scalar.ROUNDING_KEY] = spec_module.rounding_step_key(ROUNDING_SEED, step)
     return values
 
 
@@ -300,7 +499,14 @@ def inputs(variant: Variant, size: int, seed: int):
     def stored(name: str) -> np.ndarray:
         return from_float32(values[name].astype(np.float32), dtypes.get(name, variant.state))
 
-    return stored("parameter"), stored("gradient"), {k: stored(k) for k in variant.state_keys}
+    state = {}
+    for key in variant.state_keys:
+        if variant.options.quantized_state and key in QUANTIZED_KEYS:
+            block = variant.options.block_size
+            state[key], state[scale_key(key)] = quantize(values[key], key, block)
+        elif key in values:
+            state[key] = stored(key)
+    return stored("parameter"), stored("gradient"), {k: state[k] for k in variant.state_keys}
 
 
 def same_bits(actual: np.ndarray, expected: np.ndarray, dtype: str) -> np.ndarray:
@@ -361,6 +567,8 @@ def compile_kernels(cupy, variants: list[Variant], programs: int) -> dict[str, o
         finally:
             nvrtc.destroyProgram(program)
 
+    # One definition per kernel: variants that differ only in block size share it.
+    variants = list({v.kernel_name: v for v in variants}.values())
     chunks = [c for c in (variants[k::programs] for k in range(programs)) if c]
     kernels: dict[str, object] = {}
     with ThreadPoolExecutor(len(chunks)) as pool:
@@ -380,20 +588,22 @@ def kernel_parameters(variant: Variant) -> list[str]:
     return [line.split()[-1] for line in signature.split(",\n")]
 
 
-def grid_for(size: int) -> tuple[int, int]:
+def grid_for(size: int, block_size: int = 0) -> tuple[int, int]:
     """(blocks in x, rows): mlx_rmsprop.paths.kernels.launch.grid_for with MLX's block
-    arithmetic."""
-    max_1d = 2**31 - 1 - (THREADGROUP - 1)
-    if size <= max_1d:
-        return (size + THREADGROUP - 1) // THREADGROUP, 1
+    arithmetic; with ``block_size`` (8-bit state) blocks of that many threads."""
+    group = block_size or THREADGROUP
+    threads = -(-size // group) * group if block_size else size
+    if threads <= 2**31 - 1 - (group - 1):
+        return (threads + group - 1) // group, 1
     row = 2**30
-    return row // THREADGROUP, -(-size // row)
+    return row // group, -(-size // row)
 
 
 def prepare_launch(cupy, function, variant: Variant, buffers: dict, size: int):
     """A call launching the kernel once with cuLaunchKernel, as MLX does: the parameters of
     its generated signature (buffers by name, the parameter's merged 1-D shape and ndim,
-    which the body reads), whole blocks of 256 threads (MLX's grid arithmetic)."""
+    which the body reads), whole blocks of 256 threads or, with 8-bit state, of the block
+    size (MLX's grid arithmetic)."""
     import ctypes
 
     from cupy_backends.cuda.api import driver
@@ -409,8 +619,9 @@ def prepare_launch(cupy, function, variant: Variant, buffers: dict, size: int):
     addresses = (ctypes.c_void_p * len(values))(
         *(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values)
     )
-    blocks, rows = grid_for(size)
-    threads = min(THREADGROUP, size)
+    quantized = variant.options.quantized_state
+    blocks, rows = grid_for(size, variant.options.block_size if quantized else 0)
+    threads = variant.block_size if quantized else min(THREADGROUP, size)
 
     def call() -> None:
         stream = cupy.cuda.get_current_stream().ptr
@@ -432,13 +643,22 @@ def prepare_launch(cupy, function, variant: Variant, buffers: dict, size: int):
     return call
 
 
+def output_sizes(variant: Variant, size: int) -> dict[str, int]:
+    """Elements of each output: the scales one per block, the rest one per element."""
+    blocks = -(-size // variant.options.block_size) if variant.options.quantized_state else 0
+    names = ("parameter", *variant.state_keys)
+    return {name: blocks if name.endswith("_scale") else size for name in names}
+
+
 def device_buffers(cupy, variant: Variant, parameter, gradient, state, scalars, size) -> dict:
     """Inputs copied to the GPU and outputs filled with a byte pattern, by kernel name."""
     buffers = {"parameter": parameter, "gradient": gradient, **state, "scalars": scalars}
+    if variant.rounding:
+        buffers["index"] = np.array([INDEX], np.uint32)
     buffers = {name: cupy.asarray(value) for name, value in buffers.items()}
-    for name in ("parameter", *variant.state_keys):
-        dtype = variant.parameter if name == "parameter" else variant.state
-        output = cupy.empty(size, STORAGE[dtype])
+    for name, count in output_sizes(variant, size).items():
+        dtype = variant.parameter if name == "parameter" else variant.state_dtype(name)
+        output = cupy.empty(count, STORAGE[dtype])
         output.view(np.uint8).fill(0x5A)
         buffers[f"new_{name}"] = output
     return buffers
@@ -448,7 +668,8 @@ def check_variant(cupy, function, variant: Variant, seed: int) -> list[str]:
     """Differences (first element of each) of ``variant`` over SIZES x STEPS."""
     problems = []
     dtypes = (variant.parameter, variant.gradient, variant.state)
-    output_dtypes = [variant.parameter] + [variant.state] * len(variant.state_keys)
+    output_dtypes = [variant.parameter] + [variant.state_dtype(k) for k in variant.state_keys]
+    index = INDEX if variant.rounding else 0
     for k, size in enumerate(SIZES):
         parameter, gradient, state = inputs(variant, size, seed + k)
         for step in range(1, STEPS + 1):
@@ -456,7 +677,9 @@ def check_variant(cupy, function, variant: Variant, seed: int) -> list[str]:
             buffers = device_buffers(cupy, variant, parameter, gradient, state, scalars, size)
             prepare_launch(cupy, function, variant, buffers, size)()
             outputs = [buffers[f"new_{n}"].get() for n in ("parameter", *variant.state_keys)]
-            expected = numpy_reference(variant.options, scalars, parameter, gradient, state, dtypes)
+            expected = numpy_reference(
+                variant.options, scalars, parameter, gradient, state, dtypes, index
+            )
             expected_list = [expected[0], *expected[1].values()]
             names = ["parameter", *variant.state_keys]
             for name, actual, wanted, dtype in zip(

@@ -8,6 +8,8 @@ PyTorch and optax are in :mod:`.peers`.
 
 from __future__ import annotations
 
+import io
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,9 +46,15 @@ class Prepared:
     next_gradients: Callable[[], None]
     bytes_moved: int
     device: str
+    # Seconds of the first step after setup (tracing, compilation, and for PyTorch, which
+    # creates it lazily, the state), taken by `prepare`.
+    first_step_s: float | None = None
     # Bytes of its parameters, one gradient set and its state, where they live in MLX's
     # allocator (whose peak the benchmark then reads); None otherwise.
     mlx_resident: int | None = None
+    # For MLX: one step whose graph is counted before it is evaluated; returns the number of
+    # operations (graph nodes) it built.
+    count_nodes: Callable[[], int] | None = None
 
 
 Prepare = Callable[[Workload, WorkloadData, Configuration], Prepared]
@@ -74,6 +82,21 @@ class Implementation:
         return self.configurations is None or configuration.name in self.configurations
 
 
+def timed_first_step(step: Callable[[], None]) -> float:
+    """Runs ``step`` once and returns its seconds."""
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def graph_nodes(*outputs: object) -> int:
+    """Operations in the graph that evaluating ``outputs`` would run (arrays already
+    evaluated count as inputs): the nodes of MLX's DOT export."""
+    text = io.StringIO()
+    mx.export_to_dot(text, *outputs)
+    return text.getvalue().count("shape=rectangle")
+
+
 def _mlx_arrays(arrays: list[np.ndarray], names: list[str], dtype: mx.Dtype) -> dict:
     tree = {name: mx.array(array).astype(dtype) for name, array in zip(names, arrays, strict=True)}
     mx.eval(tree)
@@ -87,7 +110,7 @@ def _prepare_mlx(
     compiled: bool,
 ) -> Prepared:
     dtype = getattr(mx, workload.dtype)
-    names = [f"t{index:03d}" for index in range(workload.tensors)]
+    names = [f"t{index:05d}" for index in range(workload.tensors)]
     parameter_tree = _mlx_arrays(data.parameters, names, dtype)
     gradient_trees = data.gradient_pair(
         ("mlx", workload.dtype), lambda arrays: _mlx_arrays(arrays, names, dtype)
@@ -114,6 +137,13 @@ def _prepare_mlx(
     def next_gradients() -> None:
         current["gradients"] ^= 1
 
+    def count_nodes() -> int:
+        apply(gradient_trees[current["gradients"]])
+        nodes = graph_nodes(model, optimizer.state)
+        mx.eval(model, optimizer.state)
+        return nodes
+
+    first_step_s = timed_first_step(step)
     parameters = list(parameter_tree.values())
     gradients = list(gradient_trees[0].values())
     state_buffers = [buffer for name in names for buffer in optimizer.state[name].values()]
@@ -122,7 +152,9 @@ def _prepare_mlx(
         next_gradients=next_gradients,
         bytes_moved=bytes_moved(parameters, gradients, state_buffers),
         device=str(mx.default_device()),
+        first_step_s=first_step_s,
         mlx_resident=sum(array.nbytes for array in parameters + gradients + state_buffers),
+        count_nodes=count_nodes,
     )
 
 
@@ -153,6 +185,7 @@ def _ours(fused: str | bool, compiled: bool) -> Prepare:
                 centered=configuration.centered,
                 momentum=configuration.momentum,
                 fused=fused,
+                **dict(configuration.pipeline),
             ),
             workload,
             data,

@@ -11,8 +11,8 @@ import importlib.util
 import warnings
 from typing import Any
 
-from .implementations import NOT_INSTALLED, OK, Implementation, Prepared
-from .workloads import ALPHA, EPS, LEARNING_RATE, bytes_moved
+from .implementations import NOT_INSTALLED, OK, Implementation, Prepared, timed_first_step
+from .workloads import ALPHA, EPS, LEARNING_RATE, PLAIN_RMSPROP, bytes_moved
 
 
 def _import(*names: str) -> tuple[list[Any], str]:
@@ -97,7 +97,7 @@ def torch_rmsprop(foreach: bool) -> Implementation:
                 torch.mps.synchronize()
 
         next_gradients()
-        step()  # torch creates its state on the first step
+        first_step_s = timed_first_step(step)  # torch creates its state on the first step
         state_buffers = [
             buffer
             for tensor in tensors
@@ -109,9 +109,10 @@ def torch_rmsprop(foreach: bool) -> Implementation:
             next_gradients=next_gradients,
             bytes_moved=bytes_moved(tensors, gradient_sets[0], state_buffers),
             device=f"{device} ({torch.get_num_threads()} threads)" if device == "cpu" else device,
+            first_step_s=first_step_s,
         )
 
-    return Implementation(name, role, OK, prepare)
+    return Implementation(name, role, OK, prepare, configurations=PLAIN_RMSPROP)
 
 
 def optax_rmsprop() -> Implementation:
@@ -158,16 +159,17 @@ def optax_rmsprop() -> Implementation:
         with warnings.catch_warnings():
             # Where a backend cannot donate, jax warns once and copies: still a valid timing.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            step()
+            first_step_s = timed_first_step(step)  # jax.jit traces and compiles here
         state_buffers = [leaf for leaf in jax.tree_util.tree_leaves(held["state"]) if leaf.ndim > 0]
         return Prepared(
             step=step,
             next_gradients=next_gradients,
             bytes_moved=bytes_moved(held["params"], gradient_sets[0], state_buffers),
             device=str(jax.devices()[0].platform),
+            first_step_s=first_step_s,
         )
 
-    return Implementation(name, "optax", OK, prepare)
+    return Implementation(name, "optax", OK, prepare, configurations=PLAIN_RMSPROP)
 
 
 def peers() -> list[Implementation]:

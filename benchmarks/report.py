@@ -72,6 +72,16 @@ def _spread(row: dict) -> str:
     return f"{row['p20_s'] * 1e3:.3g}-{row['p80_s'] * 1e3:.3g}"
 
 
+def _first_step(row: dict) -> str:
+    first = row.get("first_step_s")
+    return "-" if first is None else format_time(first)
+
+
+def _nodes(row: dict) -> str:
+    nodes = row.get("graph_nodes_per_tensor")
+    return "-" if nodes is None else f"{nodes:.3g}"
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -150,7 +160,7 @@ def format_table(record: dict, targets: list[dict]) -> str:
         lines += [f"  {name}: {status}" for name, status in absent.items()]
     header = (
         f"  {'implementation':<36} {'configuration':<18} {'median':>10} {'p20-p80':>14} "
-        f"{'GB/s':>7} {'%BW':>5} {'peak MB':>8} {'x':>6}"
+        f"{'GB/s':>7} {'%BW':>5} {'peak MB':>8} {'x':>6} {'first':>9} {'nodes/t':>7}"
     )
     for (dtype, workload), rows in _groups(record).items():
         first = rows[0]
@@ -170,7 +180,8 @@ def format_table(record: dict, targets: list[dict]) -> str:
                 name + f"{row['configuration']:<18} {format_time(row['median_s']):>10} "
                 f"{_spread(row):>14} {row['gbps']:>7.2f} {_fraction(row):>5} "
                 f"{peak / 1e6 if peak else float('nan'):>8.1f} "
-                f"{_ratio(row['speed_vs_mlx_compiled']):>6}"
+                f"{_ratio(row['speed_vs_mlx_compiled']):>6} {_first_step(row):>9} "
+                f"{_nodes(row):>7}"
             )
     lines += ["", "targets (ratios of this run's medians):"]
     lines += [f"  {_target_line(target)}" for target in targets if target["met"] is not None]
@@ -277,6 +288,7 @@ def markdown(record: dict, targets: list[dict]) -> str:
         for (name, configuration), by_workload in cells.items():
             values = " | ".join(by_workload.get(workload, "") for workload in workloads)
             lines.append(f"| {name} | {configuration} | {values} |")
+        lines += _latency_table(dtype, workloads, groups)
     if absent:
         lines += ["", "Not run here (every size):", ""]
         lines += [f"- {name}: {status}" for name, status in absent.items()]
@@ -295,6 +307,32 @@ def markdown(record: dict, targets: list[dict]) -> str:
         lines += ["", f"Not measured in this run: {names} ({'; '.join(reasons)})."]
     lines.append(DOC_END)
     return "\n".join(lines)
+
+
+def _latency_table(dtype: str, workloads: list[str], groups: dict) -> list[str]:
+    """First-step latency and graph nodes per tensor of every measured row of ``dtype``."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for workload in workloads:
+        for row in groups[(dtype, workload)]:
+            if row["status"] == OK:
+                key = (row["implementation"], row["configuration"] or "")
+                cells.setdefault(key, {})[workload] = f"{_first_step(row)} / {_nodes(row)}"
+    if not cells:
+        return []
+    lines = [
+        "",
+        f"{dtype}, first step after setup (tracing and compilation included; MLX state made "
+        "by `init` before it, PyTorch's made in it) / graph nodes per tensor of one step "
+        "(MLX only: operations the step adds to MLX's graph as called; a compiled function "
+        "shows as the nodes of its compiled graph)",
+        "",
+        "| implementation | configuration | " + " | ".join(workloads) + " |",
+        "|---|---|" + "---|" * len(workloads),
+    ]
+    for (name, configuration), by_workload in cells.items():
+        values = " | ".join(by_workload.get(workload, "") for workload in workloads)
+        lines.append(f"| {name} | {configuration} | {values} |")
+    return lines
 
 
 def update_doc(path: str, section: str) -> None:

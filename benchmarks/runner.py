@@ -25,7 +25,8 @@ from .timing import (
 from .workloads import CONFIGURATIONS, Configuration, Workload, generate, plan_workloads
 
 # Identifies the JSON layout; bump when a field changes meaning.
-SCHEMA_VERSION = 2
+# 3: rows gain first_step_s and graph_nodes_per_tensor.
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def _measure_workload(
             prepared = implementation.prepare(workload, data, configuration)
             warmup = time_steps(prepared, settings.warmup)
             memory = mlx_step_memory(prepared)
+            nodes = prepared.count_nodes() if prepared.count_nodes else None
         except Exception as error:  # one failing implementation must not hide the others
             rows.append(_failed(row, error))
             continue
@@ -109,6 +111,10 @@ def _measure_workload(
             "bytes_moved": prepared.bytes_moved,
             "peak_memory_bytes": memory[0] if memory else None,
             "resident_bytes": memory[1] if memory else None,
+            "first_step_s": prepared.first_step_s,
+            # Operations one step adds to MLX's graph as the step is called (a function
+            # under mx.compile shows as the nodes of its compiled graph).
+            "graph_nodes_per_tensor": None if nodes is None else nodes / workload.tensors,
         }
         rows.append(row)
         repeats = repeat_count(warmup, settings.repeats, settings.row_seconds)

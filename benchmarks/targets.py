@@ -55,7 +55,7 @@ def _speed(find: Find, workload: str, dtype: str, base_role: str, bar: float, na
     if not (ours and base):
         return _not_measured(name, bar, f"{dtype} {workload} plain was not in this run")
     speed = base["median_s"] / ours["median_s"]
-    note = f"ours {_timing(ours)}, built-in {_timing(base)}"
+    note = f"ours {_timing(ours)}, {base['implementation']} {_timing(base)}"
     return _measured(name, speed, bar, speed >= bar, note)
 
 
@@ -102,6 +102,49 @@ def _cpu_targets(find: Find) -> list[dict]:
     return targets + [_speed(find, workload, dtype, "mlx-compiled", 1.0, name)]
 
 
+# Issue 18: many tensors against optax and the built-in, and what the full pipeline costs.
+PEER_TARGETS = (
+    ("200x2^10", "optax", 1.3),
+    ("7B LoRA all r16", "optax", 1.2),
+    ("7B LoRA all r16", "mlx-compiled", 2.5),
+)
+PIPELINE_WORKLOADS = ("GPT-2 small", "2^24", "200x2^10")
+PIPELINE_COST_BAR = 1.5
+PIPELINE_VS_BUILTIN = ("GPT-2 small", "2^24")
+
+
+def _pipeline_cost(find: Find, workload: str, dtype: str) -> dict:
+    name = f"{dtype} {workload}: full pipeline time / plain time"
+    plain = find(workload, dtype, "plain", "auto")
+    full = find(workload, dtype, "full pipeline", "auto")
+    if not (plain and full):
+        return _not_measured(name, PIPELINE_COST_BAR, "needs plain and full pipeline in the run")
+    cost = full["median_s"] / plain["median_s"]
+    note = f"full pipeline {_timing(full)}, plain {_timing(plain)}"
+    return _measured(name, cost, PIPELINE_COST_BAR, cost <= PIPELINE_COST_BAR, note)
+
+
+def _pipeline_vs_builtin(find: Find, workload: str, dtype: str) -> dict:
+    name = f"{dtype} {workload}: full pipeline vs MLX mx.compile plain (x)"
+    full = find(workload, dtype, "full pipeline", "auto")
+    base = find(workload, dtype, "plain", "mlx-compiled")
+    if not (full and base):
+        return _not_measured(name, 1.0, "needs full pipeline and the built-in in the run")
+    speed = base["median_s"] / full["median_s"]
+    note = f"ours {_timing(full)}, built-in {_timing(base)}"
+    return _measured(name, speed, 1.0, speed > 1.0, note)
+
+
+def _many_tensor_targets(find: Find) -> list[dict]:
+    dtype = "float32"
+    targets = [
+        _speed(find, workload, dtype, role, bar, f"{dtype} {workload}: auto vs {role} (x)")
+        for workload, role, bar in PEER_TARGETS
+    ]
+    targets += [_pipeline_cost(find, workload, dtype) for workload in PIPELINE_WORKLOADS]
+    return targets + [_pipeline_vs_builtin(find, w, dtype) for w in PIPELINE_VS_BUILTIN]
+
+
 def _memory_targets(find: Find) -> list[dict]:
     """Our peak against the built-in's called the same way: ``fused="auto"`` with a plain
     ``update`` against the built-in eager, ours inside ``mx.compile`` against the built-in
@@ -136,7 +179,7 @@ def evaluate(record: dict) -> list[dict]:
     measured in this run, with the reason)."""
     find = _index(record["results"])
     device = record["machine"]["mlx_device"]
-    cpu = _cpu_targets(find)
+    cpu = _cpu_targets(find) + _many_tensor_targets(find)
     gpu = _gpu_targets(find, record["bandwidth"]["gbps"])
     if record["machine"]["gpu"]:
         cpu = [_not_measured(t["target"], t["bar"], f"a CPU target; ran on {device}") for t in cpu]

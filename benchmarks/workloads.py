@@ -25,22 +25,58 @@ MODEL_CONTEXT = 512
 SMALL_TENSORS = 200
 SMALL_TENSOR_SIZE = 2**10
 
+# GPT-2 small (124M parameters) as MLX's nn.MultiHeadAttention lays a block out: separate
+# query/key/value/output projections, each with a bias: 16 tensors a block, 196 in all.
+GPT2_WIDTH = 768
+GPT2_BLOCKS = 12
+GPT2_VOCABULARY = 50257
+GPT2_CONTEXT = 1024
+
+# LoRA adapters on a 7B Llama (width 4096, MLP width 11008, 32 layers), in mlx-lm's layout:
+# lora_a (input, rank), lora_b (rank, output).
+LLAMA_7B_WIDTH = 4096
+LLAMA_7B_MLP = 11008
+LLAMA_7B_LAYERS = 32
+
+# Many tiny tensors: per-tensor overhead with nearly no arithmetic.
+TINY_TENSORS = 10_000
+TINY_TENSOR_SIZE = 4
+
 
 @dataclass(frozen=True)
 class Configuration:
-    """An RMSprop configuration every implementation is asked to run."""
+    """An RMSprop configuration every implementation that has it is asked to run.
+
+    ``pipeline`` holds Keras pipeline arguments of ``mlx_rmsprop.RMSprop``; only ours runs a
+    configuration that has any (the peers' RMSprop has no such options)."""
 
     name: str
     centered: bool
     momentum: float
+    pipeline: tuple[tuple[str, Any], ...] = ()
 
+
+# Every pipeline option that adds per-tensor work, at once: EMA, the non-finite skip, a
+# per-tensor clip norm and accumulation over 2 calls (every other timed call only adds the
+# gradient to the accumulator).
+FULL_PIPELINE = (
+    ("use_ema", True),
+    ("skip_nonfinite", True),
+    ("clipnorm", 1.0),
+    ("gradient_accumulation_steps", 2),
+)
 
 CONFIGURATIONS = {
     "plain": Configuration("plain", centered=False, momentum=0.0),
     "centered": Configuration("centered", centered=True, momentum=0.0),
     "momentum": Configuration("momentum", centered=False, momentum=0.9),
     "centered+momentum": Configuration("centered+momentum", centered=True, momentum=0.9),
+    "full pipeline": Configuration(
+        "full pipeline", centered=False, momentum=0.0, pipeline=FULL_PIPELINE
+    ),
 }
+# The configurations every implementation runs (the others are ours alone).
+PLAIN_RMSPROP = frozenset(name for name, c in CONFIGURATIONS.items() if not c.pipeline)
 
 # Shared by every implementation: MLX's defaults, a learning rate that keeps parameters finite
 # over thousands of benchmark steps.
@@ -53,7 +89,7 @@ EPS = 1e-8
 class Workload:
     """A parameter tree to update: ``shapes`` in a fixed order, all of ``dtype``."""
 
-    kind: str  # "single", "tree" or "small"
+    kind: str  # one of KINDS
     label: str
     dtype: str
     shapes: tuple[tuple[int, ...], ...]
@@ -87,6 +123,38 @@ def model_shapes() -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
+def gpt2_shapes() -> tuple[tuple[int, ...], ...]:
+    """GPT-2 small's 196 trainable tensors (124.4M parameters), in the order a model lists
+    them."""
+    d = GPT2_WIDTH
+    shapes: list[tuple[int, ...]] = [(GPT2_VOCABULARY, d), (GPT2_CONTEXT, d)]
+    for _ in range(GPT2_BLOCKS):
+        shapes += [
+            (d,), (d,),  # attention norm weight, bias
+            (d, d), (d,), (d, d), (d,), (d, d), (d,),  # query, key, value projections
+            (d, d), (d,),  # output projection
+            (d,), (d,),  # MLP norm weight, bias
+            (d, 4 * d), (4 * d,), (4 * d, d), (d,),  # MLP up and down projections
+        ]  # fmt: skip
+    shapes += [(d,), (d,)]  # final norm
+    return tuple(shapes)
+
+
+def lora_shapes(projections: tuple[str, ...], rank: int) -> tuple[tuple[int, ...], ...]:
+    """The adapters of every 7B Llama layer's ``projections``: lora_a then lora_b of each."""
+    d, mlp = LLAMA_7B_WIDTH, LLAMA_7B_MLP
+    sizes = {  # (input, output) of each projection
+        "q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d),
+        "gate": (d, mlp), "up": (d, mlp), "down": (mlp, d),
+    }  # fmt: skip
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(LLAMA_7B_LAYERS):
+        for projection in projections:
+            inputs, outputs = sizes[projection]
+            shapes += [(inputs, rank), (rank, outputs)]
+    return tuple(shapes)
+
+
 def single_tensor(exponent: int, dtype: str) -> Workload:
     return Workload("single", f"2^{exponent}", dtype, ((2**exponent,),))
 
@@ -100,16 +168,46 @@ def many_small(dtype: str) -> Workload:
     return Workload("small", label, dtype, ((SMALL_TENSOR_SIZE,),) * SMALL_TENSORS)
 
 
+def gpt2_small(dtype: str) -> Workload:
+    return Workload("gpt2", "GPT-2 small", dtype, gpt2_shapes())
+
+
+def lora_qv(dtype: str) -> Workload:
+    """mlx-lm's default LoRA targets on a 7B model: q and v of every layer, rank 8."""
+    return Workload("lora-qv", "7B LoRA q,v r8", dtype, lora_shapes(("q", "v"), 8))
+
+
+def lora_all(dtype: str) -> Workload:
+    """Every projection of every 7B layer adapted, rank 16: 448 tensors."""
+    projections = ("q", "k", "v", "o", "gate", "up", "down")
+    return Workload("lora-7b", "7B LoRA all r16", dtype, lora_shapes(projections, 16))
+
+
+def many_tiny(dtype: str) -> Workload:
+    label = f"{TINY_TENSORS}x{TINY_TENSOR_SIZE}"
+    return Workload("tiny", label, dtype, ((TINY_TENSOR_SIZE,),) * TINY_TENSORS)
+
+
+# Workload kinds in the order a run measures them, and what builds each (single tensors are
+# built per size).
+TREES: dict[str, Callable[[str], Workload]] = {
+    "tree": model_tree,
+    "gpt2": gpt2_small,
+    "small": many_small,
+    "lora-qv": lora_qv,
+    "lora-7b": lora_all,
+    "tiny": many_tiny,
+}
+KINDS = ("single", *TREES)
+
+
 def plan_workloads(kinds: list[str], exponents: list[int], dtypes: list[str]) -> list[Workload]:
     """Every workload of a run, in the order they are measured (single tensors by size)."""
     planned = []
     for dtype in dtypes:
         if "single" in kinds:
             planned += [single_tensor(exponent, dtype) for exponent in exponents]
-        if "tree" in kinds:
-            planned.append(model_tree(dtype))
-        if "small" in kinds:
-            planned.append(many_small(dtype))
+        planned += [make(dtype) for kind, make in TREES.items() if kind in kinds]
     return planned
 
 

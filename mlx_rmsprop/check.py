@@ -27,8 +27,19 @@ import numpy as np
 from . import paths
 from .paths import native, probe
 from .paths.kernels.source import METAL_CONSTANT_BELOW, Variant
-from .paths.kernels.variants import dtype_combinations, pairwise_option_sets, verification_plan
-from .paths.probe import conditioned_values, describe, step_scalars
+from .paths.kernels.variants import (
+    dtype_combinations,
+    pairwise_option_sets,
+    plan_variant,
+    verification_plan,
+)
+from .paths.probe import (
+    conditioned_values,
+    describe,
+    quantized_state,
+    step_scalars,
+    update_arguments,
+)
 from .reference import rmsprop_reference
 from .tolerance import RTOL, Mismatch, compare, relative_error
 
@@ -38,6 +49,21 @@ SHAPES = {
     False: [(8,), (9,), (33,), (3, 5), (2, 3, 7), (257,)],
     True: [(), (1,), (3,), (7,), (2, 3)],
 }
+
+
+def shapes_for(variant: Variant) -> list[tuple[int, ...]]:
+    """The shapes of ``variant``'s size classes: SHAPES, and with 8-bit state the ones with
+    fewer than 8 blocks (``small_scales``) or, for more, shapes of a few blocks more than 7
+    with a partial last block (one 1-D, one 2-D)."""
+    options = variant.options
+    if not options.quantized_state or variant.small:
+        return SHAPES[variant.small]
+    block = options.block_size
+    if variant.small_scales:
+        return [s for s in SHAPES[False] if -(-math.prod(s) // block) < METAL_CONSTANT_BELOW]
+    return [(7 * block + 1,), (3, 3 * block - 1)]
+
+
 STEPS = 3
 # Element patterns mixed into every input: the ones every framework must agree on.
 SPECIALS = (
@@ -101,11 +127,20 @@ def verification_inputs(
             return mx.array(values[name].reshape(shape[::-1])).astype(dtype).T
         return mx.array(values[name].reshape(shape)).astype(dtype)
 
-    state = {key: array(key) for key in variant.options.state_keys}
-    return array("parameter"), array("gradient"), state
+    state = {key: array(key) for key in variant.options.state_keys if key in values}
+    return array("parameter"), array("gradient"), quantized_state(variant, state, transposed)
 
 
-OUTPUTS = ("parameter", "v", "grad_avg", "momentum_buffer", "ema")
+OUTPUTS = (
+    "parameter",
+    "v",
+    "v_scale",
+    "grad_avg",
+    "grad_avg_scale",
+    "momentum_buffer",
+    "momentum_buffer_scale",
+    "ema",
+)
 
 
 @dataclass(frozen=True)
@@ -124,9 +159,9 @@ def verify(
     variant: Variant, run_update: Callable, shapes: list[tuple[int, ...]], seed: int
 ) -> tuple[dict[str, float], Failure | None]:
     """Largest error of each output of ``run_update`` (signature of ``rmsprop_reference``
-    without ``options``) against the reference on the CPU, over ``shapes`` and STEPS steps,
-    each step starting from the path's own previous outputs; and the first output that fails
-    the tolerance table (``None`` when none does)."""
+    without ``options``; ``index`` only with stochastic rounding) against the reference on the
+    CPU, over ``shapes`` and STEPS steps, each step starting from the path's own previous
+    outputs; and the first output that fails the tolerance table (``None`` when none does)."""
     errors = dict.fromkeys(("parameter", *variant.options.state_keys), 0.0)
     first: Failure | None = None
     for k, shape in enumerate(shapes):
@@ -134,9 +169,12 @@ def verify(
         parameter, gradient, state = verification_inputs(variant, shape, seed + k, transposed)
         for step in range(1, STEPS + 1):
             scalars = step_scalars(step)
-            new_parameter, new_state = run_update(scalars, parameter, gradient, state)
+            arguments = update_arguments(variant)
+            new_parameter, new_state = run_update(scalars, parameter, gradient, state, **arguments)
             with mx.stream(mx.cpu):
-                expected = rmsprop_reference(variant.options, scalars, parameter, gradient, state)
+                expected = rmsprop_reference(
+                    variant.options, scalars, parameter, gradient, state, **arguments
+                )
             actual = {"parameter": new_parameter, **new_state}
             expected = {"parameter": expected[0], **expected[1]}
             for name in errors:
@@ -182,20 +220,20 @@ def _cpu_plan(quick: bool) -> list[Variant]:
 
 
 def _gpu_plan(quick: bool) -> list[Variant]:
+    """``verification_plan()``, or with ``quick`` its part for the dtype combinations: the
+    pairwise option sets (storage flags included) in every dtype combination and size class."""
     if not quick:
         return verification_plan()
     return [
-        Variant(o, parameter, gradient, state, small)
-        for (parameter, gradient, state), small in itertools.product(
-            dtype_combinations(), (False, True)
-        )
-        for o in pairwise_option_sets()
+        plan_variant(options, dtypes, small, k + row)
+        for k, (dtypes, small) in enumerate(itertools.product(dtype_combinations(), (False, True)))
+        for row, options in enumerate(pairwise_option_sets(storage=True))
     ]
 
 
 def _runner(path: paths.UpdatePath, update: Callable, variant: Variant) -> Callable:
-    def run_update(scalars, parameter, gradient, state):
-        return update(variant.options, scalars, parameter, gradient, state)
+    def run_update(scalars, parameter, gradient, state, **arguments):
+        return update(variant.options, scalars, parameter, gradient, state, **arguments)
 
     return mx.compile(run_update) if path.compile_step else run_update
 
@@ -207,7 +245,7 @@ def verify_path(name: str, plan: list[Variant], shapes_per_variant: int) -> list
     for k, variant in enumerate(plan):
         dtypes = (variant.parameter_dtype, variant.gradient_dtype, variant.state_dtype)
         row = rows.setdefault((dtypes, variant.small), Row(name, dtypes, variant.small))
-        pool = SHAPES[variant.small]
+        pool = shapes_for(variant)
         shapes = [pool[(k + j) % len(pool)] for j in range(shapes_per_variant)]
         row.add(*verify(variant, _runner(path, update, variant), shapes, seed=k))
     return list(rows.values())

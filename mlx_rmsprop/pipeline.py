@@ -10,6 +10,7 @@ handed to the update as data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import mlx.core as mx
@@ -106,73 +107,182 @@ def pipeline_config(
     )
 
 
-def all_finite(gradients: list[mx.array]) -> mx.array:
-    """One boolean for the whole step (no host synchronisation)."""
-    flags = [mx.all(mx.isfinite(g)) for g in gradients if g.size]
-    return mx.all(mx.stack(flags)) if flags else mx.array(True)
+# --- the statistics of a step's gradients ---------------------------------------------------
+# Clipping by norm and skipping non-finite steps need whole tensors. They read one small
+# matrix, a row per gradient, computed in a single pass over the step's gradients: on the
+# native path by one graph node for the whole step (gradient_statistics.cpp), elsewhere by the
+# MLX ops of :func:`statistics_ops` (the same values, bit for bit on the CPU). Everything the
+# pipeline needs follows from it in a few whole-matrix ops, whatever the number of tensors.
+#
+# Each row describes the values z the norms are taken of (the gradient with the loss scale
+# divided out; with accumulation the accumulated sum divided by the steps):
+SUM_OF_SQUARES = 0  # sum of z^2 in STATISTICS_LANES/STATISTICS_BLOCK order (below)
+LARGEST = 1  # max |z| over the values that are not NaN (0 when empty)
+NONFINITE = 2  # 1 when some z is NaN or infinite, else 0
+# Where the plain sum overflows although the values are finite, the sum of (z / m)^2 with m
+# the largest magnitude (ScaledNorm says which); 0 elsewhere.
+SCALED_SUM_OF_SQUARES = 3
+NUM_STATISTICS = 4
+
+# The summation order of every sum of squares: blocks of STATISTICS_BLOCK elements in
+# row-major order; in a block element i adds into lane i mod STATISTICS_LANES (each lane from 0
+# in increasing i), the lanes combine by halves, and the blocks' results add in order from 0.
+# Lanes vectorise and blocks split across threads; MLX's own CPU sum adds one element after
+# the other (a latency-bound chain: 2^24 elements took longer than the whole update).
+STATISTICS_LANES = 32
+STATISTICS_BLOCK = 1 << 15
 
 
-def _sum_of_squares(values: list[mx.array]) -> mx.array:
-    return mx.sum(mx.stack([mx.sum(mx.square(v)) for v in values]))
+class ScaledNorm(IntEnum):
+    """What the SCALED_SUM_OF_SQUARES column holds."""
+
+    NONE = 0
+    # clipnorm: per row whose sum of squares is +inf with a finite largest magnitude m.
+    PER_TENSOR = 1
+    # global_clipnorm: every row, with M the largest magnitude of all rows, when the sum of
+    # all rows' sums of squares (in row order) is +inf and M is finite.
+    GLOBAL = 2
 
 
-def _overflow_safe(values: list[mx.array]) -> tuple[mx.array, mx.array, mx.array]:
-    """``(overflows, largest, scaled_norm)``: whether the plain sum of squares of these
-    finite-or-not values is infinite although every value is finite, the largest magnitude
-    ``m`` and ``||values / m||``. The true norm is ``m * scaled_norm``, which may itself be
-    beyond float range: callers use ``m`` and ``scaled_norm`` separately.
+def blocked_sum_of_squares(values: mx.array) -> mx.array:
+    """The sum of ``values**2`` in the statistics' order, as MLX ops (0-d, ``values.dtype``).
 
-    The plain sum stays the result whenever it is finite, so ordinary steps keep Keras'
-    rounding bit for bit; the scaled form is selected in the graph only where the plain one
-    overflows (2^20 entries of 2e16 have a finite norm of 2e19, but the squares sum to inf).
-    """
-    largest = mx.max(mx.stack([mx.max(mx.abs(v)) for v in values]))
+    Zero padding to whole blocks and lanes adds exact zeros, which change no sum of squares."""
+    n = values.size
+    if n == 0:
+        return mx.array(0, values.dtype)
+    blocks = -(-n // STATISTICS_BLOCK)
+    padded = (
+        blocks * STATISTICS_BLOCK if blocks > 1 else -(-n // STATISTICS_LANES) * STATISTICS_LANES
+    )
+    flat = values.reshape(-1)
+    if padded > n:
+        flat = mx.concatenate([flat, mx.zeros((padded - n,), values.dtype)])
+    # MLX reduces a middle axis one row after the other for every lane (a sequential sum per
+    # lane, on every CPU), then the lanes fold by halves.
+    lanes = mx.sum(mx.square(flat).reshape(blocks, -1, STATISTICS_LANES), axis=1)
+    width = STATISTICS_LANES
+    while width > 1:
+        width //= 2
+        lanes = lanes[:, :width] + lanes[:, width:]
+    partials = lanes.reshape(blocks)
+    # cumsum adds in order on every backend; mx.sum's order differs between CPUs.
+    return partials[0] if blocks == 1 else mx.cumsum(partials)[-1]
+
+
+def _largest(values: mx.array) -> mx.array:
+    if values.size == 0:
+        return mx.array(0, values.dtype)
+    magnitude = mx.abs(values)
+    return mx.max(mx.where(mx.isnan(magnitude), 0, magnitude))
+
+
+def _safe_divisor(largest: mx.array) -> mx.array:
     # Divide by 1 where the largest magnitude is 0 or not finite: that branch is not selected.
-    safe = mx.where(mx.logical_and(mx.isfinite(largest), largest > 0), largest, 1)
-    scaled = mx.sqrt(_sum_of_squares([v / safe for v in values]))
-    return mx.isfinite(largest), largest, scaled
+    return mx.where(mx.logical_and(mx.isfinite(largest), largest > 0), largest, 1)
 
 
-def l2_norm(values: mx.array) -> mx.array:
-    """Keras' clip_by_norm norm: the sum of squares, square-rooted where it is positive."""
-    total = mx.sum(mx.square(values))
-    return mx.where(total > 0, mx.sqrt(mx.where(total > 0, total, 1)), total)
+def statistics_ops(values: list[mx.array], scaled_norm: ScaledNorm) -> mx.array:
+    """The statistics matrix of ``values`` (the z of each gradient, each in the dtype its
+    norm is computed in) as MLX ops: (len(values), NUM_STATISTICS), in float64 when any value
+    is float64 (float32 entries are exact there), else float32."""
+    dtype = mx.float64 if any(v.dtype == mx.float64 for v in values) else mx.float32
+    sums = [blocked_sum_of_squares(v) for v in values]
+    largest = [_largest(v) for v in values]
+    nonfinite = [
+        mx.logical_not(mx.all(mx.isfinite(v))) if v.size else mx.array(False) for v in values
+    ]
+    if scaled_norm == ScaledNorm.PER_TENSOR:
+        scaled = [
+            mx.where(
+                mx.logical_and(mx.isinf(total), mx.isfinite(m)),
+                blocked_sum_of_squares(v / _safe_divisor(m)),
+                0,
+            )
+            for v, total, m in zip(values, sums, largest, strict=True)
+        ]
+    elif scaled_norm == ScaledNorm.GLOBAL and values:
+        total = mx.sum(mx.stack([s.astype(dtype) for s in sums]))
+        m = mx.max(mx.stack([v.astype(dtype) for v in largest]))
+        overflows = mx.logical_and(mx.isinf(total), mx.isfinite(m))
+        scaled = [
+            mx.where(overflows, blocked_sum_of_squares(v / _safe_divisor(m).astype(v.dtype)), 0)
+            for v in values
+        ]
+    else:
+        scaled = [mx.array(0, dtype)] * len(values)
+    if not values:
+        return mx.zeros((0, NUM_STATISTICS), dtype)
+    rows = [
+        mx.stack([entry.astype(dtype) for entry in row])
+        for row in zip(sums, largest, nonfinite, scaled, strict=True)
+    ]
+    return mx.stack(rows)
 
 
-def clip_by_norm_factors(values: mx.array, clipnorm: float) -> tuple[mx.array, mx.array]:
-    """``g * clipnorm / max(||g||, clipnorm)`` as (multiplier, divisor).
+def reduced_values(
+    gradients: list[mx.array],
+    accumulators: list[mx.array],
+    loss_scale: float,
+    accumulation_steps: int,
+    dtype: mx.Dtype,
+) -> list[mx.array]:
+    """The values the statistics describe, in ``dtype``: ``g / loss_scale`` (when
+    ``loss_scale``), plus the accumulator and divided by ``accumulation_steps`` (when
+    accumulating): the gradient whose norm Keras clips."""
+    values = []
+    for index, gradient in enumerate(gradients):
+        value = gradient.astype(dtype)
+        if loss_scale:
+            value = value / mx.array(loss_scale, dtype)
+        if accumulation_steps:
+            value = (value + accumulators[index].astype(dtype)) / mx.array(
+                accumulation_steps, dtype
+            )
+        values.append(value)
+    return values
+
+
+def any_nonfinite(statistics: mx.array) -> mx.array:
+    """Whether some row's values hold a NaN or an infinity (0-d bool)."""
+    return mx.any(statistics[:, NONFINITE] != 0)
+
+
+def clip_by_norm_factors(statistics: mx.array, clipnorm: float, dtype: mx.Dtype) -> mx.array:
+    """Keras' clip_by_norm for every row at once: ``g * clipnorm / max(||g||, clipnorm)`` as
+    a (rows, 2) matrix of (multiplier, divisor), computed in ``dtype``. ``||g||`` is the sum of
+    squares square-rooted where it is positive.
 
     Where the sum of squares overflows for finite values, ``||g|| = m ||g / m||`` is far above
     ``clipnorm``, and the factors become ``(clipnorm / m, ||g / m||)``: the same quotient,
     with no intermediate beyond float range."""
-    norm = l2_norm(values)
-    limit = mx.array(clipnorm, values.dtype)
-    multiplier, divisor = limit, mx.maximum(norm, limit)
-    if values.size == 0:
-        return multiplier, divisor
-    finite, largest, scaled = _overflow_safe([values])
-    overflows = mx.logical_and(mx.isinf(norm), finite)
-    return (
-        mx.where(overflows, limit / mx.where(overflows, largest, 1), multiplier),
-        mx.where(overflows, scaled, divisor),
-    )
+    total = statistics[:, SUM_OF_SQUARES].astype(dtype)
+    positive = total > 0
+    norm = mx.where(positive, mx.sqrt(mx.where(positive, total, 1)), total)
+    limit = mx.array(clipnorm, dtype)
+    largest = statistics[:, LARGEST].astype(dtype)
+    overflows = mx.logical_and(mx.isinf(norm), mx.isfinite(largest))
+    multiplier = mx.where(overflows, limit / mx.where(overflows, largest, 1), limit)
+    # The scaled sum is 0 where it is not selected: sqrt(1) there keeps derivatives finite.
+    scaled = mx.where(overflows, statistics[:, SCALED_SUM_OF_SQUARES].astype(dtype), 1)
+    divisor = mx.where(overflows, mx.sqrt(scaled), mx.maximum(norm, limit))
+    return mx.stack([multiplier, divisor], axis=1)
 
 
-def global_clip_factor(values: list[mx.array], clipnorm: float, dtype: mx.Dtype) -> mx.array:
+def global_clip_factor(statistics: mx.array, clipnorm: float, dtype: mx.Dtype) -> mx.array:
     """Keras' clip_by_global_norm scale: ``c * min(1/n, 1/c)``, NaN when the norm is not
-    finite (so a non-finite step stays visible).
+    finite (so a non-finite step stays visible); computed in ``dtype``.
 
     Where the sum of squares overflows for finite values, ``n = m ||g / m||`` is far above
     ``c`` and the scale is ``(c / m) / ||g / m||``, formed without leaving float range."""
-    values = [v for v in values if v.size]
     limit = mx.array(clipnorm, dtype)
-    if not values:
-        return mx.array(1.0, dtype)
-    norm = mx.sqrt(_sum_of_squares(values))
+    norm = mx.sqrt(mx.sum(statistics[:, SUM_OF_SQUARES].astype(dtype)))
     plain = limit * mx.minimum(1 / norm, 1 / limit) + (norm - norm)
-    finite, largest, scaled = _overflow_safe(values)
-    overflows = mx.logical_and(mx.isinf(norm), finite)
-    rescued = limit / mx.where(overflows, largest, 1) / scaled
+    largest = mx.max(statistics[:, LARGEST].astype(dtype))
+    overflows = mx.logical_and(mx.isinf(norm), mx.isfinite(largest))
+    # The scaled sums are 0 where they are not selected: 1 there keeps derivatives finite.
+    scaled = mx.where(overflows, mx.sum(statistics[:, SCALED_SUM_OF_SQUARES].astype(dtype)), 1)
+    rescued = limit / mx.where(overflows, largest, 1) / mx.sqrt(scaled)
     return mx.where(overflows, rescued, plain)
 
 

@@ -20,6 +20,7 @@ def rmsprop_reference(
     state: dict[str, mx.array],
     *,
     index: int = 0,
+    factors: mx.array | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     r"""One RMSprop step for one parameter.
 
@@ -75,7 +76,11 @@ def rmsprop_reference(
         gradient: its gradient :math:`g` (same shape; any floating dtype).
         state: the buffers named by ``options.state_keys``.
         index: the parameter's position in the step's parameter list (0 for a lone update):
-            the stochastic rounding of different parameters draws different bits.
+            the stochastic rounding of different parameters draws different bits, and the
+            row of ``factors`` it reads.
+        factors: per-parameter clip factors, a (parameters, 2) matrix whose row ``index``
+            holds (:math:`s_{cmul}`, :math:`s_{cdiv}`) in place of the scalars' entries
+            (clipping each gradient by its own norm); ``None``: the scalars' entries.
 
     Returns:
         ``(new_parameter, new_state)`` with the same dtypes as the inputs.
@@ -117,7 +122,12 @@ def rmsprop_reference(
         g = -g
     if options.scale_gradient:
         g = g / s(Scalar.GRAD_DIVISOR)
-        g = g * s(Scalar.CLIP_MULTIPLIER) / s(Scalar.CLIP_DIVISOR)
+        if factors is None:
+            multiplier, divisor = s(Scalar.CLIP_MULTIPLIER), s(Scalar.CLIP_DIVISOR)
+        else:
+            multiplier = factors[index, 0].astype(compute)
+            divisor = factors[index, 1].astype(compute)
+        g = g * multiplier / divisor
     if options.clip_value:
         g = mx.minimum(mx.maximum(g, -s(Scalar.CLIP_VALUE)), s(Scalar.CLIP_VALUE))
     if options.coupled_decay:
@@ -202,3 +212,17 @@ def rmsprop_reference(
         else:
             stored[key] = store(value, state[key].dtype, 1 + options.state_keys.index(key))
     return store(p_new, parameter.dtype, 0), stored
+
+
+def spliced_scalars(scalars: mx.array, index: int, factors: mx.array | None) -> mx.array:
+    """``scalars`` with the clip entries taken from row ``index`` of ``factors`` (as
+    :func:`rmsprop_reference` reads them), for a body that reads only the scalars vector."""
+    if factors is None:
+        return scalars
+    return mx.concatenate(
+        [
+            scalars[: int(Scalar.CLIP_MULTIPLIER)],
+            factors[index].astype(scalars.dtype),
+            scalars[int(Scalar.CLIP_DIVISOR) + 1 :],
+        ]
+    )

@@ -138,6 +138,9 @@ def code_midpoints(table: tuple[float, ...]) -> tuple[float, ...]:
 # exact in float32, so the rounding is unbiased to within 2^-24.
 ROUNDING_TENSOR_STRIDE = 0x9E3779B9
 ROUNDING_OUTPUT_STRIDE = 0x85EBCA6B
+# mix32: x ^= x >> 16; x *= MIX32_MULTIPLIERS[0]; x ^= x >> 15; x *= MIX32_MULTIPLIERS[1];
+# x ^= x >> 15 (every path spells these steps out; the constants come from here).
+MIX32_MULTIPLIERS = (0x21F0AAAD, 0xD35A2D97)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -145,9 +148,9 @@ def mix32(x: int) -> int:
     """A 32-bit integer hash with good avalanche (Wellons' "lowbias32" family)."""
     x &= _MASK32
     x ^= x >> 16
-    x = (x * 0x21F0AAAD) & _MASK32
+    x = (x * MIX32_MULTIPLIERS[0]) & _MASK32
     x ^= x >> 15
-    x = (x * 0xD35A2D97) & _MASK32
+    x = (x * MIX32_MULTIPLIERS[1]) & _MASK32
     x ^= x >> 15
     return x
 
@@ -419,6 +422,8 @@ def header_text() -> str:
         "// Stochastic rounding: the strides of the counter-based hash (mlx_rmsprop.spec).",
         f"constexpr uint32_t kRoundingTensorStride = {ROUNDING_TENSOR_STRIDE:#x}u;",
         f"constexpr uint32_t kRoundingOutputStride = {ROUNDING_OUTPUT_STRIDE:#x}u;",
+        f"constexpr uint32_t kMix32Multiplier1 = {MIX32_MULTIPLIERS[0]:#x}u;",
+        f"constexpr uint32_t kMix32Multiplier2 = {MIX32_MULTIPLIERS[1]:#x}u;",
         "",
         "} // namespace mlx_rmsprop",
         "",

@@ -4,8 +4,9 @@ One call covers the whole tree so that the compiled path costs one compiled-func
 step rather than one per parameter (200 tensors of 2^10 floats: 2.5 ms against 11 ms, measured
 on the 2-core Linux CI machine). :func:`make_step_function` builds it from the stages below,
 in Keras' order: the loss scale and accumulation (:func:`accumulate`), clipping by norm
-(:func:`clip_factors`), the skip decision, counters and gates (:func:`nonfinite_candidates`,
-:func:`count`, :func:`carry_accumulators`), the per-step scalars (:class:`StepScalars`) and
+(:func:`gradient_statistics`, :func:`clip_factors`), the skip decision, counters and gates
+(:func:`nonfinite`, :func:`count`, :func:`carry_accumulators`), the per-step scalars
+(:class:`StepScalars`) and
 one fused update per parameter (:func:`update_parameters`), which does weight decay, the
 update itself and the EMA.
 """
@@ -19,13 +20,29 @@ import mlx.core as mx
 
 from .pipeline import (
     PipelineConfig,
-    all_finite,
+    ScaledNorm,
+    any_nonfinite,
     clip_by_norm_factors,
     ema_factors,
     global_clip_factor,
+    statistics_ops,
 )
 from .spec import ACCUMULATOR, NUM_SCALARS, Scalar, UpdateFn, UpdateOptions
 from .storage import mix32
+
+
+class NativePipeline(NamedTuple):
+    """The native path's pipeline primitives (:mod:`mlx_rmsprop.paths.native`), used where
+    every parameter computes in float32; MLX ops give the same results elsewhere.
+
+    ``statistics(gradients, accumulators, loss_scale, accumulation_steps, scaled_norm)``: the
+    statistics matrix of :func:`~mlx_rmsprop.pipeline.statistics_ops`, one node per step.
+    ``accumulate(gradient, accumulator, gates, loss_scale, accumulation_steps, dtype)``:
+    ``(mean gradient, new accumulator)`` as :func:`accumulate` and
+    :func:`carry_accumulators` compute them, one node per parameter."""
+
+    statistics: Callable[[list, list, float, int, int], mx.array]
+    accumulate: Callable[..., tuple[mx.array, mx.array]]
 
 
 def compute_dtype(
@@ -84,6 +101,7 @@ def make_step_function(
     compiled: bool,
     decay_excluded: tuple[bool, ...],
     parameter_options: tuple[UpdateOptions, ...],
+    native: NativePipeline | None = None,
 ) -> Callable:
     """``step_fn(counters, parameters, gradients, states)`` returning
     ``(new_parameters, new_states, new_counters)``.
@@ -94,6 +112,8 @@ def make_step_function(
     ``parameter_options[i]`` what parameter ``i``'s update is told (its storage flags).
     ``decay_excluded[i]`` turns weight decay off for parameter ``i``. Both are fixed per
     function (the optimizer keeps one per combination).
+    ``native``: the native pipeline primitives, used where every parameter computes in
+    float32 from float32-or-narrower gradients and accumulators.
     """
 
     def step_fn(
@@ -106,11 +126,25 @@ def make_step_function(
             compute_dtype(o, p, g, s)
             for o, p, g, s in zip(parameter_options, parameters, gradients, states, strict=True)
         ]
-        accumulated = accumulate(pipeline, gradients, states, dtypes)
-        clipping = clip_factors(pipeline, accumulated.gradients, dtypes)
-        checked = nonfinite_candidates(pipeline, gradients, accumulated, clipping, dtypes)
-        gates = count(pipeline, counters, checked)
-        new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
+        primitives = native if native_applies(pipeline, gradients, states, dtypes) else None
+        if primitives is None:
+            accumulated = accumulate(pipeline, gradients, states, dtypes)
+        summary = gradient_statistics(
+            pipeline,
+            primitives,
+            gradients,
+            states,
+            None if primitives else accumulated,
+            dtypes,
+        )
+        clipping = clip_factors(pipeline, summary, dtypes, [g.size for g in gradients])
+        gates = count(pipeline, counters, nonfinite(pipeline, summary, clipping))
+        if primitives is None:
+            new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
+        else:
+            accumulated, new_states = accumulate_natively(
+                pipeline, primitives, gradients, states, gates, dtypes
+            )
         key = None
         if any(o.stochastic_rounding for o in parameter_options):
             key = rounding_key(counters["rounding_seed"], gates.updates_done)
@@ -181,60 +215,120 @@ def unscaled(pipeline: PipelineConfig, gradient: mx.array, dtype: mx.Dtype) -> m
     return gradient
 
 
+def norm_dtype(dtypes: list[mx.Dtype]) -> mx.Dtype:
+    """The dtype of the global norm: float64 when any parameter computes in float64."""
+    return mx.float64 if mx.float64 in dtypes else mx.float32
+
+
+def native_applies(
+    pipeline: PipelineConfig,
+    gradients: list[mx.array],
+    states: list[dict],
+    dtypes: list[mx.Dtype],
+) -> bool:
+    """Whether the native pipeline primitives take this step: float32 arithmetic everywhere,
+    and no float64 gradient or accumulator (8-bit state computes in float32 whatever the
+    gradient's dtype; those steps keep the MLX ops)."""
+    if any(dtype != mx.float32 for dtype in dtypes):
+        return False
+    if any(g.dtype == mx.float64 for g in gradients):
+        return False
+    return not pipeline.accumulates or all(s[ACCUMULATOR].dtype != mx.float64 for s in states)
+
+
+def gradient_statistics(
+    pipeline: PipelineConfig,
+    native: NativePipeline | None,
+    gradients: list[mx.array],
+    states: list[dict],
+    accumulated: Accumulated | None,
+    dtypes: list[mx.Dtype],
+) -> mx.array | None:
+    """The statistics matrix (:mod:`mlx_rmsprop.pipeline`) of the values whose norms Keras
+    clips and whose finiteness decides a skip: the gradients with the loss scale divided out,
+    or with accumulation the accumulated sums over the steps. ``None`` when nothing reads it.
+
+    One native node for the whole step with ``native`` (which reads the gradients and
+    accumulators itself); otherwise the same matrix from MLX ops on ``accumulated``."""
+    clips = pipeline.clipnorm is not None or pipeline.global_clipnorm is not None
+    if not (clips or pipeline.skip_nonfinite):
+        return None
+    scaled_norm = (
+        ScaledNorm.GLOBAL
+        if pipeline.global_clipnorm is not None
+        else ScaledNorm.PER_TENSOR
+        if pipeline.clipnorm is not None
+        else ScaledNorm.NONE
+    )
+    if native is not None:
+        accumulators = [state[ACCUMULATOR] for state in states] if pipeline.accumulates else []
+        return native.statistics(
+            list(gradients),
+            accumulators,
+            pipeline.loss_scale_factor or 0.0,
+            pipeline.gradient_accumulation_steps or 0,
+            int(scaled_norm),
+        )
+    if pipeline.global_clipnorm is not None:
+        # Every norm of a global clip is taken in one dtype.
+        dtypes = [norm_dtype(dtypes)] * len(dtypes)
+    values = [
+        unscaled(pipeline, g, dtype) for g, dtype in zip(accumulated.gradients, dtypes, strict=True)
+    ]
+    return statistics_ops(values, scaled_norm)
+
+
 class ClipFactors(NamedTuple):
     """``global_factor``: the global_clipnorm scale for every gradient (or ``None``);
-    ``per_parameter[i]``: the clipnorm (multiplier, divisor) of gradient ``i`` (or ``None``)."""
+    ``per_parameter``: the clipnorm (multiplier, divisor) of gradient ``i`` in row ``i`` of a
+    (parameters, 2) matrix (or ``None``), which the fused update reads at its index."""
 
     global_factor: mx.array | None
-    per_parameter: list[tuple[mx.array, mx.array] | None]
+    per_parameter: mx.array | None
 
 
 def clip_factors(
-    pipeline: PipelineConfig, gradients: list[mx.array], dtypes: list[mx.Dtype]
+    pipeline: PipelineConfig,
+    summary: mx.array | None,
+    dtypes: list[mx.Dtype],
+    sizes: list[int],
 ) -> ClipFactors:
     """Keras' third stage, the part that needs whole tensors: the norms, as factors the fused
-    update multiplies and divides by (clipping by value is element-wise, in the update)."""
-    global_factor = None
+    update multiplies and divides by (clipping by value is element-wise, in the update).
+    Each parameter's factors are computed in its own arithmetic dtype."""
     if pipeline.global_clipnorm is not None:
-        norm_dtype = mx.float64 if mx.float64 in dtypes else mx.float32
-        global_factor = global_clip_factor(
-            [unscaled(pipeline, g, norm_dtype) for g in gradients],
-            pipeline.global_clipnorm,
-            norm_dtype,
+        if not any(sizes):
+            return ClipFactors(mx.array(1.0, norm_dtype(dtypes)), None)
+        return ClipFactors(
+            global_clip_factor(summary, pipeline.global_clipnorm, norm_dtype(dtypes)), None
         )
-    per_parameter = [
-        clip_by_norm_factors(unscaled(pipeline, g, dtype), pipeline.clipnorm)
-        if pipeline.clipnorm is not None
-        else None
-        for g, dtype in zip(gradients, dtypes, strict=True)
-    ]
-    return ClipFactors(global_factor, per_parameter)
+    if pipeline.clipnorm is None:
+        return ClipFactors(None, None)
+    present = sorted(set(dtypes), key=lambda dtype: dtype.size)
+    by_dtype = {dtype: clip_by_norm_factors(summary, pipeline.clipnorm, dtype) for dtype in present}
+    if len(present) == 1:
+        return ClipFactors(None, by_dtype[present[0]])
+    # Mixed float32/float64 arithmetic: float32 factors are exact in float64.
+    wide = mx.array([dtype == mx.float64 for dtype in dtypes]).reshape(-1, 1)
+    return ClipFactors(
+        None, mx.where(wide, by_dtype[mx.float64], by_dtype[mx.float32].astype(mx.float64))
+    )
 
 
-def nonfinite_candidates(
-    pipeline: PipelineConfig,
-    gradients: list[mx.array],
-    accumulated: Accumulated,
-    clipping: ClipFactors,
-    dtypes: list[mx.Dtype],
-) -> list[mx.array]:
-    """With ``skip_nonfinite``, every value on the way to the update that makes the step
-    skipped when it holds a NaN or an Inf: the raw gradients (with the loss scale divided out,
-    or the accumulated sums when accumulating) and the clip factors. Empty otherwise."""
+def nonfinite(
+    pipeline: PipelineConfig, summary: mx.array | None, clipping: ClipFactors
+) -> mx.array | None:
+    """With ``skip_nonfinite``, whether this step must be skipped: a NaN or an Inf on the
+    way to the update, in the values the statistics describe or in a clip factor. ``None``
+    without ``skip_nonfinite``."""
     if not pipeline.skip_nonfinite:
-        return []
-    if pipeline.accumulates:
-        checked = list(accumulated.sums)
-    elif pipeline.loss_scale_factor is not None:
-        checked = [unscaled(pipeline, g, dtype) for g, dtype in zip(gradients, dtypes, strict=True)]
-    else:
-        checked = list(gradients)
+        return None
+    flag = any_nonfinite(summary)
     if clipping.global_factor is not None:
-        checked.append(clipping.global_factor)
-    for factors in clipping.per_parameter:
-        if factors is not None:
-            checked.extend(factors)
-    return checked
+        flag = mx.logical_or(flag, mx.logical_not(mx.isfinite(clipping.global_factor)))
+    if clipping.per_parameter is not None:
+        flag = mx.logical_or(flag, mx.logical_not(mx.all(mx.isfinite(clipping.per_parameter))))
+    return flag
 
 
 class Gates(NamedTuple):
@@ -255,11 +349,11 @@ class Gates(NamedTuple):
 
 
 def count(
-    pipeline: PipelineConfig, counters: dict[str, mx.array], checked: list[mx.array]
+    pipeline: PipelineConfig, counters: dict[str, mx.array], nonfinite_step: mx.array | None
 ) -> Gates:
     """The skip decision, the new counters and the gates of the update and the EMA.
 
-    A non-finite value among ``checked`` (see :func:`nonfinite_candidates`) also holds the
+    A non-finite step (``nonfinite_step``, see :func:`nonfinite`) also holds the
     step counter (the call did not happen, as Keras' loss-scale optimizer has it); an invalid
     scheduled learning rate lets time move on, so that the schedule can recover."""
     step_before = counters["step"]
@@ -267,7 +361,7 @@ def count(
     skip = None
     step_after = step_before + 1
     if pipeline.skip_nonfinite:
-        skip = mx.logical_not(all_finite(checked))
+        skip = nonfinite_step
         step_after = step_before + mx.where(skip, 0, 1).astype(step_before.dtype)
     if pipeline.guard_learning_rate:
         lr = counters["learning_rate"]
@@ -315,10 +409,42 @@ def carry_accumulators(
     return new_states
 
 
+def accumulate_natively(
+    pipeline: PipelineConfig,
+    native: NativePipeline,
+    gradients: list[mx.array],
+    states: list[dict],
+    gates: Gates,
+    dtypes: list[mx.Dtype],
+) -> tuple[Accumulated, list[dict]]:
+    """:func:`accumulate` and :func:`carry_accumulators` as one native node per parameter
+    (the same values): the gradients the update sees, and each parameter's new state holding
+    its new accumulator."""
+    new_states: list[dict] = [dict() for _ in states]
+    if not pipeline.accumulates:
+        return Accumulated(list(gradients), []), new_states
+    skip = mx.array(False) if gates.skip is None else gates.skip
+    gate_vector = mx.stack([gates.applies, skip]).astype(mx.float32)
+    update_grads = []
+    for gradient, state, new_state, dtype in zip(
+        gradients, states, new_states, dtypes, strict=True
+    ):
+        mean, new_state[ACCUMULATOR] = native.accumulate(
+            gradient,
+            state[ACCUMULATOR],
+            gate_vector,
+            pipeline.loss_scale_factor or 0.0,
+            pipeline.gradient_accumulation_steps,
+            dtype,
+        )
+        update_grads.append(mean)
+    return Accumulated(update_grads, []), new_states
+
+
 class StepScalars:
     """This step's scalars vectors: one per arithmetic dtype and weight-decay exclusion, built
-    once per step and shared by the parameters that have them, or one per parameter when it
-    is clipped by its own norm."""
+    once per step and shared by the parameters that have them (a parameter clipped by its own
+    norm reads its factors from the clip-factor matrix instead)."""
 
     def __init__(
         self,
@@ -371,24 +497,10 @@ class StepScalars:
         self._entries[key] = entries
         return entries
 
-    def vector(
-        self,
-        dtype: mx.Dtype,
-        excluded: bool,
-        clip: tuple[mx.array, mx.array] | None,
-        rounding: bool = False,
-    ) -> mx.array:
+    def vector(self, dtype: mx.Dtype, excluded: bool, rounding: bool = False) -> mx.array:
         """The scalars vector for a parameter computed in ``dtype``, with weight decay
-        ``excluded`` or not, its own clipnorm factors ``clip`` (or ``None``), and this step's
-        rounding key when it rounds stochastically (``rounding``)."""
-        if clip is not None:
-            multiplier, divisor = clip
-            entries = {
-                **self.entries(dtype, excluded, rounding),
-                Scalar.CLIP_MULTIPLIER: multiplier,
-                Scalar.CLIP_DIVISOR: divisor,
-            }
-            return assemble_scalars(self._constants, entries, dtype)
+        ``excluded`` or not, and this step's rounding key when it rounds stochastically
+        (``rounding``)."""
         key = (dtype, excluded, rounding)
         if key not in self._vectors:
             self._vectors[key] = assemble_scalars(
@@ -411,17 +523,15 @@ def update_parameters(
 ) -> list[mx.array]:
     """The last stages, in the path's fused update of each parameter: weight decay, the
     RMSprop update and the EMA. Stores each new state buffer in ``new_states``. Each update is
-    told the parameter's position in the list (``index``: it seeds stochastic rounding)."""
+    told the parameter's position in the list (``index``: it seeds stochastic rounding and
+    selects the parameter's row of the clip factors)."""
     new_parameters = []
+    # Only clipping by each parameter's own norm has per-parameter factors.
+    factors = {} if clipping.per_parameter is None else {"factors": clipping.per_parameter}
     for index, (options, parameter, gradient, state, new_state, dtype) in enumerate(
         zip(parameter_options, parameters, gradients, states, new_states, dtypes, strict=True)
     ):
-        vector = scalars.vector(
-            dtype,
-            decay_excluded[index],
-            clipping.per_parameter[index],
-            options.stochastic_rounding,
-        )
+        vector = scalars.vector(dtype, decay_excluded[index], options.stochastic_rounding)
         new_parameter, kernel_state = update(
             options,
             vector,
@@ -429,6 +539,7 @@ def update_parameters(
             gradient,
             {key: state[key] for key in options.state_keys},
             index=index,
+            **factors,
         )
         new_state.update(kernel_state)
         new_parameters.append(new_parameter)

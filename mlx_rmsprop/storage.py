@@ -17,7 +17,7 @@ from functools import cache
 
 import mlx.core as mx
 
-from .spec import ROUNDING_OUTPUT_STRIDE, ROUNDING_TENSOR_STRIDE, code_midpoints
+from .spec import MIX32_MULTIPLIERS, ROUNDING_OUTPUT_STRIDE, ROUNDING_TENSOR_STRIDE, code_midpoints
 
 __all__ = [
     "ROUNDED_DTYPES",
@@ -147,9 +147,9 @@ def mix32(x: mx.array) -> mx.array:
     if x.dtype != mx.uint32:
         raise ValueError(f"mix32 needs a uint32 array, got {x.dtype}")
     x = x ^ (x >> _uint32(16))
-    x = x * _uint32(0x21F0AAAD)
+    x = x * _uint32(MIX32_MULTIPLIERS[0])
     x = x ^ (x >> _uint32(15))
-    x = x * _uint32(0xD35A2D97)
+    x = x * _uint32(MIX32_MULTIPLIERS[1])
     return x ^ (x >> _uint32(15))
 
 

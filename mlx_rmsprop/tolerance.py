@@ -36,6 +36,10 @@ RTOL = {
     # store can flip that rounding: one ulp of the 16-bit type, relative to the array's scale.
     "float16": 2e-3,
     "bfloat16": 1.6e-2,
+    # uint8: the codes of 8-bit state (relative to the largest code, 255 for a block's
+    # largest element). An ulp of float32 difference before requantizing can move a value
+    # across a midpoint: one code.
+    "uint8": 4e-3,
 }
 
 

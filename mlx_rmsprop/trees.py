@@ -384,6 +384,152 @@ def _gather_into(
 _FLOATING = frozenset(FLOATING_DTYPES)
 
 
+# Marks the end of a container in a structure key: {"a": {"b": x}, "c": y} and
+# {"a": {"b": x, "c": y}} list the same keys and differ only in where a container ends.
+_END = object()
+
+
+class LeafCache:
+    """What one step's :func:`gather` found, and the state buffers the step stored, so that
+    the next step over the same trees is verified by identity instead of checked again.
+
+    :func:`gather_cached` accepts the next step's trees when the gradient tree lists the same
+    keys in the same nesting (its structure key: an added, removed, renamed or moved key
+    differs) and every leaf's state node is the same dict object at the same position,
+    holding exactly the buffers this step stored, in the same order (so their keys, shapes
+    and dtypes are the ones :func:`gather` checked). Anything else (a state node or buffer
+    replaced, a loaded checkpoint, a new parameter) misses, and :func:`gather` runs: it raises
+    its path-naming errors or starts a new cache.
+
+    The gradients' and parameters' shapes and dtypes are not compared here: only a step
+    function compiled for exactly the shapes and dtypes it was traced with may follow a hit
+    (``mx.compile`` traces again for any other; the caller then runs :func:`gather`'s checks
+    before anything changes, see ``RMSprop._apply_gradients``).
+
+    It holds no gradient and no parameter, only the containers and buffers the optimizer
+    state holds anyway (holding an old buffer would keep MLX from updating it in place).
+    """
+
+    __slots__ = ("structure", "nodes", "written", "paths", "layouts", "in_order", "payload")
+
+    def __init__(self, gradients: Any, found: Gathered, payload: Any = None) -> None:
+        """Built from a step's ``gradients`` and what :func:`gather` found for them, once
+        the step has stored its new buffers in the state nodes."""
+        structure: list = []
+        _structure_into(structure, gradients)
+        self.structure = structure
+        self.nodes = found.states
+        # The buffers each state node must still hold, in the node's own key order.
+        self.written = [tuple(node.values()) for node in found.states]
+        self.paths = found.paths
+        self.layouts = found.layouts
+        # Whether every node holds its buffers in its layout's key order (a state made by
+        # init_single), so that the nodes themselves can be the step's inputs.
+        self.in_order = all(
+            tuple(node) == layout.keys
+            for node, layout in zip(found.states, found.layouts, strict=True)
+        )
+        # Whatever the caller derives from the leaves (their paths) and keeps with them.
+        self.payload = payload
+
+    def stored(self) -> None:
+        """The step verified by this cache has stored its new buffers in the state nodes."""
+        self.written = [tuple(node.values()) for node in self.nodes]
+
+
+def _structure_into(structure: list, grad: Any) -> None:
+    # The keys of every non-empty container in walk order, each container closed by _END
+    # (empty containers hold no leaves and are skipped, as the walks skip them).
+    if isinstance(grad, dict):
+        if grad:
+            for key, child in grad.items():
+                structure.append(key)
+                _structure_into(structure, child)
+            structure.append(_END)
+    elif isinstance(grad, (list, tuple)):
+        if grad:
+            for index, child in enumerate(grad):
+                structure.append(index)
+                _structure_into(structure, child)
+            structure.append(_END)
+
+
+class _CachedWalk:
+    __slots__ = ("structure", "nodes", "written", "count", "gradients", "parameters")
+
+    def __init__(self, cache: LeafCache) -> None:
+        self.structure: list = []
+        self.nodes = cache.nodes
+        self.written = cache.written
+        self.count = 0
+        self.gradients: list[mx.array] = []
+        self.parameters: list[mx.array] = []
+
+
+def gather_cached(cache: LeafCache, gradients: Any, parameters: Any, state: Any) -> Gathered | None:
+    """The leaves :func:`gather` would return, verified against ``cache`` (see
+    :class:`LeafCache`), or ``None`` when anything differs: then :func:`gather` must run."""
+    walk = _CachedWalk(cache)
+    if not (
+        isinstance(gradients, (dict, list, tuple))
+        and gradients
+        and _cached_into(walk, gradients, parameters, state)
+    ):
+        return None
+    if walk.count != len(cache.nodes) or walk.structure != cache.structure:
+        return None
+    return Gathered(cache.paths, walk.gradients, walk.parameters, cache.nodes, cache.layouts)
+
+
+def _cached_into(walk: _CachedWalk, grad: Any, param: Any, node: Any) -> bool:
+    # The leaves are checked inline, not in a call per leaf: this loop is the whole per-leaf
+    # cost of a step's tree handling.
+    if isinstance(grad, dict):
+        if not (isinstance(param, dict) and isinstance(node, dict)):
+            return False
+        pairs = ((key, child, param.get(key), node.get(key)) for key, child in grad.items())
+    else:
+        size = len(grad)
+        if not (
+            isinstance(param, (list, tuple))
+            and isinstance(node, (list, tuple))
+            and len(param) >= size
+            and len(node) >= size
+        ):
+            return False
+        pairs = zip(range(size), grad, param, node, strict=False)  # lengths checked above
+    structure, nodes, written = walk.structure, walk.nodes, walk.written
+    for key, child, child_param, child_node in pairs:
+        structure.append(key)
+        if type(child) is _ARRAY:
+            index = walk.count
+            if (
+                index >= len(nodes)
+                or child_node is not nodes[index]
+                or type(child_param) is not _ARRAY
+            ):
+                return False
+            held = written[index]
+            if len(child_node) != len(held):
+                return False
+            for buffer, ours in zip(child_node.values(), held, strict=True):
+                if buffer is not ours:
+                    return False
+            walk.count = index + 1
+            walk.gradients.append(child)
+            walk.parameters.append(child_param)
+        elif isinstance(child, (dict, list, tuple)):
+            if child and not _cached_into(walk, child, child_param, child_node):
+                return False
+        else:
+            return False
+    structure.append(_END)
+    return True
+
+
+_ARRAY = mx.array
+
+
 def rebuild(template: Any, values: Iterator[Any]) -> Any:
     """A tree shaped like ``template`` whose leaves are taken, in order, from ``values``
     (containers without entries are kept as they are)."""

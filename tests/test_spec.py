@@ -199,7 +199,7 @@ SECTIONS = [
 # The final section, how results are stored (8-bit state, stochastic rounding), in the bodies
 # that implement issue 17's storage options.
 STORE = "store"
-STORING_BODIES = {PACKAGE_DIR / "reference.py"}
+STORING_BODIES = {PACKAGE_DIR / "reference.py", REPOSITORY / "metal" / "rmsprop_update.inc"}
 MATH_BODIES = [
     PACKAGE_DIR / "reference.py",
     REPOSITORY / "metal" / "rmsprop_update.inc",

@@ -300,7 +300,7 @@ def kernel_stand_in(call):
     state = dict(zip(options.state_keys, buffers, strict=True))
     new_parameter, new_state = rmsprop_reference(options, scalars, parameter, gradient, state)
     outputs = [new_parameter, *(new_state[key] for key in options.state_keys)]
-    return [output.reshape(call.output_shape) for output in outputs]
+    return [o.reshape(shape) for o, shape in zip(outputs, call.output_shapes, strict=True)]
 
 
 @pytest.mark.parametrize("duplicate", [copy.deepcopy, pickled], ids=["deepcopy", "pickle"])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..reference import rmsprop_reference
+from ..reference import rmsprop_reference, spliced_scalars
 from ..spec import UpdateFn, UpdateOptions
 from . import native, probe
 
@@ -156,8 +156,14 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
         parameter: mx.array,
         gradient: mx.array,
         state: dict[str, mx.array],
+        *,
+        index: int = 0,
+        factors: mx.array | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
-        call = plan(options, scalars, parameter, gradient, state) if parameter.size else None
+        # The kernels store 8-bit state and round stochastically themselves (index: the
+        # parameter's position, which the rounding hash reads).
+        spliced = spliced_scalars(scalars, index, factors)
+        call = plan(options, spliced, parameter, gradient, state, index) if parameter.size else None
         if call is not None:
             verdict = probe.kernel_verdict(name, call.variant, update, fall_back)
             if verdict is not None:
@@ -166,8 +172,10 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
                         f"fused={name!r}: the kernel for {probe.describe(call.variant)} cannot "
                         f"be used on this device: {verdict}"
                     )
-                return rmsprop_reference(options, scalars, parameter, gradient, state)
-        return update(options, scalars, parameter, gradient, state)
+                return rmsprop_reference(
+                    options, scalars, parameter, gradient, state, index=index, factors=factors
+                )
+        return update(options, scalars, parameter, gradient, state, index=index, factors=factors)
 
     return proven
 

@@ -19,7 +19,16 @@ import mlx.core as mx
 import numpy as np
 
 from ..reference import rmsprop_reference
-from ..spec import FLAGS, NUM_SCALARS, Scalar
+from ..spec import (
+    FLAGS,
+    NUM_SCALARS,
+    QUANTIZED_KEYS,
+    Scalar,
+    code_table,
+    rounding_step_key,
+    scale_key,
+)
+from ..storage import quantize
 from ..tolerance import compare
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 
@@ -40,13 +49,19 @@ ROWS = (
     "nan_state",
 )
 LARGE_COLUMNS = 5
+# The rounding seed of verification: every step draws another stochastic-rounding key.
+ROUNDING_SEED = 20240613
+# The parameter position verification's updates run at (stochastic rounding draws per
+# position): not 0, the default, so that a kernel that ignores it differs.
+INDEX = 3
 
 
 def step_scalars(step: int) -> mx.array:
     """The float32 scalars vector of verification step ``step`` (1-based). Every entry is
     away from its neutral value; the learning rate changes every step; the update gate is 0 on
     step 2; the EMA gate is 0 on step 2 and the EMA overwrites the parameter from step 2 on,
-    so three steps see every gate combination."""
+    so three steps see every gate combination. The stochastic-rounding key is the optimizer's
+    for ROUNDING_SEED."""
     values = [0.0] * NUM_SCALARS
     values[Scalar.LR] = 0.01 * (1 + 0.5 * step)
     values[Scalar.ALPHA] = 0.9
@@ -64,6 +79,7 @@ def step_scalars(step: int) -> mx.array:
     values[Scalar.EMA_ONE_MINUS_MOMENTUM] = 1 - 0.99
     values[Scalar.EMA_GATE] = 0.0 if step == 2 else 1.0
     values[Scalar.EMA_OVERWRITE] = 1.0 if step >= 2 else 0.0
+    values[Scalar.ROUNDING_KEY] = float(rounding_step_key(ROUNDING_SEED, step))
     return mx.array(values, mx.float32)
 
 
@@ -80,11 +96,42 @@ def conditioned_values(rng: np.random.Generator, shape: int | tuple[int, ...]) -
     }
 
 
+def quantized_state(
+    variant: Variant, state: dict[str, mx.array], transposed: bool = False
+) -> dict[str, mx.array]:
+    """``state`` with 8-bit state's buffers in their stored form, as the optimizer keeps them:
+    each moment buffer quantized (codes, and scales under ``scale_key``; ``transposed``: the
+    codes as a transposed view with the same logical contents), for ``variant``'s block size."""
+    if not variant.options.quantized_state:
+        return state
+    stored = {}
+    for key in variant.options.state_keys:
+        if key in QUANTIZED_KEYS:
+            values = state[key].astype(mx.float32)
+            codes, scales = quantize(values, code_table(key), variant.options.block_size)
+            if transposed and codes.ndim >= 2:
+                codes = mx.array(np.ascontiguousarray(np.array(codes).T)).T
+            stored[key], stored[scale_key(key)] = codes, scales
+        elif key in state:
+            stored[key] = state[key]
+    return stored
+
+
+def update_arguments(variant: Variant) -> dict[str, int]:
+    """The keyword arguments of verification's update calls: ``index`` where it matters
+    (stochastic rounding), so that paths without it still take the other variants."""
+    return {"index": INDEX} if variant.options.stochastic_rounding else {}
+
+
 def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
-    """Parameter, gradient and state in ``variant``'s dtypes and size class: one row per
-    pattern of ROWS. Finite values are conditioned as ``check``'s (the centred variance far
-    from cancellation), so a correct kernel meets the tolerance with room to spare."""
-    shape = (len(ROWS),) if variant.small else (len(ROWS), LARGE_COLUMNS)
+    """Parameter, gradient and state in ``variant``'s dtypes and size classes: one row per
+    pattern of ROWS (with 8-bit state and more than 7 blocks, one column more than a block).
+    Finite values are conditioned as ``check``'s (the centred variance far from cancellation),
+    so a correct kernel meets the tolerance with room to spare."""
+    columns = LARGE_COLUMNS
+    if variant.options.quantized_state and not variant.small_scales:
+        columns = variant.options.block_size + 1
+    shape = (len(ROWS),) if variant.small else (len(ROWS), columns)
     assert (math.prod(shape) < METAL_CONSTANT_BELOW) == variant.small
     values = conditioned_values(np.random.default_rng(20240613), shape)
     values["ema"] = values["parameter"] + 0.01
@@ -106,8 +153,8 @@ def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.arr
             dtypes.get(name, variant.state_dtype)
         )
 
-    state = {key: array(key) for key in variant.options.state_keys}
-    return array("parameter"), array("gradient"), state
+    state = {key: array(key) for key in variant.options.state_keys if key in values}
+    return array("parameter"), array("gradient"), quantized_state(variant, state)
 
 
 def difference(update: Callable, variant: Variant, rtol: float | None = None) -> str | None:
@@ -118,10 +165,15 @@ def difference(update: Callable, variant: Variant, rtol: float | None = None) ->
     parameter, gradient, state = probe_inputs(variant)
     for step in range(1, STEPS + 1):
         scalars = step_scalars(step)
-        new_parameter, new_state = update(variant.options, scalars, parameter, gradient, state)
+        arguments = update_arguments(variant)
+        new_parameter, new_state = update(
+            variant.options, scalars, parameter, gradient, state, **arguments
+        )
         mx.eval(new_parameter, new_state)
         with mx.stream(mx.cpu):
-            expected = rmsprop_reference(variant.options, scalars, parameter, gradient, state)
+            expected = rmsprop_reference(
+                variant.options, scalars, parameter, gradient, state, **arguments
+            )
         actual = {"parameter": new_parameter, **new_state}
         for name, value in {"parameter": expected[0], **expected[1]}.items():
             mismatch = compare(actual[name], value, rtol=rtol)

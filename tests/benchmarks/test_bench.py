@@ -98,7 +98,7 @@ def measured(record, **where):
 def test_run_succeeds_and_records_machine_versions_and_settings(tiny_run):
     status, record, _, _ = tiny_run
     assert status == 0
-    assert record["schema"] == 2
+    assert record["schema"] == runner.SCHEMA_VERSION == 3
     machine = record["machine"]
     assert machine["mlx_device"] and machine["cpu"] and machine["os"]
     assert machine["gpu"] is False or machine["gpu"] is True
@@ -292,6 +292,110 @@ def test_the_model_tree_has_the_shapes_of_a_small_transformer():
     assert max(tree.shapes, key=lambda shape: math.prod(shape)) == (4096, 384)
 
 
+def test_the_many_tensor_workloads_have_the_shapes_they_are_named_after():
+    gpt2 = workloads.gpt2_small("float32")
+    assert gpt2.tensors == 196
+    assert gpt2.elements == 124_439_808  # GPT-2 small's 124M
+    assert gpt2.shapes[0] == (50257, 768)
+    qv = workloads.lora_qv("float32")
+    assert qv.tensors == 128
+    assert set(qv.shapes) == {(4096, 8), (8, 4096)}
+    every = workloads.lora_all("float32")
+    assert every.tensors == 448
+    assert set(every.shapes) == {(4096, 16), (16, 4096), (16, 11008), (11008, 16)}
+    assert every.elements == 32 * (4 * 2 * 4096 * 16 + 3 * (4096 + 11008) * 16)
+    tiny = workloads.many_tiny("float32")
+    assert (tiny.tensors, tiny.elements) == (10_000, 40_000)
+    kinds = [w.kind for w in workloads.plan_workloads(list(workloads.KINDS), [8], ["float32"])]
+    assert kinds == list(workloads.KINDS)
+
+
+def test_only_ours_runs_the_full_pipeline():
+    full = workloads.CONFIGURATIONS["full pipeline"]
+    assert dict(full.pipeline) == {
+        "use_ema": True,
+        "skip_nonfinite": True,
+        "clipnorm": 1.0,
+        "gradient_accumulation_steps": 2,
+    }
+    for impl in runner.implementations(include_peers=True):
+        ours = impl.role.startswith("path:") or impl.role == "user-compiled"
+        assert impl.supports(full) == ours, impl.name
+        assert impl.supports(workloads.CONFIGURATIONS["plain"])
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """A run of the 'tiny' workload cut to 4 tensors, plain and full pipeline (MLX only: the
+    peers' rows are checked on tiny_run)."""
+    directory = tmp_path_factory.mktemp("pipeline")
+    doc = directory / "benchmarks.md"
+    doc.write_text(DOC.format(start=report.DOC_START, end=report.DOC_END))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(workloads, "TINY_TENSORS", 4)
+        args = parse(
+            "--workloads", "tiny", "--dtypes", "float32",
+            "--configurations", "plain,full pipeline",
+            "--repeats", "2", "--rounds", "1", "--warmup", "1", "--row-seconds", "0",
+            "--bandwidth-size", "16", "--out", str(directory), "--doc", str(doc),
+            "--no-chart", "--no-peers", "--quiet",
+        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = bench.run(args)
+    record = json.loads((directory / bench.JSON_NAME).read_text())
+    return status, record, doc.read_text()
+
+
+def test_full_pipeline_rows_first_step_and_graph_nodes_are_recorded(pipeline_run):
+    status, record, doc = pipeline_run
+    assert status == 0
+    rows = measured(record, workload="4x4")
+    full = [row for row in rows if row["configuration"] == "full pipeline"]
+    assert {row["role"] for row in full} == {
+        impl["role"]
+        for impl in record["implementations"]
+        if impl["status"] == OK
+        and (impl["role"].startswith("path:") or impl["role"] == "user-compiled")
+    }
+    for row in rows:
+        assert row["tensors"] == 4
+        assert row["first_step_s"] > 0
+        mlx_row = row["role"].startswith(("mlx-", "path:", "user-compiled"))
+        nodes = row["graph_nodes_per_tensor"]
+        assert (nodes is not None) == mlx_row, row["implementation"]
+        if mlx_row:
+            assert nodes > 0
+    # A plain step is one fused node per tensor on the native path (plus a shared few).
+    native = measured(record, workload="4x4", role="path:native", configuration="plain")
+    if native:
+        assert 1 <= native[0]["graph_nodes_per_tensor"] < 2
+    assert "first step after setup" in doc and "| 4x4 |" in doc
+
+
+def test_peer_rows_record_their_first_step_and_no_graph_nodes(tiny_run):
+    _, record, _, _ = tiny_run
+    for row in measured(record):
+        assert row["first_step_s"] > 0
+        mlx_row = row["role"].startswith(("mlx-", "path:", "user-compiled"))
+        assert (row["graph_nodes_per_tensor"] is not None) == mlx_row, row["implementation"]
+
+
+def test_every_many_tensor_and_pipeline_target_is_reported(pipeline_run):
+    _, record, _ = pipeline_run
+    names = {target["target"] for target in record["targets"]}
+    for expected in (
+        "float32 200x2^10: auto vs optax (x)",
+        "float32 7B LoRA all r16: auto vs optax (x)",
+        "float32 7B LoRA all r16: auto vs mlx-compiled (x)",
+        "float32 GPT-2 small: full pipeline time / plain time",
+        "float32 2^24: full pipeline vs MLX mx.compile plain (x)",
+    ):
+        assert expected in names
+    # Not in this run: reported as not measured, with the reason.
+    lora = next(t for t in record["targets"] if t["target"].startswith("float32 7B LoRA all"))
+    assert lora["met"] is None and "not in this run" in lora["note"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -394,7 +498,7 @@ def test_files_go_to_the_output_folder_and_each_path_is_printed(tiny_run):
     (line,) = [line for line in output.splitlines() if line.startswith("wrote the JSON")]
     written = line.rsplit(": ", 1)[1]
     assert written.endswith(f"/results/{bench.JSON_NAME}")
-    assert json.loads(open(written).read())["schema"] == 2
+    assert json.loads(open(written).read())["schema"] == runner.SCHEMA_VERSION
     assert written.startswith("/")
 
 

@@ -23,8 +23,9 @@ from mlx_rmsprop.check import step_scalars
 from mlx_rmsprop.paths.kernels.launch import grid_for
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
 from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
+from mlx_rmsprop.paths.probe import INDEX, ROUNDING_SEED
 from mlx_rmsprop.reference import rmsprop_reference
-from mlx_rmsprop.spec import UpdateOptions
+from mlx_rmsprop.spec import BLOCK_SIZES, UpdateOptions
 
 if __name__ == "__main__":  # run as a script to regenerate the plan: tests/conftest.py not loaded
     from pathlib import Path
@@ -120,9 +121,16 @@ def test_script_grid_is_the_launchers():
     for size in LAUNCH_SIZES:
         blocks, _ = mlx_cuda_launch(grid_for(size))
         assert script.grid_for(size) == (blocks[0], blocks[1]), size
+        for block in BLOCK_SIZES:
+            if size > 2**40:
+                continue
+            blocks, threads = mlx_cuda_launch(grid_for(size, block), (block, 1, 1))
+            assert threads[0] == block
+            assert script.grid_for(size, block) == (blocks[0], blocks[1]), (size, block)
 
 
 def test_script_scalars_are_checks():
+    assert (script.ROUNDING_SEED, script.INDEX) == (ROUNDING_SEED, INDEX)
     for step in (1, 2, 3):
         assert np.array_equal(script.step_scalars(step), np.array(step_scalars(step)))
 
@@ -152,6 +160,7 @@ def reference_steps(variant: Variant, size: int, seed: int) -> None:
     inputs, compared bit for bit (any NaN equal to any NaN)."""
     mine = as_script_variant(variant)
     dtypes = (mine.parameter, mine.gradient, mine.state)
+    index = script.INDEX if mine.rounding else 0
     parameter, gradient, state = script.inputs(mine, size, seed)
     for step in (1, 2, 3):
         scalars = script.step_scalars(step)
@@ -160,13 +169,17 @@ def reference_steps(variant: Variant, size: int, seed: int) -> None:
             mx.array(scalars),
             _to_mlx(parameter, mine.parameter),
             _to_mlx(gradient, mine.gradient),
-            {k: _to_mlx(v, mine.state) for k, v in state.items()},
+            {k: _to_mlx(v, mine.state_dtype(k)) for k, v in state.items()},
+            index=index,
         )
         actual = script.numpy_reference(
-            variant.options, scalars, parameter, gradient, state, dtypes
+            variant.options, scalars, parameter, gradient, state, dtypes, index
         )
         pairs = [("parameter", actual[0], expected[0], mine.parameter)]
-        pairs += [(k, actual[1][k], expected[1][k], mine.state) for k in variant.options.state_keys]
+        pairs += [
+            (k, actual[1][k], expected[1][k], mine.state_dtype(k))
+            for k in variant.options.state_keys
+        ]
         for name, got, wanted, dtype in pairs:
             wanted = _to_numpy(wanted)
             assert got.dtype == wanted.dtype, name
@@ -180,10 +193,19 @@ def reference_steps(variant: Variant, size: int, seed: int) -> None:
 
 
 def test_numpy_reference_is_the_reference():
-    # Every option value (pairwise sets) in every dtype combination, and every buffer layout
-    # with every flag on, at the script's sizes: what the GPU run compares with.
+    # Every option value (pairwise sets, storage flags included) in every dtype combination,
+    # and every buffer layout with every flag on, at the script's sizes: what the GPU run
+    # compares with.
     for k, variant in enumerate(cuda_variants()):
         reference_steps(variant, script.SIZES[k % len(script.SIZES)], seed=k)
+
+
+def test_numpy_storage_is_the_reference_at_every_size():
+    # 8-bit state and stochastic rounding at every size the GPU run takes.
+    options = every_flag_on(("v", "v_scale", "grad_avg", "grad_avg_scale", "ema"), True, 32)
+    for k, size in enumerate(script.SIZES):
+        reference_steps(Variant(options, mx.bfloat16, mx.float16, mx.float16), size, seed=k)
+        reference_steps(Variant(options, mx.float16, mx.float32, mx.bfloat16), size, seed=k)
 
 
 def test_numpy_reference_comparison_can_fail(monkeypatch):
@@ -191,8 +213,8 @@ def test_numpy_reference_comparison_can_fail(monkeypatch):
     variant = Variant(UpdateOptions())
     original = script.numpy_reference
 
-    def fused(options, scalars, parameter, gradient, state, dtypes):
-        result = original(options, scalars, parameter, gradient, state, dtypes)
+    def fused(options, scalars, parameter, gradient, state, dtypes, index=0):
+        result = original(options, scalars, parameter, gradient, state, dtypes, index)
         g = script.to_float32(gradient, dtypes[1]).astype(np.float64)
         v = script.to_float32(state["v"], dtypes[2]).astype(np.float64)
         alpha = np.float64(scalars[script.Scalar.ALPHA])
@@ -206,6 +228,31 @@ def test_numpy_reference_comparison_can_fail(monkeypatch):
             reference_steps(variant, 4099, seed)
 
 
+def test_numpy_storage_comparison_can_fail(monkeypatch):
+    # Stochastic rounding that ignores the parameter's position, and codes that round a value
+    # on a midpoint up, must both show against the reference.
+    options = every_flag_on(("v", "v_scale", "ema"), True, 64)
+    variant = Variant(options, mx.bfloat16, mx.float32, mx.float16)
+    original = script.numpy_reference
+
+    def position_ignored(options, scalars, parameter, gradient, state, dtypes, index=0):
+        return original(options, scalars, parameter, gradient, state, dtypes, 0)
+
+    monkeypatch.setattr(script, "numpy_reference", position_ignored)
+    with pytest.raises(AssertionError):
+        reference_steps(variant, 4099, 0)
+    monkeypatch.undo()
+    real_quantize = script.quantize
+
+    def one_code_up(values, key, block_size):
+        codes, scales = real_quantize(values, key, block_size)
+        return np.minimum(codes.astype(np.int64) + 1, 255).astype(np.uint8), scales
+
+    monkeypatch.setattr(script, "quantize", one_code_up)
+    with pytest.raises(AssertionError):
+        reference_steps(variant, 257, 0)
+
+
 @optional.unless_missing(None if cuda_nvrtc.nvrtc_path() else "nvidia-cuda-nvrtc not installed")
 def test_script_units_compile_with_its_header_and_options():
     # What the script hands NVRTC on the GPU machine: its units, the stand-in device header,
@@ -215,6 +262,8 @@ def test_script_units_compile_with_its_header_and_options():
         pytest.skip("CUDA's runtime headers are not installed")
     variants = [Variant(o) for o in pairwise_option_sets()[:3]]
     variants.append(Variant(every_flag_on(("v", "grad_avg", "momentum_buffer", "ema"))))
+    quantized = ("v", "v_scale", "grad_avg", "grad_avg_scale", "ema")
+    variants.append(Variant(every_flag_on(quantized, True), mx.bfloat16, mx.float32, mx.float16))
     # One definition per kernel: the greedy covering set may already hold every flag on.
     variants = list(dict.fromkeys(variants))
     source = "".join(script.translation_unit(as_script_variant(v)) for v in variants)

@@ -13,17 +13,19 @@ from .source import kernel_arguments
 
 
 @cache
-def kernel_object(state_keys: tuple[str, ...]) -> Callable:
+def kernel_object(state_keys: tuple[str, ...], rounding: bool = False) -> Callable:
     """Built once per buffer layout, as for Metal. MLX compiles each template instance with
     NVRTC on its first launch in a process and keeps it in memory only: for custom kernels it
     turns its PTX disk cache off (mlx/backend/cuda/custom_kernel.cpp passes
     use_disk_cache=false to cu::get_jit_module; jit_module.cpp writes the cache only when that
     is true), so every process compiles each variant it uses again (about a second each)."""
-    return mx.fast.cuda_kernel(**kernel_arguments("cuda", state_keys))
+    return mx.fast.cuda_kernel(**kernel_arguments("cuda", state_keys, rounding))
 
 
 def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
-    return launch_with(kernel_object(call.variant.options.state_keys), call, verbose)
+    return launch_with(
+        kernel_object(call.variant.options.state_keys, call.variant.rounding), call, verbose
+    )
 
 
 def load() -> UpdateFn:

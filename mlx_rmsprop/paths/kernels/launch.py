@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ...reference import rmsprop_reference
-from ...spec import STORAGE_FLAGS, UpdateFn, UpdateOptions
+from ...reference import rmsprop_reference, spliced_scalars
+from ...spec import EMA, QUANTIZED_KEYS, UpdateFn, UpdateOptions, scale_key
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
 # MLX takes each grid dimension as an int, and array dimensions are 32-bit too.
@@ -24,7 +24,8 @@ MAX_GRID_DIM = 2**31 - 1
 # backends (see the index lines in source.py).
 ROW_WIDTH = 2**30
 # 256 threads: a whole number of Apple SIMD groups and NVIDIA warps (32). Not tuned: no Apple
-# or NVIDIA GPU was available to measure alternatives.
+# or NVIDIA GPU was available to measure alternatives. With 8-bit state the threadgroup is one
+# quantization block instead (``threadgroup_for``).
 THREADGROUP = (256, 1, 1)
 # CUDA's limit on the grid's y dimension (in blocks, one block per row here).
 MAX_ROWS = 65535
@@ -53,12 +54,23 @@ def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 MAX_1D_GRID = MAX_GRID_DIM - (THREADGROUP[0] - 1)
 
 
-def grid_for(size: int) -> tuple[int, int, int]:
-    """Threads to launch for ``size`` elements: one row of ``size`` threads up to
-    ``MAX_1D_GRID`` (2^31 - 256), else rows of ``ROW_WIDTH`` (the body computes the 64-bit
-    index and skips the overhang)."""
-    if size <= MAX_1D_GRID:
-        return (size, 1, 1)
+def threadgroup_for(options: UpdateOptions) -> tuple[int, int, int]:
+    """THREADGROUP, or with 8-bit state one block (``options.block_size`` threads: the body
+    reduces a block over its threadgroup)."""
+    return (options.block_size, 1, 1) if options.quantized_state else THREADGROUP
+
+
+def grid_for(size: int, block_size: int = 0) -> tuple[int, int, int]:
+    """Threads to launch for ``size`` elements: one row up to MLX's largest 1-D grid for the
+    threadgroup (2^31 - 256 with THREADGROUP), else rows of ``ROW_WIDTH`` (the body computes
+    the 64-bit index and skips the overhang). With ``block_size`` (8-bit state: the
+    threadgroup is one block) the threads are rounded up to whole blocks, so that every
+    threadgroup is full on Metal too; ROW_WIDTH is a multiple of every block size, so rows hold
+    whole blocks."""
+    threads = -(-size // block_size) * block_size if block_size else size
+    group = block_size or THREADGROUP[0]
+    if threads <= MAX_GRID_DIM - (group - 1):
+        return (threads, 1, 1)
     rows = -(-size // ROW_WIDTH)
     if rows > MAX_ROWS:
         raise ValueError(
@@ -74,15 +86,45 @@ class KernelCall:
     variant: Variant
     inputs: tuple[mx.array, ...]
     grid: tuple[int, int, int]
-    output_shape: tuple[int, ...]
-
-    @property
-    def output_shapes(self) -> list[tuple[int, ...]]:
-        return [self.output_shape] * len(self.variant.output_names)
+    output_shapes: tuple[tuple[int, ...], ...]
+    threadgroup: tuple[int, int, int] = THREADGROUP
 
     def unpack(self, outputs: list[mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
         """``(new_parameter, new_state)`` from the kernel's outputs."""
         return outputs[0], dict(zip(self.variant.options.state_keys, outputs[1:], strict=True))
+
+
+def _float_state_dtype(options: UpdateOptions, state: dict[str, mx.array]) -> mx.Dtype | None:
+    """The one dtype of the float state buffers (every buffer, or with 8-bit state the EMA),
+    when the kernel computes with it; else None."""
+    keys = [key for key in options.state_keys if key == EMA or not options.quantized_state]
+    dtypes = {state[key].dtype for key in keys}
+    if not keys:
+        return mx.float32
+    if len(dtypes) != 1 or not dtypes <= set(KERNEL_DTYPES):
+        return None
+    return dtypes.pop()
+
+
+def _blocks(size: int, block_size: int) -> int:
+    return -(-size // block_size)
+
+
+def _quantized_state_fits(
+    options: UpdateOptions, parameter: mx.array, state: dict[str, mx.array]
+) -> bool:
+    """Whether each 8-bit buffer is uint8 codes of the parameter's shape with float32 scales,
+    one per block (else the reference raises its error or computes)."""
+    blocks = _blocks(parameter.size, options.block_size)
+    for key in QUANTIZED_KEYS:
+        if key not in options.state_keys:
+            continue
+        codes, scales = state[key], state[scale_key(key)]
+        if codes.dtype != mx.uint8 or codes.shape != parameter.shape:
+            return False
+        if scales.dtype != mx.float32 or scales.shape != (blocks,):
+            return False
+    return True
 
 
 def plan(
@@ -91,38 +133,49 @@ def plan(
     parameter: mx.array,
     gradient: mx.array,
     state: dict[str, mx.array],
+    index: int = 0,
 ) -> KernelCall | None:
     """The launch for a non-empty parameter, or ``None`` when an input has a dtype the kernel
-    does not compute with (float64 runs, complex), the state buffers differ in dtype, or a
-    storage option (8-bit state, stochastic rounding) is on, which the kernels do not store."""
-    buffers = [state[key] for key in options.state_keys]
-    state_dtypes = {buffer.dtype for buffer in buffers}
+    does not compute with (float64 runs, complex), the float state buffers differ in dtype, or
+    8-bit state is not in its format. ``index``: the parameter's position in the step (the
+    stochastic rounding hash reads it), passed as a one-element uint32 input array."""
+    state_dtype = _float_state_dtype(options, state)
     if (
-        any(getattr(options, name) for name in STORAGE_FLAGS)
-        or scalars.dtype != mx.float32
+        scalars.dtype != mx.float32
         or parameter.dtype not in KERNEL_DTYPES
         or gradient.dtype not in KERNEL_DTYPES
-        or len(state_dtypes) != 1
-        or not state_dtypes <= set(KERNEL_DTYPES)
+        or state_dtype is None
+        or (options.quantized_state and not _quantized_state_fits(options, parameter, state))
     ):
         return None
+    quantized = options.quantized_state
+    blocks = _blocks(parameter.size, options.block_size) if quantized else 0
     variant = Variant(
         options,
         parameter_dtype=parameter.dtype,
         gradient_dtype=gradient.dtype,
-        state_dtype=buffers[0].dtype,
+        state_dtype=state_dtype,
         small=parameter.size < METAL_CONSTANT_BELOW,
+        small_scales=quantized and blocks < METAL_CONSTANT_BELOW,
     )
     shape = kernel_shape(parameter.shape)
+    scales = {scale_key(key) for key in QUANTIZED_KEYS}
 
     def flat(array: mx.array) -> mx.array:
         return array if array.shape == shape else array.reshape(shape)
 
+    buffers = [state[key] if key in scales else flat(state[key]) for key in options.state_keys]
+    index_input = (mx.array([index], dtype=mx.uint32),) if options.stochastic_rounding else ()
+    output_shapes = tuple(
+        (blocks,) if name in scales else tuple(parameter.shape)
+        for name in ("parameter", *options.state_keys)
+    )
     return KernelCall(
         variant=variant,
-        inputs=(flat(parameter), flat(gradient), *(flat(b) for b in buffers), scalars),
-        grid=grid_for(parameter.size),
-        output_shape=tuple(parameter.shape),
+        inputs=(flat(parameter), flat(gradient), *buffers, scalars, *index_input),
+        grid=grid_for(parameter.size, options.block_size if quantized else 0),
+        output_shapes=output_shapes,
+        threadgroup=threadgroup_for(options),
     )
 
 
@@ -132,8 +185,8 @@ def launch_with(kernel: Callable, call: KernelCall, verbose: bool = False) -> li
         inputs=list(call.inputs),
         template=call.variant.template_args(),
         grid=call.grid,
-        threadgroup=THREADGROUP,
-        output_shapes=call.output_shapes,
+        threadgroup=call.threadgroup,
+        output_shapes=list(call.output_shapes),
         output_dtypes=list(call.variant.output_dtypes),
         verbose=verbose,
     )
@@ -149,12 +202,17 @@ def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
         parameter: mx.array,
         gradient: mx.array,
         state: dict[str, mx.array],
+        *,
+        index: int = 0,
+        factors: mx.array | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
         if parameter.size == 0:
             return parameter, {key: state[key] for key in options.state_keys}
-        call = plan(options, scalars, parameter, gradient, state)
+        # The kernel body reads its clip factors from the scalars vector.
+        scalars = spliced_scalars(scalars, index, factors)
+        call = plan(options, scalars, parameter, gradient, state, index)
         if call is None:
-            return rmsprop_reference(options, scalars, parameter, gradient, state)
+            return rmsprop_reference(options, scalars, parameter, gradient, state, index=index)
         return call.unpack(launch(call))
 
     return update

@@ -13,15 +13,18 @@ from .source import kernel_arguments
 
 
 @cache
-def kernel_object(state_keys: tuple[str, ...]) -> Callable:
-    """Built once per buffer layout: dtypes and flags arrive as template arguments (MLX then
+def kernel_object(state_keys: tuple[str, ...], rounding: bool = False) -> Callable:
+    """Built once per buffer layout (and with or without the ``index`` input of stochastic
+    rounding): dtypes and flags arrive as template arguments (MLX then
     compiles each variant once), per-step numbers as the scalars array, so a learning-rate
     schedule never changes the source."""
-    return mx.fast.metal_kernel(**kernel_arguments("metal", state_keys))
+    return mx.fast.metal_kernel(**kernel_arguments("metal", state_keys, rounding))
 
 
 def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
-    return launch_with(kernel_object(call.variant.options.state_keys), call, verbose)
+    return launch_with(
+        kernel_object(call.variant.options.state_keys, call.variant.rounding), call, verbose
+    )
 
 
 def load() -> UpdateFn:

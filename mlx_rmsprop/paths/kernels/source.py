@@ -12,6 +12,7 @@ output (tests capture it through ``mx.export_function(..., verbose=True)``).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -19,14 +20,23 @@ from importlib import resources
 import mlx.core as mx
 
 from ...spec import (
+    BLOCK_SIZES,
     EMA,
     FLAGS,
     GRAD_AVG,
+    MIX32_MULTIPLIERS,
     MOMENTUM_BUFFER,
     NUM_SCALARS,
-    STORAGE_FLAGS,
+    QUANTIZED_KEYS,
+    ROUNDING_OUTPUT_STRIDE,
+    ROUNDING_TENSOR_STRIDE,
+    SIGNED_CODE,
+    UNSIGNED_CODE,
     Scalar,
     UpdateOptions,
+    V,
+    code_midpoints,
+    scale_key,
 )
 
 BACKENDS = ("metal", "cuda")
@@ -34,8 +44,22 @@ KERNEL_NAME = "rmsprop"
 BODY_RESOURCE = "rmsprop_update.inc"
 # Dtypes the kernel computes with; anything else (float64, complex) takes the reference math.
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-METAL_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t"}
-CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
+# MLX's spelling of each dtype in the generated source (its get_type_string): the float dtypes,
+# the uint8 codes of 8-bit state and the uint32 `index` input of stochastic rounding.
+METAL_TYPES = {
+    mx.float32: "float",
+    mx.float16: "float16_t",
+    mx.bfloat16: "bfloat16_t",
+    mx.uint8: "uint8_t",
+    mx.uint32: "uint32_t",
+}
+CUDA_TYPES = {
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.uint8: "uint8_t",
+    mx.uint32: "uint32_t",
+}
 # MLX passes an input with fewer elements than this in Metal's `constant` address space.
 METAL_CONSTANT_BELOW = 8
 METAL_MAX_BUFFERS = 31
@@ -116,21 +140,110 @@ PRIMITIVES = {
     ),
 }
 PRIMITIVE_NAMES = ("RMS_MUL", "RMS_ADD", "RMS_SUB", "RMS_DIV", "RMS_SQRT")
+# What else the body needs spelled per backend: the bits of a float32 and back (exact, no
+# arithmetic), whether a storage type is float16 (stochastic rounding), and one threadgroup's
+# shared memory and barrier (the block reduction of 8-bit state).
+# - Metal: as_type<> reinterprets bits; `threadgroup` memory and
+#   threadgroup_barrier(mem_flags::mem_threadgroup) (MSL specification, "Threadgroup and SIMD-
+#   group synchronization functions"): every thread of the group must reach it, which the body
+#   guarantees (no early return with 8-bit state).
+# - CUDA: __float_as_uint / __uint_as_float, __shared__ and __syncthreads() (CUDA Programming
+#   Guide, "Synchronization functions": it must be reached by every thread of the block).
+# Both type traits are what the backends' standard headers provide (metal_type_traits;
+# libcu++'s cuda/std/type_traits, which MLX's device headers include:
+# tests/paths/kernels/test_kernel_ptx.py compiles the kernels with those headers).
+SPELLINGS = {
+    "metal": (
+        "#define RMS_FLOAT_BITS(x) as_type<uint32_t>(x)\n"
+        "#define RMS_BITS_FLOAT(u) as_type<float>(u)\n"
+        "#define RMS_IS_HALF(T) metal::is_same<T, half>::value\n"
+        "#define RMS_GROUP_SHARED threadgroup\n"
+        "#define RMS_GROUP_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)"
+    ),
+    "cuda": (
+        "#define RMS_FLOAT_BITS(x) __float_as_uint(x)\n"
+        "#define RMS_BITS_FLOAT(u) __uint_as_float(u)\n"
+        "#define RMS_IS_HALF(T) cuda::std::is_same<T, __half>::value\n"
+        "#define RMS_GROUP_SHARED __shared__\n"
+        "#define RMS_GROUP_BARRIER() __syncthreads()"
+    ),
+}
+SPELLING_NAMES = (
+    "RMS_FLOAT_BITS",
+    "RMS_BITS_FLOAT",
+    "RMS_IS_HALF",
+    "RMS_GROUP_SHARED",
+    "RMS_GROUP_BARRIER",
+)
+# This thread's place in its threadgroup (8-bit state: its block) and the group's size.
+GROUP_LINES = {
+    "metal": "const uint32_t group_thread = thread_position_in_threadgroup.x;\n"
+    "const uint32_t group_size = threads_per_threadgroup.x;",
+    "cuda": "const uint32_t group_thread = threadIdx.x;\nconst uint32_t group_size = blockDim.x;",
+}
+# The code tables and midpoints of spec as float32 bit patterns (exact by construction), in
+# the address space each backend reads constant data from. Metal declares them `constant` in
+# the kernel's scope (function-scope constant arrays stay in constant memory instead of being
+# copied per thread: Blender differential D17089, written by Apple for Blender's Metal
+# backend; Apple's compiler has not seen these kernels, clang's strict parse has); CUDA as
+# static const data of the kernel. Without 8-bit state they are null pointers, never read.
+TABLES = {
+    "kUnsignedCode": UNSIGNED_CODE,
+    "kUnsignedMidpoints": code_midpoints(UNSIGNED_CODE),
+    "kSignedCode": SIGNED_CODE,
+    "kSignedMidpoints": code_midpoints(SIGNED_CODE),
+}
+TABLE_DECLARATIONS = {
+    "metal": (
+        "constant uint32_t {name}[{size}] = {{{values}}};",
+        "constant uint32_t* {name} = nullptr;",
+    ),
+    "cuda": (
+        "static const uint32_t {name}[{size}] = {{{values}}};",
+        "const uint32_t* {name} = nullptr;",
+    ),
+}
 # How an absent optional buffer is declared (input, output) so the body compiles without it.
 ABSENT_BUFFERS = {
-    "metal": ("const device S* {name} = nullptr;", "device S* new_{name} = nullptr;"),
-    "cuda": ("const S* {name} = nullptr;", "S* new_{name} = nullptr;"),
+    "metal": ("const device {type}* {name} = nullptr;", "device {type}* new_{name} = nullptr;"),
+    "cuda": ("const {type}* {name} = nullptr;", "{type}* new_{name} = nullptr;"),
 }
-OPTIONAL_STATE = (GRAD_AVG, MOMENTUM_BUFFER, EMA)
+# Optional buffers with the body's type of their elements: the moment buffers are Q (S, or
+# uint8 codes with 8-bit state), the EMA S, the scales float.
+OPTIONAL_STATE = {
+    GRAD_AVG: "Q",
+    MOMENTUM_BUFFER: "Q",
+    EMA: "S",
+    scale_key(V): "float",
+    scale_key(GRAD_AVG): "float",
+    scale_key(MOMENTUM_BUFFER): "float",
+}
+# The constants of the stochastic-rounding hash (spec: mix32 and the strides), named as in
+# the generated spec.h.
+HASH_CONSTANTS = (
+    ("kMix32Multiplier1", MIX32_MULTIPLIERS[0]),
+    ("kMix32Multiplier2", MIX32_MULTIPLIERS[1]),
+    ("kRoundingTensorStride", ROUNDING_TENSOR_STRIDE),
+    ("kRoundingOutputStride", ROUNDING_OUTPUT_STRIDE),
+)
+# Threads of the largest threadgroup a block is reduced by (the size of the body's threadgroup
+# memory per 8-bit buffer).
+MAX_BLOCK_SIZE = max(BLOCK_SIZES)
 
 
-def input_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
-    """Kernel inputs, named like the arguments of ``rmsprop_reference``."""
-    return ("parameter", "gradient", *state_keys, "scalars")
+def input_names(state_keys: tuple[str, ...], rounding: bool = False) -> tuple[str, ...]:
+    """Kernel inputs, named like the arguments of ``rmsprop_reference`` (``index`` only with
+    stochastic rounding, the only code that reads it)."""
+    return ("parameter", "gradient", *state_keys, "scalars", *(("index",) if rounding else ()))
 
 
 def output_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"new_{name}" for name in ("parameter", *state_keys))
+
+
+def quantized_layout(state_keys: tuple[str, ...]) -> bool:
+    """Whether the buffer layout is 8-bit state's (its buffers have scales)."""
+    return scale_key(V) in state_keys
 
 
 @dataclass(frozen=True)
@@ -138,14 +251,19 @@ class Variant:
     """Everything that selects one compiled kernel: the options, the dtypes, and whether the
     arrays are small enough for MLX to pass them in Metal's ``constant`` address space.
 
-    All state buffers share ``state_dtype`` (the optimizer creates them so; other states take
-    the reference path)."""
+    ``state_dtype`` is the dtype of the float state buffers, which all share it (the optimizer
+    creates them so; other states take the reference path). With ``quantized_state`` the moment
+    buffers are uint8 codes with float32 scales and only the EMA is a float buffer: without an
+    EMA ``state_dtype`` is float32 (it selects nothing then). ``small_scales``: with
+    ``quantized_state``, whether the scales (one per block) are fewer than 8 elements, which
+    also holds whenever the parameter is."""
 
     options: UpdateOptions
     parameter_dtype: mx.Dtype = mx.float32
     gradient_dtype: mx.Dtype = mx.float32
     state_dtype: mx.Dtype = mx.float32
     small: bool = False
+    small_scales: bool = False
 
     def __post_init__(self) -> None:
         for role in ("parameter", "gradient", "state"):
@@ -155,10 +273,32 @@ class Variant:
                     f"the kernel computes float32, float16 and bfloat16 only, got {role} "
                     f"dtype {dtype} (such parameters take the reference path instead)"
                 )
+        quantized = self.options.quantized_state
+        if quantized and not self.options.ema:
+            object.__setattr__(self, "state_dtype", mx.float32)
+        if self.small_scales and not quantized:
+            raise ValueError("small_scales needs options.quantized_state")
+        if quantized and self.small and not self.small_scales:
+            raise ValueError("a parameter under 8 elements has under 8 scales: small_scales")
+
+    @property
+    def rounding(self) -> bool:
+        """Whether the kernel takes the ``index`` input (stochastic rounding)."""
+        return self.options.stochastic_rounding
+
+    @property
+    def moment_dtype(self) -> mx.Dtype:
+        """The storage dtype of v, grad_avg and momentum_buffer (template parameter Q)."""
+        return mx.uint8 if self.options.quantized_state else self.state_dtype
+
+    def _state_dtype(self, key: str) -> mx.Dtype:
+        if key in QUANTIZED_KEYS:
+            return self.moment_dtype
+        return self.state_dtype if key == EMA else mx.float32
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return input_names(self.options.state_keys)
+        return input_names(self.options.state_keys, self.rounding)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -166,18 +306,28 @@ class Variant:
 
     @property
     def input_dtypes(self) -> tuple[mx.Dtype, ...]:
-        states = (self.state_dtype,) * len(self.options.state_keys)
-        return (self.parameter_dtype, self.gradient_dtype, *states, mx.float32)
+        states = tuple(self._state_dtype(key) for key in self.options.state_keys)
+        index = (mx.uint32,) if self.rounding else ()
+        return (self.parameter_dtype, self.gradient_dtype, *states, mx.float32, *index)
 
     @property
     def output_dtypes(self) -> tuple[mx.Dtype, ...]:
-        return (self.parameter_dtype, *(self.state_dtype,) * len(self.options.state_keys))
+        states = tuple(self._state_dtype(key) for key in self.options.state_keys)
+        return (self.parameter_dtype, *states)
 
     @property
     def input_sizes_small(self) -> tuple[bool, ...]:
-        """Per input: passed in Metal's constant address space (fewer than 8 elements)."""
-        scalars_small = NUM_SCALARS < METAL_CONSTANT_BELOW
-        return (*(self.small,) * (len(self.input_names) - 1), scalars_small)
+        """Per input: passed in Metal's constant address space (fewer than 8 elements). The
+        scales have one element per block, ``index`` one."""
+        scales = {scale_key(key) for key in QUANTIZED_KEYS}
+        small = [
+            self.small_scales if name in scales else self.small
+            for name in ("parameter", "gradient", *self.options.state_keys)
+        ]
+        small.append(NUM_SCALARS < METAL_CONSTANT_BELOW)
+        if self.rounding:
+            small.append(True)
+        return tuple(small)
 
     def template_args(self) -> list[tuple[str, mx.Dtype | bool]]:
         """``template=`` for MLX: the dtypes, then one bool per code-selecting option."""
@@ -185,12 +335,9 @@ class Variant:
             ("P", self.parameter_dtype),
             ("G", self.gradient_dtype),
             ("S", self.state_dtype),
+            ("Q", self.moment_dtype),
         ]
-        args += [
-            (name.upper(), getattr(self.options, name))
-            for name in FLAGS
-            if name not in STORAGE_FLAGS
-        ]
+        args += [(name.upper(), getattr(self.options, name)) for name in FLAGS]
         return args
 
 
@@ -205,41 +352,64 @@ def body_text() -> str:
     return resources.files("mlx_rmsprop.metal").joinpath(BODY_RESOURCE).read_text("utf-8")
 
 
-@cache
-def kernel_body(backend: str, state_keys: tuple[str, ...]) -> str:
-    """The ``source=`` argument of the kernel object: prologue (the arithmetic primitives, the
-    index line, the scalars, absent buffers) + shared body.
+def _table_lines(backend: str, quantized: bool) -> list[str]:
+    declared, absent = TABLE_DECLARATIONS[backend]
+    lines = []
+    for name, values in TABLES.items():
+        if not quantized:
+            lines.append(absent.format(name=name))
+            continue
+        bits = [f"{struct.unpack('<I', struct.pack('<f', value))[0]:#010x}u" for value in values]
+        rows = ",\n    ".join(", ".join(bits[k : k + 8]) for k in range(0, len(bits), 8))
+        lines.append(declared.format(name=name, size=len(values), values="\n    " + rows))
+    return lines
 
-    It depends on the backend and on which state buffers exist (``UpdateOptions.state_keys``),
-    not on dtypes or on the other flags (those are template arguments), nor on any per-step
-    number: one kernel object serves every step of every optimizer with that layout."""
+
+@cache
+def kernel_body(backend: str, state_keys: tuple[str, ...], rounding: bool = False) -> str:
+    """The ``source=`` argument of the kernel object: prologue (the arithmetic primitives and
+    the other backend spellings, the index and threadgroup lines, the scalars, the parameter's
+    position, the code tables, absent buffers) + shared body.
+
+    It depends on the backend, on which state buffers exist (``UpdateOptions.state_keys``,
+    which also tell 8-bit state) and on whether the kernel rounds stochastically (``index``
+    input), not on dtypes or on the other flags (those are template arguments), nor on the
+    block size (the threadgroup size), nor on any per-step number: one kernel object serves
+    every step of every optimizer with that layout."""
     _check_backend(backend)
-    lines = [PRIMITIVES[backend], INDEX_LINES[backend]]
-    # The kernels do not store with stochastic rounding yet: ROUNDING_KEY is not read.
-    lines += [
-        f"const float {entry.name.lower()} = scalars[{int(entry)}];"
-        for entry in Scalar
-        if entry is not Scalar.ROUNDING_KEY
-    ]
+    quantized = quantized_layout(state_keys)
+    lines = [PRIMITIVES[backend], SPELLINGS[backend], INDEX_LINES[backend], GROUP_LINES[backend]]
+    lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
+    position = "index[0]" if rounding else "0u"
+    lines.append(f"const uint32_t parameter_position = {position};")
+    lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
+    lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
+    lines += _table_lines(backend, quantized)
     absent_input, absent_output = ABSENT_BUFFERS[backend]
-    for name in OPTIONAL_STATE:
+    for name, kind in OPTIONAL_STATE.items():
         if name not in state_keys:
-            lines += [absent_input.format(name=name), absent_output.format(name=name)]
+            lines += [
+                absent_input.format(type=kind, name=name),
+                absent_output.format(type=kind, name=name),
+            ]
     return "\n".join(lines) + "\n\n" + body_text()
 
 
-def kernel_arguments(backend: str, state_keys: tuple[str, ...]) -> dict[str, object]:
+def kernel_arguments(
+    backend: str, state_keys: tuple[str, ...], rounding: bool = False
+) -> dict[str, object]:
     """The constructor arguments of the kernel object (``mx.fast.metal_kernel`` or
-    ``mx.fast.cuda_kernel``) for one buffer layout."""
+    ``mx.fast.cuda_kernel``) for one buffer layout, with or without stochastic rounding."""
     return {
         "name": KERNEL_NAME,
-        "input_names": list(input_names(state_keys)),
+        "input_names": list(input_names(state_keys, rounding)),
         "output_names": list(output_names(state_keys)),
-        "source": kernel_body(backend, state_keys),
+        "source": kernel_body(backend, state_keys, rounding),
         "ensure_row_contiguous": True,
     }
 
 
+@cache
 def shape_infos(source: str, input_names: tuple[str, ...]) -> list[tuple[bool, bool, bool]]:
     """Which of ``<name>_shape``, ``_strides``, ``_ndim`` MLX adds: a substring search of the
     body (both backends)."""
@@ -284,7 +454,7 @@ def cuda_kernel_name(variant: Variant) -> str:
 def metal_translation_unit(variant: Variant) -> str:
     """The Metal source MLX generates for this variant (what it prints with ``verbose=True``;
     at compile time MLX puts its own utility headers in front)."""
-    source = kernel_body("metal", variant.options.state_keys)
+    source = kernel_body("metal", variant.options.state_keys, variant.rounding)
     name = metal_kernel_name(variant)
     template_args = variant.template_args()
     kinds = ", ".join(
@@ -328,7 +498,7 @@ CUDA_PREAMBLE = (
 
 def cuda_translation_unit(variant: Variant) -> str:
     """The CUDA source MLX's CUDA backend builds around the same body (compiled with NVRTC)."""
-    source = kernel_body("cuda", variant.options.state_keys)
+    source = kernel_body("cuda", variant.options.state_keys, variant.rounding)
     text = CUDA_PREAMBLE + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += f"__global__ void {cuda_kernel_name(variant)}(\n"
     infos = shape_infos(source, variant.input_names)
@@ -365,6 +535,6 @@ def translation_unit(variant: Variant, backend: str = "metal") -> str:
 
 def metal_buffer_count(variant: Variant) -> int:
     """Buffer slots the Metal kernel binds: inputs, their shape/stride/ndim, outputs."""
-    source = kernel_body("metal", variant.options.state_keys)
+    source = kernel_body("metal", variant.options.state_keys, variant.rounding)
     extra = sum(sum(info) for info in shape_infos(source, variant.input_names))
     return len(variant.input_names) + extra + len(variant.output_names)

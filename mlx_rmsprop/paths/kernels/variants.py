@@ -8,27 +8,42 @@ Linux) runs:
 - every option set of :func:`~mlx_rmsprop.spec.option_space` with float32 parameter, gradient
   and state, and
 - for each of the 15 dtype combinations and both address-space classes, a pairwise covering
-  set of option sets: every value of every flag together with every value of every other flag
-  appears at least once (where the spec allows the pair).
+  set of option sets of the whole space, storage flags included
+  (``pairwise_option_sets(storage=True)``): every value of every flag together with every
+  value of every other flag appears at least once (where the spec allows the pair). Its 8-bit
+  state rows take the block sizes of ``spec.BLOCK_SIZES`` in turn, and the large ones both
+  classes of scales (fewer than 8 blocks, passed in Metal's ``constant`` address space, or
+  more): the storage flags are crossed pairwise, not multiplied into every option set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from functools import cache
 
 import mlx.core as mx
 
-from ...spec import EMA, FLAGS, GRAD_AVG, MOMENTUM_BUFFER, UpdateOptions, option_space
+from ...spec import (
+    BLOCK_SIZES,
+    EMA,
+    FLAGS,
+    GRAD_AVG,
+    MOMENTUM_BUFFER,
+    UpdateOptions,
+    V,
+    option_space,
+    scale_key,
+)
 from .source import KERNEL_DTYPES, Variant
 
 
 @cache
-def pairwise_option_sets() -> tuple[UpdateOptions, ...]:
-    """A small subset of ``option_space()`` in which every pair of (flag, value) that some
-    valid option set holds appears: greedy, deterministic (each row is the first option set
-    covering most uncovered pairs)."""
-    space = option_space()
+def pairwise_option_sets(storage: bool = False) -> tuple[UpdateOptions, ...]:
+    """A small subset of ``option_space(storage)`` in which every pair of (flag, value) that
+    some valid option set holds appears: greedy, deterministic (each row is the first option
+    set covering most uncovered pairs)."""
+    space = option_space(storage)
     # Each (flag, value) pair as a bit, each option set as the mask of the pairs it holds.
     index: dict[tuple, int] = {}
     masks = []
@@ -47,12 +62,19 @@ def pairwise_option_sets() -> tuple[UpdateOptions, ...]:
     return tuple(rows)
 
 
-def every_flag_on(state_keys: tuple[str, ...]) -> UpdateOptions:
-    """The option set with the buffer layout ``state_keys`` and as many other flags on as the
-    spec allows (decoupled weight decay over coupled, nesterov and lr_in_momentum with
-    momentum): the longest code for that layout."""
+def every_flag_on(
+    state_keys: tuple[str, ...], stochastic_rounding: bool = False, block_size: int = 0
+) -> UpdateOptions:
+    """The option set with the buffer layout ``state_keys`` (8-bit state when it holds scales,
+    with ``block_size`` or the default) and as many other flags on as the spec allows
+    (decoupled weight decay over coupled, nesterov and lr_in_momentum with momentum): the
+    longest code for that layout."""
     momentum = MOMENTUM_BUFFER in state_keys
+    quantized = scale_key(V) in state_keys
     return UpdateOptions(
+        quantized_state=quantized,
+        stochastic_rounding=stochastic_rounding,
+        block_size=block_size if quantized else 0,
         centered=GRAD_AVG in state_keys,
         momentum=momentum,
         nesterov=momentum,
@@ -78,14 +100,27 @@ def dtype_combinations() -> list[tuple[mx.Dtype, mx.Dtype, mx.Dtype]]:
     return combos
 
 
+def plan_variant(
+    options: UpdateOptions,
+    dtypes: tuple[mx.Dtype, mx.Dtype, mx.Dtype],
+    small: bool,
+    turn: int,
+) -> Variant:
+    """The variant of ``options`` in ``dtypes`` and size class ``small`` for row ``turn`` of a
+    plan: with 8-bit state the block size is ``BLOCK_SIZES[turn % 6]`` and a large parameter
+    has fewer than 8 blocks on even turns, more on odd ones."""
+    if not options.quantized_state:
+        return Variant(options, *dtypes, small)
+    options = dataclasses.replace(options, block_size=BLOCK_SIZES[turn % len(BLOCK_SIZES)])
+    return Variant(options, *dtypes, small, small_scales=small or turn % 2 == 0)
+
+
 def verification_plan() -> list[Variant]:
     """Every variant verification runs (see the module docstring), without repeats."""
     plan = [Variant(options) for options in option_space()]
-    for (parameter, gradient, state), small in itertools.product(
-        dtype_combinations(), (False, True)
-    ):
+    for k, (dtypes, small) in enumerate(itertools.product(dtype_combinations(), (False, True))):
         plan += [
-            Variant(options, parameter, gradient, state, small)
-            for options in pairwise_option_sets()
+            plan_variant(options, dtypes, small, k + row)
+            for row, options in enumerate(pairwise_option_sets(storage=True))
         ]
     return list(dict.fromkeys(plan))

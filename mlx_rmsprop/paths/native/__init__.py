@@ -29,6 +29,7 @@ import mlx
 import mlx.core as mx
 import numpy as np
 
+from ... import pipeline
 from ...reference import rmsprop_reference
 from ...spec import (
     FLAGS,
@@ -40,6 +41,7 @@ from ...spec import (
     rounding_step_key,
     scale_key,
 )
+from ...step import NativePipeline
 from ...storage import quantize
 from ...tolerance import compare
 from .. import probe
@@ -65,10 +67,12 @@ def update(
     state: dict[str, mx.array],
     *,
     index: int = 0,
+    factors: mx.array | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """:func:`~mlx_rmsprop.reference.rmsprop_reference`'s update as one native node on the
     CPU stream (same signature, same results). ``index``: the parameter's position in the
-    step, which stochastic rounding hashes; an attribute of the node, not compiled code."""
+    step, which stochastic rounding hashes and which selects the row of ``factors``; an
+    attribute of the node, not compiled code."""
     keys = options.state_keys
     outputs = _loaded().update(
         scalars,
@@ -78,8 +82,66 @@ def update(
         _flags(options),
         options.block_size,
         index,
+        factors,
     )
     return outputs[0], dict(zip(keys, outputs[1:], strict=True))
+
+
+def statistics(
+    gradients: list[mx.array],
+    accumulators: list[mx.array],
+    loss_scale: float,
+    accumulation_steps: int,
+    scaled_norm: int,
+) -> mx.array:
+    """:func:`~mlx_rmsprop.pipeline.statistics_ops`'s matrix for float32 arithmetic as one
+    native node on the CPU stream over all of a step's gradients (``loss_scale`` and
+    ``accumulation_steps``: 0 when off; ``accumulators``: empty without accumulation).
+
+    Under mx.grad, mx.vjp, mx.jvp and mx.vmap it is transformed as
+    :func:`_statistics_ops` (registered with the module when it loads), so results equal the
+    other paths'."""
+    return _loaded().gradient_statistics(
+        gradients, accumulators, float(loss_scale), int(accumulation_steps), int(scaled_norm)
+    )
+
+
+def accumulate(
+    gradient: mx.array,
+    accumulator: mx.array,
+    gates: mx.array,
+    loss_scale: float,
+    accumulation_steps: int,
+    dtype: mx.Dtype,
+) -> tuple[mx.array, mx.array]:
+    """Keras' gradient accumulation for one parameter as one native node on the CPU stream:
+    ``(mean gradient in dtype, new accumulator)``, the values of
+    :func:`mlx_rmsprop.step.accumulate` and :func:`mlx_rmsprop.step.carry_accumulators`.
+    ``gates``: float32 (applies, skip); ``loss_scale``: 0 when off."""
+    mean, new_accumulator = _loaded().accumulate_gradient(
+        gradient,
+        accumulator,
+        gates,
+        float(loss_scale),
+        int(accumulation_steps),
+        dtype == mx.float64,
+    )
+    return mean, new_accumulator
+
+
+def _statistics_ops(
+    inputs: list[mx.array], loss_scale: float, accumulation_steps: int, scaled_norm: int
+) -> mx.array:
+    """The primitive's statistics from MLX ops; ``inputs``: gradients, then accumulators."""
+    count = len(inputs) // 2 if accumulation_steps else len(inputs)
+    values = pipeline.reduced_values(
+        inputs[:count], inputs[count:], loss_scale, accumulation_steps, mx.float32
+    )
+    return pipeline.statistics_ops(values, pipeline.ScaledNorm(scaled_norm))
+
+
+# The native path's pipeline primitives, as the step function takes them.
+PIPELINE = NativePipeline(statistics, accumulate)
 
 
 def load() -> UpdateFn:
@@ -209,6 +271,12 @@ def _checked(extension: ModuleType) -> ModuleType:
         raise RuntimeError("the native extension has another scalar layout")
     if set(extension.FLAG_BITS) != set(FLAGS):
         raise RuntimeError("the native extension has another set of options")
+    if (extension.STATISTICS_LANES, extension.STATISTICS_BLOCK) != (
+        pipeline.STATISTICS_LANES,
+        pipeline.STATISTICS_BLOCK,
+    ):
+        raise RuntimeError("the native extension sums the statistics in another order")
+    extension.set_statistics_ops(_statistics_ops)
     _check_against_reference(extension)
     return extension
 

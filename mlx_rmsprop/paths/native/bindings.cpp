@@ -1,11 +1,16 @@
 // Python module mlx_rmsprop.paths.native._ext. Import mlx.core first: its nanobind domain ("mlx")
 // registers the mx.array type this module's functions take and return.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "accumulate_gradient.h"
+#include "gradient_statistics.h"
 #include "rmsprop_update.h"
 #include "spec.h"
+#include "worker_pool.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -30,11 +35,70 @@ NB_MODULE(_ext, m) {
       "flags"_a,
       "block_size"_a = 0,
       "index"_a = 0,
+      "factors"_a = nb::none(),
       "One RMSprop step for one parameter as a single graph node on the CPU stream.\n\n"
       "Returns [new parameter, new state arrays...] in the order of `state` "
       "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS; `block_size` is "
       "UpdateOptions.block_size (0 without quantized_state); `index` the parameter's "
-      "position in the step (stochastic rounding).");
+      "position in the step (stochastic rounding, and the row of `factors`, a (parameters, 2) "
+      "matrix that replaces the scalars' clip entries).");
+
+  m.def(
+      "gradient_statistics",
+      &mlx_rmsprop::gradient_statistics,
+      "gradients"_a,
+      "accumulators"_a,
+      "loss_scale"_a,
+      "accumulation_steps"_a,
+      "scaled_norm"_a,
+      "The pipeline's statistics of a whole step's gradients as a single graph node on the "
+      "CPU stream: a (len(gradients), 4) float32 matrix of each tensor's sum of squares, "
+      "largest magnitude, non-finite flag and scaled sum of squares (mlx_rmsprop.pipeline).");
+  m.def(
+      "set_statistics_ops",
+      [](nb::callable ops) {
+        // Held for the life of the process (the loader registers it once).
+        auto* held = new nb::callable(std::move(ops));
+        mlx_rmsprop::set_statistics_ops([held](
+                                            const std::vector<mlx::core::array>& inputs,
+                                            float loss_scale,
+                                            int accumulation_steps,
+                                            int scaled_norm) {
+          nb::gil_scoped_acquire gil;
+          return nb::cast<mlx::core::array>(
+              (*held)(inputs, loss_scale, accumulation_steps, scaled_norm));
+        });
+      },
+      "ops"_a,
+      "Registers the MLX-ops statistics that the primitive's vjp, jvp and vmap transform.");
+  m.attr("STATISTICS_LANES") = mlx_rmsprop::kStatisticsLanes;
+  m.attr("STATISTICS_BLOCK") = mlx_rmsprop::kStatisticsBlock;
+
+  m.def(
+      "accumulate_gradient",
+      [](const mlx::core::array& gradient,
+         const mlx::core::array& accumulator,
+         const mlx::core::array& gates,
+         double loss_scale,
+         int steps,
+         bool float64) {
+        return mlx_rmsprop::accumulate_gradient(
+            gradient,
+            accumulator,
+            gates,
+            loss_scale,
+            steps,
+            float64 ? mlx::core::float64 : mlx::core::float32);
+      },
+      "gradient"_a,
+      "accumulator"_a,
+      "gates"_a,
+      "loss_scale"_a,
+      "steps"_a,
+      "float64"_a,
+      "Keras' gradient accumulation for one parameter as one graph node on the CPU stream: "
+      "[the mean the update sees (compute dtype), the new accumulator]. `gates`: float32 "
+      "(applies, skip).");
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
   m.def(
@@ -42,6 +106,11 @@ NB_MODULE(_ext, m) {
       &mlx_rmsprop::storage_loops_name,
       "Which build of the 8-bit state and stochastic-rounding loops runs: \"avx2\" or "
       "\"baseline\" (MLX_RMSPROP_NATIVE_AVX2=0 forces the baseline).");
+  m.def(
+      "sleeping_workers",
+      [] { return mlx_rmsprop::WorkerPool::instance().sleeping(); },
+      "Worker threads blocked on their condition variable now (all of them once the pool "
+      "has been idle longer than its bounded spin).");
 
   // Both tables expand the X-macros of spec.h, generated from mlx_rmsprop/spec.py; the loader
   // compares them with the Python spec before it trusts a build.

@@ -85,6 +85,10 @@ struct Plan {
   mx::Dtype compute = mx::float32;
   const void* scalars = nullptr;
   int64_t scalar_stride = 1;
+  // The clip factors' row (CLIP_MULTIPLIER, CLIP_DIVISOR), or nullptr.
+  const void* factors = nullptr;
+  bool factors_double = false;
+  int64_t factor_offset[2] = {0, 0};
   const void* gradient = nullptr;
   mx::Dtype gradient_dtype = mx::float32;
   int buffers = 0;
@@ -459,6 +463,15 @@ void run_plan(const Plan& plan) {
   for (int i = 0; i < kNumScalars; ++i) {
     s.value[i] = scalars[i * plan.scalar_stride];
   }
+  if (plan.factors != nullptr) {
+    // Factors computed in float32 are exact in float64: the cast to C is exact.
+    for (int j = 0; j < 2; ++j) {
+      const int64_t at = plan.factor_offset[j];
+      s.value[j == 0 ? kClipMultiplier : kClipDivisor] = plan.factors_double
+          ? static_cast<C>(static_cast<const double*>(plan.factors)[at])
+          : static_cast<C>(static_cast<const float*>(plan.factors)[at]);
+    }
+  }
   const bool apply = !(plan.flags & Flag::kGated) || !(s[kUpdateGate] == C(0));
   CoreFn<C> core = select_core<C>(plan.flags);
   if constexpr (std::is_same_v<C, float>) {
@@ -614,7 +627,8 @@ std::vector<mx::array> rmsprop_update(
     const std::vector<mx::array>& state,
     uint32_t flags,
     int block_size,
-    int64_t index) {
+    int64_t index,
+    const std::optional<mx::array>& factors) {
   require(
       (flags & ~uint32_t(Flag::kAll)) == 0,
       "flags has unknown bits: " + std::to_string(flags & ~uint32_t(Flag::kAll)));
@@ -687,6 +701,18 @@ std::vector<mx::array> rmsprop_update(
     }
   }
 
+  if (factors) {
+    require(
+        factors->ndim() == 2 && factors->shape(1) == 2 &&
+            (factors->dtype() == mx::float32 || factors->dtype() == mx::float64),
+        "factors must be a float32 or float64 matrix of shape (parameters, 2), got " +
+            describe(*factors));
+    require(
+        index >= 0 && index < factors->shape(0),
+        "index must be a row of factors (0 to " + std::to_string(factors->shape(0) - 1) +
+            "), got " + std::to_string(index));
+  }
+
   std::vector<mx::array> inputs = {scalars, gradient, parameter};
   std::vector<mx::Shape> shapes = {parameter.shape()};
   std::vector<mx::Dtype> dtypes = {parameter.dtype()};
@@ -695,11 +721,15 @@ std::vector<mx::array> rmsprop_update(
     shapes.push_back(buffer.shape());
     dtypes.push_back(buffer.dtype());
   }
+  if (factors) {
+    inputs.push_back(*factors);
+  }
   const mx::Stream stream = mx::to_stream(mx::Device::cpu);
   return mx::array::make_arrays(
       std::move(shapes),
       dtypes,
-      std::make_shared<RMSpropUpdate>(stream, flags, block_size, static_cast<uint32_t>(index)),
+      std::make_shared<RMSpropUpdate>(
+          stream, flags, block_size, static_cast<uint32_t>(index), factors.has_value()),
       inputs);
 }
 
@@ -759,6 +789,13 @@ void RMSpropUpdate::eval_cpu(
   plan.compute = inputs[0].dtype();
   plan.scalars = inputs[0].data<void>();
   plan.scalar_stride = inputs[0].strides()[0];
+  if (has_factors_) {
+    const mx::array& factors = inputs.back();
+    plan.factors = factors.data<void>();
+    plan.factors_double = factors.dtype() == mx::float64;
+    plan.factor_offset[0] = index_ * factors.strides()[0];
+    plan.factor_offset[1] = index_ * factors.strides()[0] + factors.strides()[1];
+  }
   plan.gradient = row_major(inputs[1]);
   plan.gradient_dtype = inputs[1].dtype();
   plan.buffer[0] = Buffer{row_major(inputs[2]), outputs[0].data<void>(), inputs[2].dtype()};
@@ -814,9 +851,10 @@ void RMSpropUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
 }
 
 std::vector<mx::Shape> RMSpropUpdate::output_shapes(const std::vector<mx::array>& inputs) {
-  // Each output has its input's shape (the scales their own).
+  // Each output has its input's shape (the scales their own); the factors are no output.
   std::vector<mx::Shape> shapes;
-  for (size_t k = 2; k < inputs.size(); ++k) {
+  const size_t outputs = inputs.size() - (has_factors_ ? 1 : 0);
+  for (size_t k = 2; k < outputs; ++k) {
     shapes.push_back(inputs[k].shape());
   }
   return shapes;
@@ -825,7 +863,7 @@ std::vector<mx::Shape> RMSpropUpdate::output_shapes(const std::vector<mx::array>
 bool RMSpropUpdate::is_equivalent(const mx::Primitive& other) const {
   const auto* update = dynamic_cast<const RMSpropUpdate*>(&other);
   return update != nullptr && update->flags_ == flags_ && update->block_size_ == block_size_ &&
-      update->index_ == index_;
+      update->index_ == index_ && update->has_factors_ == has_factors_;
 }
 
 } // namespace mlx_rmsprop

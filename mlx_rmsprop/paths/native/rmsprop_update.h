@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -33,7 +34,10 @@ bool stochastic_stores(uint32_t flags, const std::vector<mx::array>& inputs);
 // each with the shape and dtype of the array it replaces. Arithmetic runs in scalars.dtype
 // (float32 or float64). With quantized_state, v, grad_avg and momentum_buffer are uint8 codes
 // with float32 scales per `block_size` elements; `index` is the parameter's position in the
-// step, which stochastic rounding hashes. Throws std::invalid_argument naming the bad argument.
+// step, which stochastic rounding hashes. `factors`: a (parameters, 2) float32/float64 matrix
+// whose row `index` replaces the scalars' CLIP_MULTIPLIER and CLIP_DIVISOR (clipping by each
+// parameter's own norm, mlx_rmsprop/reference.py): read where it lies, so the step needs no
+// node per parameter to pick its row. Throws std::invalid_argument naming the bad argument.
 std::vector<mx::array> rmsprop_update(
     const mx::array& scalars,
     const mx::array& gradient,
@@ -41,7 +45,8 @@ std::vector<mx::array> rmsprop_update(
     const std::vector<mx::array>& state,
     uint32_t flags,
     int block_size,
-    int64_t index);
+    int64_t index,
+    const std::optional<mx::array>& factors = std::nullopt);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
 // (transforms.cpp): what the primitive's vjp, jvp and vmap differentiate or batch. Takes the
@@ -50,12 +55,22 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
 
 class RMSpropUpdate : public mx::Primitive {
  public:
-  // block_size and index are attributes (not compiled code): one node type serves all.
-  RMSpropUpdate(mx::Stream stream, uint32_t flags, int block_size, uint32_t index)
-      : mx::Primitive(stream), flags_(flags), block_size_(block_size), index_(index) {}
+  // block_size, index and whether the factors matrix is the last input are attributes (not
+  // compiled code): one node type serves all.
+  RMSpropUpdate(
+      mx::Stream stream,
+      uint32_t flags,
+      int block_size,
+      uint32_t index,
+      bool has_factors = false)
+      : mx::Primitive(stream),
+        flags_(flags),
+        block_size_(block_size),
+        index_(index),
+        has_factors_(has_factors) {}
 
-  // inputs: {scalars, gradient, parameter, state...}; outputs: {parameter, state...}. An
-  // output reuses its input's memory when MLX says that input is donatable.
+  // inputs: {scalars, gradient, parameter, state..., [factors]}; outputs: {parameter,
+  // state...}. An output reuses its input's memory when MLX says that input is donatable.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
@@ -90,9 +105,14 @@ class RMSpropUpdate : public mx::Primitive {
   // flag of this node.
   void require_transformable(const char* transform, const std::vector<mx::array>& inputs) const;
 
+  // The inputs with the factors' row spliced into the scalars (and the factors dropped): what
+  // update_ops takes.
+  std::vector<mx::array> spliced(const std::vector<mx::array>& inputs) const;
+
   uint32_t flags_;
   int block_size_;
   uint32_t index_;
+  bool has_factors_;
 };
 
 // Threads a large update is split across (the caller's included).

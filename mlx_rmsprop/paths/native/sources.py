@@ -14,7 +14,11 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_FILES = (
     "CMakeLists.txt",
+    "accumulate_gradient.cpp",
+    "accumulate_gradient.h",
     "bindings.cpp",
+    "gradient_statistics.cpp",
+    "gradient_statistics.h",
     "half_convert.h",
     "rmsprop_update.cpp",
     "rmsprop_update.h",

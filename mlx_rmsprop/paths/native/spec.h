@@ -347,5 +347,7 @@ constexpr float kSignedMidpoints[255] = {
 // Stochastic rounding: the strides of the counter-based hash (mlx_rmsprop.spec).
 constexpr uint32_t kRoundingTensorStride = 0x9e3779b9u;
 constexpr uint32_t kRoundingOutputStride = 0x85ebca6bu;
+constexpr uint32_t kMix32Multiplier1 = 0x21f0aaadu;
+constexpr uint32_t kMix32Multiplier2 = 0xd35a2d97u;
 
 } // namespace mlx_rmsprop

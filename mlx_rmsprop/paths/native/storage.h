@@ -248,9 +248,9 @@ MLX_RMSPROP_ALWAYS_INLINE void quantize(
 // mlx_rmsprop.spec.mix32: Wellons' "lowbias32" integer hash, uint32 wrap-around.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x21F0AAADu;
+  x *= kMix32Multiplier1;
   x ^= x >> 15;
-  x *= 0xD35A2D97u;
+  x *= kMix32Multiplier2;
   x ^= x >> 15;
   return x;
 }

@@ -150,10 +150,48 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
   return new_values;
 }
 
+std::vector<mx::array> RMSpropUpdate::spliced(const std::vector<mx::array>& inputs) const {
+  if (!has_factors_) {
+    return inputs;
+  }
+  // reference.py's spliced_scalars: the scalars with the factors' row `index` in place of the
+  // clip entries (pure data movement, so the derivatives pass through unchanged).
+  const mx::array& scalars = inputs[0];
+  const mx::array& factors = inputs.back();
+  const int rows = factors.ndim() - 2; // batched factors have a leading axis
+  mx::Shape start(factors.ndim(), 0), stop = factors.shape();
+  start[rows] = index_;
+  stop[rows] = index_ + 1;
+  mx::array row = mx::squeeze(mx::slice(factors, start, stop), rows);
+  if (scalars.ndim() > row.ndim()) {
+    row = mx::broadcast_to(row, {scalars.shape(0), 2});
+  }
+  mx::array wide = scalars;
+  if (row.ndim() > scalars.ndim()) {
+    wide = mx::broadcast_to(scalars, {row.shape(0), scalars.shape(0)});
+  }
+  auto part = [&](int from, int to) {
+    mx::Shape begin(wide.ndim(), 0), end = wide.shape();
+    begin[wide.ndim() - 1] = from;
+    end[wide.ndim() - 1] = to;
+    return mx::slice(wide, begin, end);
+  };
+  const int width = wide.shape(wide.ndim() - 1);
+  std::vector<mx::array> result(inputs.begin(), inputs.end() - 1);
+  result[0] = mx::concatenate(
+      {part(0, kClipMultiplier), mx::astype(row, scalars.dtype()), part(kClipDivisor + 1, width)},
+      wide.ndim() - 1);
+  return result;
+}
+
 namespace {
 
-std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(uint32_t flags) {
-  return [flags](const std::vector<mx::array>& inputs) { return update_ops(inputs, flags); };
+std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(
+    uint32_t flags,
+    std::function<std::vector<mx::array>(const std::vector<mx::array>&)> splice) {
+  return [flags, splice](const std::vector<mx::array>& inputs) {
+    return update_ops(splice(inputs), flags);
+  };
 }
 
 } // namespace
@@ -185,7 +223,8 @@ std::vector<mx::array> RMSpropUpdate::vjp(
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
   require_transformable("vjp", primals);
-  auto [outputs, grads] = mx::vjp(ops_of(flags_), primals, cotangents);
+  auto splice = [this](const std::vector<mx::array>& in) { return spliced(in); };
+  auto [outputs, grads] = mx::vjp(ops_of(flags_, splice), primals, cotangents);
   std::vector<mx::array> selected;
   for (int index : argnums) {
     selected.push_back(grads[index]);
@@ -205,13 +244,31 @@ std::vector<mx::array> RMSpropUpdate::jvp(
   for (size_t j = 0; j < argnums.size(); ++j) {
     all[argnums[j]] = tangents[j];
   }
-  return mx::jvp(ops_of(flags_), primals, all).second;
+  auto splice = [this](const std::vector<mx::array>& in) { return spliced(in); };
+  return mx::jvp(ops_of(flags_, splice), primals, all).second;
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
   require_transformable("vmap", inputs);
+  if (has_factors_) {
+    // Splice the factors' row into the scalars (batched when either is), then batch the
+    // update without factors.
+    std::vector<mx::array> moved(inputs);
+    std::vector<int> moved_axes(axes);
+    for (size_t i : {size_t(0), inputs.size() - 1}) {
+      if (axes[i] >= 0) {
+        moved[i] = mx::moveaxis(inputs[i], axes[i], 0);
+        moved_axes[i] = 0;
+      }
+    }
+    std::vector<mx::array> rest = spliced(moved);
+    moved_axes.pop_back();
+    moved_axes[0] = (axes[0] >= 0 || axes.back() >= 0) ? 0 : -1;
+    RMSpropUpdate plain(stream(), flags_, block_size_, index_);
+    return plain.vmap(rest, moved_axes);
+  }
   // Every input but the scalars is parameter-shaped: move each batch axis to the front and
   // broadcast the unbatched ones, so all share the shape (B, ...).
   int batch = 0;

@@ -2,9 +2,17 @@
 //
 // MLX runs a CPU stream's tasks on one thread; a large update left there is bound by one core.
 // The stream thread hands parts of the range to these workers and runs a part itself.
+//
+// Waking a sleeping worker costs a futex wake and a reschedule (tens of microseconds, more on
+// a busy machine), paid on every medium tensor (>= kParallelThreshold elements) of a step:
+// the 7B LoRA tree's 448 adapters took 27-31% longer than with a worker still awake. So a
+// worker that finishes a job spins for a bounded time (kSpinTime) before it sleeps on the
+// condition variable, and the caller spins as long for the last part: the tensors of one
+// step come back to back and find it awake, while an idle pool sleeps after kSpinTime.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -14,6 +22,9 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
 #endif
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
@@ -35,6 +46,21 @@ inline int usable_cores() {
   unsigned count = std::thread::hardware_concurrency();
   return count == 0 ? 1 : static_cast<int>(count);
 }
+
+// Tells a spinning core that it waits (frees the pipeline for a sibling hyperthread).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long a worker waits awake for the next job, and the caller for its workers' parts,
+// before sleeping. Long enough to span the gap between two tensors' updates of one step
+// (the stream thread evaluates them back to back: a few microseconds), short enough that a
+// pool between steps sleeps almost at once: at most this much CPU time per job per worker.
+constexpr std::chrono::microseconds kSpinTime{200};
 
 class WorkerPool {
  public:
@@ -64,6 +90,7 @@ class WorkerPool {
     }
     wake_.notify_all();
     work(job);
+    spin_until([&] { return job.finished.load(std::memory_order_acquire) == job.parts; });
     std::unique_lock<std::mutex> lock(mutex_);
     // `job` lives on this stack: no worker may still hold it when this returns.
     done_.wait(lock, [&] { return job.finished == job.parts && job.attached == 0; });
@@ -72,6 +99,12 @@ class WorkerPool {
 
   int threads() const {
     return static_cast<int>(workers_.size()) + 1;
+  }
+
+  // Workers blocked on the condition variable now (not spinning, not working): all of them
+  // once the pool has been idle for longer than kSpinTime.
+  int sleeping() const {
+    return sleeping_.load(std::memory_order_relaxed);
   }
 
   WorkerPool(const WorkerPool&) = delete;
@@ -94,6 +127,23 @@ class WorkerPool {
 
   bool forked() const {
     return process_id() != owner_pid_;
+  }
+
+  // Spins until `ready()` or kSpinTime has passed; returns whether it became ready.
+  template <typename Ready>
+  static bool spin_until(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpinTime;
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        if (ready()) {
+          return true;
+        }
+        cpu_relax();
+      }
+      if (std::chrono::steady_clock::now() >= until) {
+        return ready();
+      }
+    }
   }
 
   struct Job {
@@ -123,9 +173,14 @@ class WorkerPool {
     uint64_t seen = 0;
     for (;;) {
       Job* job = nullptr;
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
+        if (generation_ == seen) {
+          sleeping_.fetch_add(1, std::memory_order_relaxed);
+          wake_.wait(lock, [&] { return generation_ != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_relaxed);
+        }
         seen = generation_;
         job = current_;
         if (job == nullptr) {
@@ -147,7 +202,9 @@ class WorkerPool {
   std::condition_variable wake_;
   std::condition_variable done_;
   Job* current_ = nullptr; // guarded by mutex_
-  uint64_t generation_ = 0;
+  // Written under mutex_; spinning workers also read it without the lock.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0};
   const int64_t owner_pid_;
 };
 

@@ -26,7 +26,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop.check import SHAPES, STEPS, step_scalars, verification_inputs, verify
+from mlx_rmsprop.check import (
+    SHAPES,
+    STEPS,
+    shapes_for,
+    step_scalars,
+    verification_inputs,
+    verify,
+)
 from mlx_rmsprop.paths.kernels.launch import (
     MAX_1D_GRID,
     ROW_WIDTH,
@@ -41,10 +48,12 @@ from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
     pairwise_option_sets,
+    plan_variant,
     verification_plan,
 )
+from mlx_rmsprop.paths.probe import quantized_state, update_arguments
 from mlx_rmsprop.reference import rmsprop_reference
-from mlx_rmsprop.spec import FLAGS, STORAGE_FLAGS, UpdateOptions, option_space
+from mlx_rmsprop.spec import BLOCK_SIZES, FLAGS, UpdateOptions, option_space
 
 from metal_emulation.harness import (
     CUDA_INCLUDE,
@@ -58,7 +67,6 @@ from metal_emulation.harness import (
     cuda_variants,
     mlx_cuda_launch,
 )
-from tolerances import assert_close
 
 BUILD_DIR = Path(tempfile.gettempdir()) / "mlx_rmsprop_emulation"
 LAYOUTS = sorted({options.state_keys for options in option_space()})
@@ -77,7 +85,9 @@ def emulator() -> Emulator:
 def cuda_emulator() -> Emulator:
     # CUDA has no address-space classes, but the launcher's plan still tells small from large.
     variants = cuda_variants()
-    variants += [dataclasses.replace(v, small=True) for v in variants]
+    variants += [
+        dataclasses.replace(v, small=True, small_scales=v.options.quantized_state) for v in variants
+    ]
     return Emulator(variants, BUILD_DIR, backend="cuda")
 
 
@@ -85,39 +95,70 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def run_emulated(emulator: Emulator, variant: Variant, shape, seed: int, steps: int) -> None:
-    """``steps`` steps of the emulated kernel, each compared with the reference on the same
-    inputs, each starting from the kernel's previous outputs."""
-    transposed = len(shape) >= 2 and seed % 2 == 0
-    parameter, gradient, state = verification_inputs(variant, shape, seed, transposed)
+def same_bits(actual: mx.array, expected: mx.array) -> np.ndarray:
+    """Element-wise: the same stored bits, or both NaN (payloads may differ)."""
+    a, e = _to_numpy(actual).reshape(-1), _to_numpy(expected).reshape(-1)
+    nan = np.zeros(a.shape, bool)
+    if actual.dtype in (mx.float32, mx.float16, mx.bfloat16):
+        nan = np.isnan(np.array(actual.astype(mx.float32)).reshape(-1)) & np.isnan(
+            np.array(expected.astype(mx.float32)).reshape(-1)
+        )
+    return (a.view(np.uint8).reshape(len(a), -1) == e.view(np.uint8).reshape(len(e), -1)).all(
+        axis=1
+    ) | nan
+
+
+def assert_same(actual: mx.array, expected: mx.array, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    same = same_bits(actual, expected)
+    if not same.all():
+        k = int(np.flatnonzero(~same)[0])
+        got = np.array(actual.astype(mx.float32)).reshape(-1)[k]
+        wanted = np.array(expected.astype(mx.float32)).reshape(-1)[k]
+        raise AssertionError(
+            f"{what}: {int((~same).sum())} elements differ, first [{k}]: {got!r} vs {wanted!r}"
+        )
+
+
+def run_steps(
+    emulator: Emulator,
+    variant: Variant,
+    inputs: tuple,
+    steps: int,
+    what: str,
+    order: int = 0,
+    scalars_for=step_scalars,
+) -> tuple:
+    """``steps`` steps of the emulated kernel from ``inputs``, each compared bit for bit with
+    the reference on the same inputs (every output: the parameter, every buffer, codes and
+    scales), each starting from the kernel's previous outputs. Returns the last outputs."""
+    parameter, gradient, state = inputs
+    arguments = update_arguments(variant)
     for step in range(1, steps + 1):
-        scalars = step_scalars(step)
-        call = plan(variant.options, scalars, parameter, gradient, state)
-        assert call is not None and call.variant == variant
-        new_parameter, new_state = call.unpack(emulator.run(call))
+        scalars = scalars_for(step)
+        call = plan(variant.options, scalars, parameter, gradient, state, **arguments)
+        assert call is not None and call.variant == variant, (call and call.variant, variant)
+        new_parameter, new_state = call.unpack(emulator.run(call, order))
         expected_parameter, expected_state = rmsprop_reference(
-            variant.options, scalars, parameter, gradient, state
+            variant.options, scalars, parameter, gradient, state, **arguments
         )
-        what = f"{variant} shape={shape} transposed={transposed} step={step}"
-        assert new_parameter.dtype == expected_parameter.dtype
-        assert_close(
-            new_parameter.astype(mx.float32),
-            expected_parameter.astype(mx.float32),
-            _dtype_name(variant.parameter_dtype),
-            f"{what}: parameter",
-            rtol=0.0,
-        )
+        assert_same(new_parameter, expected_parameter, f"{what} step={step}: parameter")
         assert new_state.keys() == expected_state.keys()
         for key, value in expected_state.items():
-            assert new_state[key].dtype == value.dtype
-            assert_close(
-                new_state[key].astype(mx.float32),
-                value.astype(mx.float32),
-                _dtype_name(variant.state_dtype),
-                f"{what}: {key}",
-                rtol=0.0,
-            )
+            assert_same(new_state[key], value, f"{what} step={step}: {key}")
         parameter, state = new_parameter, new_state
+    return parameter, gradient, state
+
+
+def run_emulated(
+    emulator: Emulator, variant: Variant, shape, seed: int, steps: int, order: int = 0
+) -> None:
+    """``steps`` steps of the emulated kernel on check's inputs for ``shape``, compared bit for
+    bit with the reference (``run_steps``)."""
+    transposed = len(shape) >= 2 and seed % 2 == 0
+    inputs = verification_inputs(variant, shape, seed, transposed)
+    what = f"{variant} shape={shape} transposed={transposed}"
+    run_steps(emulator, variant, inputs, steps, what, order)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda keys: "+".join(keys))
@@ -132,13 +173,24 @@ def test_every_option_set_float32(emulator, layout):
 
 @pytest.mark.parametrize("small", [False, True], ids=["size>=8", "size<8"])
 @pytest.mark.parametrize(
-    "dtypes", dtype_combinations(), ids=lambda d: "-".join(_dtype_name(x) for x in d)
+    "combination",
+    list(enumerate(dtype_combinations())),
+    ids=lambda c: "-".join(_dtype_name(x) for x in c[1]),
 )
-def test_every_dtype_combination_pairwise_options(emulator, dtypes, small):
-    parameter, gradient, state = dtypes
-    for k, (options, shape) in enumerate(itertools.product(pairwise_option_sets(), SHAPES[small])):
-        variant = Variant(options, parameter, gradient, state, small)
-        run_emulated(emulator, variant, shape, seed=k, steps=STEPS)
+def test_every_dtype_combination_pairwise_options(emulator, combination, small):
+    # The plan's rows for this dtype combination: the pairwise option sets with the storage
+    # flags (8-bit state in turn at every block size and both scale classes, stochastic
+    # rounding), each on the shapes of its size classes.
+    # Parameters of more than 7 blocks (up to 9213 elements) take one of their two shapes.
+    k, dtypes = combination
+    turn = 2 * k + small
+    for row, options in enumerate(pairwise_option_sets(storage=True)):
+        variant = plan_variant(options, dtypes, small, turn + row)
+        shapes = shapes_for(variant)
+        if options.quantized_state and not variant.small_scales:
+            shapes = [shapes[(turn + row) % len(shapes)]]
+        for j, shape in enumerate(shapes):
+            run_emulated(emulator, variant, shape, seed=row + j, steps=STEPS)
 
 
 @pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)
@@ -148,30 +200,45 @@ def test_cuda_twin_run_on_the_cpu(cuda_emulator):
     # body's bounds guard is exercised on every size that is not a multiple of 256.
     for k, variant in enumerate(cuda_variants()):
         for small in (False, True):
-            pool = SHAPES[small]
-            shape = pool[k % len(pool)]
-            run_emulated(cuda_emulator, dataclasses.replace(variant, small=small), shape, k, STEPS)
+            quantized = variant.options.quantized_state
+            small_scales = quantized and (small or variant.small_scales)
+            sized = dataclasses.replace(variant, small=small, small_scales=small_scales)
+            pool = shapes_for(sized)
+            run_emulated(cuda_emulator, sized, pool[k % len(pool)], k, STEPS)
 
 
 def test_plan_counts():
-    # Every option set once in float32, then the pairwise sets for the 15 dtype combinations
-    # and 2 address-space classes (less the float32 large-array repeats of the first part).
+    # Every option set once in float32, then the pairwise sets of the whole space (storage
+    # flags included) for the 15 dtype combinations and 2 address-space classes, less the
+    # float32 large-array rows the first part already holds.
     assert len(dtype_combinations()) == 15
-    pairwise = pairwise_option_sets()
-    expected = len(option_space()) + 15 * 2 * len(pairwise) - len(pairwise)
-    assert len(verification_plan()) == expected
-    flags = [name for name in FLAGS if name not in STORAGE_FLAGS]
-    covered = set()
-    for options in pairwise:
-        covered |= set(itertools.combinations([(n, getattr(options, n)) for n in flags], 2))
-    # Every (flag, value) pair some valid option set holds.
-    possible = set()
-    for options in option_space():
-        possible |= set(itertools.combinations([(n, getattr(options, n)) for n in flags], 2))
-    assert covered == possible
+    plan = verification_plan()
+    pairwise = pairwise_option_sets(storage=True)
+    repeats = sum(1 for o in pairwise if not (o.quantized_state or o.stochastic_rounding))
+    assert len(plan) == len(option_space()) + 15 * 2 * len(pairwise) - repeats
+    for storage in (False, True):
+        covered = set()
+        for options in pairwise_option_sets(storage):
+            covered |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
+        # Every (flag, value) pair some valid option set holds.
+        possible = set()
+        for options in option_space(storage):
+            possible |= set(itertools.combinations([(n, getattr(options, n)) for n in FLAGS], 2))
+        assert covered == possible
     # 4 value pairs for each two flags, less the 3 the invariants forbid (nesterov or
     # lr_in_momentum without momentum, both decays).
-    assert len(possible) == 4 * math.comb(len(flags), 2) - 3
+    assert len(possible) == 4 * math.comb(len(FLAGS), 2) - 3
+    # 8-bit state: every block size, both scale classes of large parameters, and stochastic
+    # rounding with every parameter dtype.
+    quantized = [v for v in plan if v.options.quantized_state]
+    assert {v.options.block_size for v in quantized} == set(BLOCK_SIZES)
+    assert {(v.small, v.small_scales) for v in quantized} == {
+        (True, True),
+        (False, True),
+        (False, False),
+    }
+    rounding = [v for v in plan if v.options.stochastic_rounding]
+    assert {v.parameter_dtype for v in rounding} == {mx.float32, mx.float16, mx.bfloat16}
 
 
 def test_empty_parameter_launches_nothing():
@@ -357,7 +424,7 @@ def test_emulation_catches_metal_max_min(tmp_path, mutate_source):
     )
     variant = Variant(UpdateOptions(clip_value=True))
     mutant = Emulator([variant], tmp_path)
-    with pytest.raises(AssertionError, match="non-finite entries differ"):
+    with pytest.raises(AssertionError, match=r"elements differ, first .* vs np.float32\(nan\)"):
         for seed in range(4):
             run_emulated(mutant, variant, (257,), seed=seed, steps=1)
 
@@ -413,11 +480,11 @@ def fusing_failures(variants: list[Variant], build_dir: Path) -> list[tuple[Vari
     failures = []
     for k, variant in enumerate(variants):
 
-        def run_update(scalars, parameter, gradient, state, variant=variant):
-            call = plan(variant.options, scalars, parameter, gradient, state)
+        def run_update(scalars, parameter, gradient, state, variant=variant, **arguments):
+            call = plan(variant.options, scalars, parameter, gradient, state, **arguments)
             return call.unpack(emulator.run(call))
 
-        pool = SHAPES[variant.small]
+        pool = shapes_for(variant)
         shapes = [pool[(k + j) % len(pool)] for j in range(2)]
         errors, failure = verify(variant, run_update, shapes, seed=k)
         if failure is not None:
@@ -436,8 +503,14 @@ def centred_unclipped() -> list[Variant]:
 
 
 def fusing_sample() -> list[Variant]:
-    """The pairwise option sets in float32 and ``centred_unclipped``."""
-    return [Variant(o) for o in pairwise_option_sets()] + centred_unclipped()
+    """The pairwise option sets (storage flags included, 8-bit state at the block sizes of
+    the plan's first rows) in float32 and bfloat16 and ``centred_unclipped``."""
+    variants = [
+        plan_variant(o, dtypes, False, row)
+        for row, o in enumerate(pairwise_option_sets(storage=True))
+        for dtypes in [(mx.float32,) * 3, (mx.bfloat16, mx.float32, mx.bfloat16)]
+    ]
+    return list(dict.fromkeys(variants + centred_unclipped()))
 
 
 @pytest.mark.skipif(NO_FUSING, reason=NO_FUSING_REASON)
@@ -452,11 +525,11 @@ def test_fusing_emulation_passes_check_quick_plan():
     # The variants of `check --quick` on a GPU: 15 dtype combinations x both size classes x
     # the pairwise option sets.
     variants = [
-        Variant(o, p, g, s, small)
-        for (p, g, s), small in itertools.product(dtype_combinations(), (False, True))
-        for o in pairwise_option_sets()
+        plan_variant(options, dtypes, small, k + row)
+        for k, (dtypes, small) in enumerate(itertools.product(dtype_combinations(), (False, True)))
+        for row, options in enumerate(pairwise_option_sets(storage=True))
     ]
-    assert len(variants) == 15 * 2 * len(pairwise_option_sets())
+    assert len(variants) == 15 * 2 * len(pairwise_option_sets(storage=True))
     assert fusing_failures(variants, BUILD_DIR) == []
 
 
@@ -470,3 +543,251 @@ def test_fusing_emulation_catches_a_plain_multiply_add(tmp_path, mutate_source):
         "variance - grad_avg_hat * grad_avg_hat",
     )
     assert fusing_failures(centred_unclipped(), tmp_path)
+
+
+# --- 8-bit state and stochastic rounding --------------------------------------------------
+
+BACKENDS = [
+    "metal",
+    pytest.param("cuda", marks=pytest.mark.skipif(NO_CUDA_HEADERS, reason=NO_CUDA_REASON)),
+]
+# Every flag that changes what is stored: all three moment buffers 8-bit, the gate (step 2
+# skips: codes and scales must come back unchanged), the EMA (the one float state buffer,
+# here float16: rounded stochastically) and a bfloat16 parameter (rounded stochastically).
+STORAGE_OPTIONS = UpdateOptions(
+    centered=True,
+    momentum=True,
+    nesterov=True,
+    bias_correction=True,
+    gated=True,
+    ema=True,
+    quantized_state=True,
+    stochastic_rounding=True,
+)
+
+
+# Sizes per block size: 0-d, 1, under a block, a block, a partial last block, several blocks
+# and a 2-D non-contiguous one, and more than 7 blocks (scales no longer in Metal's
+# constant address space).
+def storage_shapes(block: int) -> list[tuple[tuple[int, ...], bool]]:
+    return [
+        ((), False),
+        ((1,), False),
+        ((5,), False),
+        ((block - 1,), False),
+        ((block,), False),
+        ((2 * block + 3,), False),
+        ((3, block // 2 + 1), True),
+        ((8 * block + 5,), False),
+    ]
+
+
+def storage_variant(shape: tuple[int, ...], block: int, options=STORAGE_OPTIONS) -> Variant:
+    size = math.prod(shape)
+    options = dataclasses.replace(options, block_size=block)
+    return Variant(
+        options,
+        mx.bfloat16,
+        mx.float16,
+        mx.float16,
+        small=size < 8,
+        small_scales=-(-size // block) < 8,
+    )
+
+
+def storage_emulator(backend: str, blocks, options=STORAGE_OPTIONS) -> Emulator:
+    variants = {
+        storage_variant(shape, block, options)
+        for block in blocks
+        for shape, _ in storage_shapes(block)
+    }
+    return Emulator(sorted(variants, key=str), BUILD_DIR, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8_bit_state_and_stochastic_rounding_every_block_size(backend):
+    # Every block size of the spec at every awkward size, 3 steps (the update gate is 0 on step
+    # 2), against the reference bit for bit: codes, scales, the EMA and the parameter.
+    emulator = storage_emulator(backend, BLOCK_SIZES)
+    for k, block in enumerate(BLOCK_SIZES):
+        for j, (shape, transposed) in enumerate(storage_shapes(block)):
+            variant = storage_variant(shape, block)
+            inputs = verification_inputs(variant, shape, seed=10 * k + j, transposed=transposed)
+            what = f"{backend} block {block} shape {shape} transposed={transposed}"
+            run_steps(emulator, variant, inputs, STEPS, what)
+
+
+def special_blocks(block: int) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+    """A parameter of 5 blocks and a partial one: block 0 all zero (gradient and state, so the
+    new v and grad_avg are zero: scale 0), block 1 with a NaN gradient (NaN scale), block 2 an
+    overflowing one (v's scale inf), block 3 a negative zero gradient over zero state, block 4
+    and the partial block ordinary values."""
+    size = 5 * block + 3
+    variant = storage_variant((size,), block)
+    rng = np.random.default_rng(block)
+    p = rng.normal(0.0, 1.0, size).astype(np.float32)
+    g = rng.uniform(-1.0, 1.0, size).astype(np.float32)
+    moments = {
+        "v": rng.uniform(0.5, 2.0, size).astype(np.float32),
+        "grad_avg": rng.uniform(-0.05, 0.05, size).astype(np.float32),
+        "momentum_buffer": rng.normal(0.0, 0.1, size).astype(np.float32),
+    }
+    for zero in (slice(0, block), slice(3 * block, 4 * block)):
+        g[zero] = 0.0
+        for values in moments.values():
+            values[zero] = 0.0
+    g[3 * block : 4 * block] = -0.0
+    g[block + 3] = math.nan
+    g[2 * block + 1] = 1e30
+    state = {key: mx.array(values) for key, values in moments.items()}
+    state["ema"] = mx.array(p + np.float32(0.01)).astype(mx.float16)
+    return (
+        mx.array(p).astype(mx.bfloat16),
+        mx.array(g).astype(mx.float16),
+        quantized_state(variant, state),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8_bit_state_zero_nan_and_inf_blocks(backend):
+    emulator = storage_emulator(backend, (32, 64))
+    for block in (32, 64):
+        inputs = special_blocks(block)
+        variant = storage_variant(inputs[0].shape, block)
+        _, _, state = run_steps(emulator, variant, inputs, 1, f"{backend} {block}")
+        # The blocks did what they are there for after a step: a zero, a NaN and an infinite
+        # scale of v; a zero grad_avg block's codes (signed table: the midpoint 0 is not below
+        # 0, so code 127) stand for -0.
+        scales = np.array(state["v_scale"])
+        assert scales[0] == 0.0 and np.isnan(scales[1]) and np.isinf(scales[2]), scales
+        assert (np.array(state["grad_avg"])[:block] == 127).all()
+        # Then further steps from there (the infinite scale spreads to its block).
+        run_steps(emulator, variant, inputs, STEPS, f"{backend} {block}")
+
+
+def test_8_bit_state_gate_keeps_codes_and_scales():
+    # With the update gate at 0 the codes and scales come back bit for bit (with the gate at 1
+    # the same inputs change them: the gate is what keeps them).
+    block = 32
+    emulator = storage_emulator("metal", (block,))
+    variant = storage_variant((3 * block + 5,), block)
+    parameter, gradient, state = verification_inputs(variant, (3 * block + 5,), seed=4)
+    scalars = step_scalars(2)
+    assert scalars[11].item() == 0.0  # Scalar.UPDATE_GATE
+    call = plan(variant.options, scalars, parameter, gradient, state, index=3)
+    _, new_state = call.unpack(emulator.run(call))
+    for key in ("v", "grad_avg", "momentum_buffer"):
+        assert_same(new_state[key], state[key], key)
+        assert_same(new_state[f"{key}_scale"], state[f"{key}_scale"], f"{key}_scale")
+    open_gate = step_scalars(1)
+    call = plan(variant.options, open_gate, parameter, gradient, state, index=3)
+    _, updated = call.unpack(emulator.run(call))
+    for key in ("v", "grad_avg", "momentum_buffer"):
+        assert not same_bits(updated[key], state[key]).all(), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_rounds_and_follows_the_index(backend):
+    # Not vacuous: stochastic rounding stores some elements away from round-to-nearest, and
+    # another parameter position draws other bits; every result the reference's.
+    options = UpdateOptions(momentum=True, ema=True, stochastic_rounding=True)
+    variant = Variant(options, mx.bfloat16, mx.float32, mx.float16)
+    emulator = Emulator([variant], BUILD_DIR, backend=backend)
+    parameter, gradient, state = verification_inputs(variant, (4099,), seed=5)
+    scalars = step_scalars(1)
+    results = []
+    for index in (0, 1):
+        call = plan(options, scalars, parameter, gradient, state, index=index)
+        new_parameter, new_state = call.unpack(emulator.run(call))
+        expected = rmsprop_reference(options, scalars, parameter, gradient, state, index=index)
+        assert_same(new_parameter, expected[0], f"parameter, index {index}")
+        for key in options.state_keys:
+            assert_same(new_state[key], expected[1][key], f"{key}, index {index}")
+        results.append((new_parameter, new_state))
+    nearest = rmsprop_reference(
+        dataclasses.replace(options, stochastic_rounding=False), scalars, parameter, gradient, state
+    )
+    for (new_parameter, new_state), _ in zip(results, range(2), strict=True):
+        assert not same_bits(new_parameter, nearest[0]).all()
+        assert not same_bits(new_state["v"], nearest[1]["v"]).all()
+        assert not same_bits(new_state["ema"], nearest[1]["ema"]).all()
+    assert not same_bits(results[0][0], results[1][0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threadgroup_results_do_not_depend_on_thread_order(backend):
+    # Between two barriers the emulation runs a group's threads in increasing or in decreasing
+    # order: a kernel without a race gives the same bits both ways.
+    emulator = storage_emulator(backend, (64,))
+    variant = storage_variant((5 * 64 + 3,), 64)
+    inputs = verification_inputs(variant, (5 * 64 + 3,), seed=2)
+    for order in (0, 1):
+        run_steps(emulator, variant, inputs, STEPS, f"{backend} order {order}", order)
+
+
+def missing_barrier_caught(tmp_path: Path, backend: str) -> None:
+    block = 64
+    emulator = Emulator([storage_variant((5 * block + 3,), block)], tmp_path, backend=backend)
+    variant = storage_variant((5 * block + 3,), block)
+    inputs = special_blocks(block)
+    run_steps(emulator, variant, inputs, STEPS, f"{backend} planted")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_emulation_catches_a_missing_barrier(tmp_path, mutate_source, backend):
+    # The barrier between writing the block's magnitudes to threadgroup memory and the
+    # reduction reading them, removed: a thread then reads slots other threads have not
+    # written yet, and the scales come out wrong. The barriers are real in the emulation, so
+    # this must fail.
+    mutate_source(
+        "    block_magnitude[slot] = active ? RMS_BITS_FLOAT(magnitude_bits) : 0.0f;\n"
+        "  }\n"
+        "  RMS_GROUP_BARRIER();\n",
+        "    block_magnitude[slot] = active ? RMS_BITS_FLOAT(magnitude_bits) : 0.0f;\n  }\n",
+    )
+    with pytest.raises(AssertionError, match="elements differ"):
+        missing_barrier_caught(tmp_path, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_emulation_catches_threads_that_skip_a_barrier(tmp_path, mutate_source, backend):
+    # Threads past the end of the parameter returning early, as without 8-bit state: the
+    # rest of their group then waits at a barrier they never reach (undefined on a GPU), which
+    # the emulation reports.
+    mutate_source(
+        "if constexpr (!QUANTIZED_STATE) {\n  if (!active)", "if constexpr (true) {\n  if (!active)"
+    )
+    with pytest.raises(AssertionError, match="ended while others waited at a barrier"):
+        missing_barrier_caught(tmp_path, backend)
+
+
+def test_empty_parameter_with_8_bit_state_launches_nothing():
+    def launch(call):
+        raise AssertionError("an empty parameter must not launch a kernel")
+
+    options = dataclasses.replace(STORAGE_OPTIONS, block_size=32)
+    parameter = mx.zeros((0, 3), mx.bfloat16)
+    variant = storage_variant((0, 3), 32)
+    _, gradient, state = verification_inputs(variant, (0, 3), seed=0)
+    new_parameter, new_state = make_update(launch)(
+        options, step_scalars(1), parameter, gradient, state, index=2
+    )
+    expected = rmsprop_reference(options, step_scalars(1), parameter, gradient, state, index=2)
+    assert new_parameter.shape == (0, 3)
+    for key in options.state_keys:
+        assert new_state[key].shape == expected[1][key].shape
+        assert new_state[key].dtype == expected[1][key].dtype
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_storage_variant_of_the_plan_at_every_shape(backend):
+    # The storage rows of the verification plan (every dtype combination and size class), at
+    # every shape of their classes, 3 steps, both thread orders: bit for bit.
+    plan = [
+        v for v in verification_plan() if v.options.quantized_state or v.options.stochastic_rounding
+    ]
+    emulator = Emulator(plan, BUILD_DIR, backend=backend)
+    for k, variant in enumerate(plan):
+        for j, shape in enumerate(shapes_for(variant)):
+            run_emulated(emulator, variant, shape, seed=k + j, steps=STEPS, order=(k + j) % 2)

@@ -17,7 +17,11 @@ from mlx_rmsprop.paths.kernels.launch import (
     THREADGROUP,
     grid_for,
     kernel_shape,
+    threadgroup_for,
 )
+from mlx_rmsprop.spec import BLOCK_SIZES, UpdateOptions
+
+from metal_emulation.harness import mlx_cuda_launch
 
 NO_METAL = not mx.metal.is_available()
 NO_CUDA = not mx.cuda.is_available()
@@ -97,6 +101,29 @@ def test_grid_for_sizes_around_2_31():
     assert grid_for(MAX_ROWS * ROW_WIDTH)[1] == MAX_ROWS
     with pytest.raises(ValueError, match=r"at most 70367670435840 elements per parameter, got"):
         grid_for(MAX_ROWS * ROW_WIDTH + 1)
+
+
+@pytest.mark.parametrize("block", BLOCK_SIZES)
+def test_grid_with_8_bit_state_holds_whole_blocks(block):
+    # One threadgroup per block: the grid is rounded up to whole blocks (full threadgroups on
+    # Metal as on CUDA), 1-D while MLX's signed launch arithmetic for that threadgroup holds,
+    # then rows of ROW_WIDTH, a whole number of blocks each.
+    assert grid_for(1, block) == (block, 1, 1)
+    assert grid_for(block, block) == (block, 1, 1)
+    assert grid_for(block + 1, block) == (2 * block, 1, 1)
+    largest = (MAX_GRID_DIM - (block - 1)) // block * block
+    assert grid_for(largest, block) == (largest, 1, 1)
+    mlx_cuda_launch(grid_for(largest, block), (block, 1, 1))  # no overflow
+    assert grid_for(largest + 1, block)[0] == ROW_WIDTH
+    assert ROW_WIDTH % block == 0
+    for size in (largest + 1, 2**32 + 36):
+        grid = grid_for(size, block)
+        blocks, threads = mlx_cuda_launch(grid, (block, 1, 1))
+        assert threads == (block, 1, 1) and blocks[0] * block == ROW_WIDTH
+        assert (grid[1] - 1) * ROW_WIDTH < size <= grid[1] * ROW_WIDTH
+    options = UpdateOptions(quantized_state=True, block_size=block)
+    assert threadgroup_for(options) == (block, 1, 1)
+    assert threadgroup_for(UpdateOptions()) == THREADGROUP
 
 
 def test_check_command_without_a_gpu_says_what_it_verified(capsys):

@@ -7,10 +7,13 @@ space to plain memory: Metal rejects a pointer into ``device`` initialised from 
 ``constant`` (MLX passes inputs under 8 elements in ``constant``), and any pointer or reference
 declared without an address space. Neither shows up on g++.
 
-Two liberties are taken with the text, each the Metal extension clang has no C++ spelling for:
+Three liberties are taken with the text, each a Metal extension clang has no C++ spelling for:
 the explicit instantiation's ``[[host_name(...)]] [[kernel]]`` attributes are dropped (C++
-allows no attribute there), and MLX's other attributes (``[[kernel]]``, ``[[buffer(i)]]``,
-thread positions) are ignored as unknown. ``if constexpr`` is accepted as the C++17 extension
+allows no attribute there); MLX's other attributes (``[[kernel]]``, ``[[buffer(i)]]``,
+thread positions) are ignored as unknown; and the kernel-scope ``constant`` tables and
+``threadgroup`` array of 8-bit state are declared ``static`` (clang refuses an automatic
+variable in an address space, Metal declares such kernel-scope variables without it; static,
+they keep their address space, so a pointer into one is still checked). ``if constexpr`` is accepted as the C++17 extension
 Metal's compiler also accepts in its C++14-based language.
 """
 
@@ -57,6 +60,9 @@ CLANG_FLAGS = [
     "-ferror-limit=0",
 ]
 _INSTANCE_ATTRIBUTES = re.compile(r"^template (\[\[[^\]]*\]\] )+decltype", re.M)
+_KERNEL_SCOPE_VARIABLES = re.compile(
+    r"^(constant uint32_t k\w+\[|#define RMS_GROUP_SHARED )(threadgroup)?", re.M
+)
 # Declarations and explicit casts in clang's text AST dump, with their type ('T' or
 # 'T':'desugared T'). Implicit casts (array or function decay) declare nothing.
 _TYPED_NODE = re.compile(
@@ -69,9 +75,17 @@ _ADDRESS_SPACE = re.compile(
 )
 
 
+def _static(match: re.Match) -> str:
+    if match[0].startswith("#define"):
+        return match[1] + "static " + (match[2] or "")
+    return "static " + match[0]
+
+
 def strict_unit(variant: Variant) -> str:
-    """The generated Metal unit with the one Metal-only spelling C++ cannot parse removed."""
-    return _INSTANCE_ATTRIBUTES.sub("template decltype", translation_unit(variant, "metal"))
+    """The generated Metal unit with the Metal-only spellings C++ cannot parse replaced (see
+    the module docstring)."""
+    unit = _INSTANCE_ATTRIBUTES.sub("template decltype", translation_unit(variant, "metal"))
+    return _KERNEL_SCOPE_VARIABLES.sub(_static, unit)
 
 
 def parse(units: list[str], tmp_path: Path, ast: bool = True) -> tuple[int, str, str]:
@@ -113,16 +127,24 @@ def unqualified_indirections(ast_dump: str) -> list[str]:
 
 
 def representative_variants() -> list[Variant]:
-    """Every buffer layout with all its flags on, in mixed dtypes and both address-space
-    classes, plus the pairwise option sets in float32 for both classes."""
-    layouts = sorted({options.state_keys for options in option_space()})
-    variants = [
-        Variant(every_flag_on(keys), parameter, gradient, state, small)
-        for keys in layouts
-        for (parameter, gradient, state) in [(mx.bfloat16, mx.float16, mx.bfloat16)]
-        for small in (False, True)
-    ]
-    variants += [Variant(o, small=small) for o in pairwise_option_sets() for small in (False, True)]
+    """Every buffer layout (with and without stochastic rounding) with all its flags on, in
+    mixed dtypes and every address-space class, plus the pairwise option sets (storage flags
+    included) in float32 for both classes."""
+    layouts = sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
+    variants = []
+    for keys, rounding in layouts:
+        options = every_flag_on(keys, rounding)
+        classes = [(False, False), (True, False)]
+        if options.quantized_state:
+            classes = [(False, False), (False, True), (True, True)]
+        variants += [
+            Variant(options, mx.bfloat16, mx.float16, mx.bfloat16, small, small_scales)
+            for small, small_scales in classes
+        ]
+    for options in pairwise_option_sets(storage=True):
+        for small in (False, True):
+            quantized = options.quantized_state
+            variants.append(Variant(options, small=small, small_scales=quantized and small))
     return list(dict.fromkeys(variants))
 
 
@@ -139,7 +161,7 @@ def test_address_space_rule_reads_clang_type_spellings():
 
 
 def test_generated_units_parse_strictly_with_every_pointer_in_an_address_space(tmp_path):
-    units = [strict_unit(variant) for variant in representative_variants()]
+    units = list(dict.fromkeys(strict_unit(variant) for variant in representative_variants()))
     returncode, errors, ast_dump = parse(units, tmp_path)
     assert returncode == 0 and "error" not in errors, errors[-4000:]
     assert unqualified_indirections(ast_dump) == []
@@ -148,6 +170,9 @@ def test_generated_units_parse_strictly_with_every_pointer_in_an_address_space(t
     assert len(kernels) >= len(units)
     assert all("ParmVarDecl" in kernel for kernel in kernels)
     assert any("'constant float const *'" in kernel for kernel in kernels)
+    # 8-bit state's kernel-scope variables were parsed in their address spaces.
+    assert any("block_magnitude '__attribute__((address_space(3))) float[" in k for k in kernels)
+    assert any("kSignedMidpoints 'constant uint32_t[255]' static" in k for k in kernels)
 
 
 SMALL = Variant(UpdateOptions(centered=True), mx.float16, mx.float32, mx.float32, small=True)
@@ -158,6 +183,7 @@ def planted(variant: Variant, line: str) -> str:
     """The unit with ``line`` added between the launcher's prologue and the shared body."""
     unit = strict_unit(variant)
     prologue = kernel_body("metal", variant.options.state_keys).removesuffix(body_text())
+    prologue = _KERNEL_SCOPE_VARIABLES.sub(_static, prologue)
     assert prologue in unit
     return unit.replace(prologue, prologue + line + "\n", 1)
 
@@ -212,8 +238,28 @@ def test_every_verification_variant_parses_strictly(tmp_path):
     plan = verification_plan()
     assert any(v.small for v in plan) and any(not v.small for v in plan)
     chunk = 250
+    # One unit per kernel: variants that differ only in block size (the threadgroup size, not
+    # source text) share theirs.
+    plan = list({translation_unit(variant): variant for variant in plan}.values())
     for start in range(0, len(plan), chunk):
         units = [strict_unit(variant) for variant in plan[start : start + chunk]]
         returncode, errors, ast_dump = parse(units, tmp_path)
         assert returncode == 0 and "error" not in errors, errors[-4000:]
         assert unqualified_indirections(ast_dump) == []
+
+
+def test_threadgroup_memory_keeps_its_address_space(tmp_path):
+    # The block reduction's threadgroup array, declared static for clang, is still in
+    # `threadgroup`: a device pointer into it is refused, as Metal refuses it; a threadgroup
+    # one is valid.
+    options = every_flag_on(("v", "v_scale"))
+    variant = Variant(options, small_scales=True)
+    marker = "RMS_GROUP_SHARED float block_magnitude[shared_floats];\n"
+    unit = strict_unit(variant)
+    assert marker in unit
+    for line, valid in [
+        ("device float* x = block_magnitude;", False),
+        ("threadgroup float* x = block_magnitude;", True),
+    ]:
+        returncode, errors, _ = parse([unit.replace(marker, marker + line + "\n")], tmp_path, False)
+        assert (returncode == 0) == valid, errors[-2000:]

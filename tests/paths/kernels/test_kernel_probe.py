@@ -6,6 +6,7 @@ computing the reference with MLX ops, which also runs inside the optimizer's com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import tempfile
@@ -66,7 +67,7 @@ def reference_launch(scale_small: float = 1.0, scale_large: float = 1.0):
         new_parameter, new_state = rmsprop_reference(options, scalars, parameter, gradient, state)
         new_parameter = new_parameter * (scale_small if call.variant.small else scale_large)
         outputs = [new_parameter, *(new_state[key] for key in options.state_keys)]
-        return [output.reshape(call.output_shape) for output in outputs]
+        return [o.reshape(shape) for o, shape in zip(outputs, call.output_shapes, strict=True)]
 
     return launch
 
@@ -106,9 +107,11 @@ def test_a_correct_kernel_is_adopted(fake_metal, caplog):
 @pytest.fixture
 def faulty_body(mutate_source):
     """The body with a planted fault: the parameter scaled once more before it is stored."""
-    store = re.search(r"^new_parameter\[i\] = .*$", source.body_text(), re.M)
+    store = re.search(
+        r"^ *new_parameter\[i\] = static_cast<P>\(stored\[0\]\);$", source.body_text(), re.M
+    )
     assert store, "the body stores the parameter in a line of its own"
-    mutate_source(store.group(), "p_new = p_new * 1.0001f;\n" + store.group())
+    mutate_source(store.group(), "stored[0] = stored[0] * 1.0001f;\n" + store.group())
 
 
 def test_a_faulty_kernel_falls_back_once_with_a_warning(fake_metal, faulty_body, caplog):
@@ -223,3 +226,78 @@ def test_check_reports_the_variants_auto_would_not_use(fake_metal, monkeypatch, 
         "First refused: centered+momentum, parameter/gradient/state float32/float32/float32, "
         "<8 elements: its probe differs from the reference: step 1, parameter element (0,)"
     ) in out
+
+
+def test_check_and_the_probe_run_the_storage_variants_on_the_emulated_kernel(
+    fake_metal, monkeypatch, capsys
+):
+    # `check` on a GPU (here the Metal emulation) runs the 8-bit state and stochastic rounding
+    # rows of its plan like every other variant: codes, scales and rounded stores against the
+    # reference, and `auto`'s probe adopts each (its probe input quantized the same way).
+    storage = [
+        variant
+        for variant in check._gpu_plan(quick=True)
+        if variant.options.quantized_state or variant.options.stochastic_rounding
+    ]
+    plan = storage[::13]
+    assert {v.options.quantized_state for v in plan} == {True, False}
+    assert any(v.options.stochastic_rounding for v in plan)
+    assert any(v.options.quantized_state and not v.small_scales for v in plan)
+    emulator = Emulator(plan, BUILD_DIR)
+    fake_metal(emulator.run)
+    # The emulation runs eagerly: check's runs are not traced by mx.compile here.
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    monkeypatch.setattr(check, "_gpu_plan", lambda quick: plan)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args(["--quick"])) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{len(plan)} of {len(plan)} adopted here" in out
+    assert "err:v_scale" in out
+
+
+def test_optimizer_with_8_bit_state_and_stochastic_rounding_on_the_emulated_kernel(
+    fake_metal, monkeypatch
+):
+    # The optimizer's own steps on the Metal path (the emulated kernel, run eagerly): a mixed
+    # tree (an 8-bit weight, a small bias with float state), bfloat16 parameters rounded
+    # stochastically at each parameter's position; bit for bit the reference path's.
+    launches = fake_metal(lambda call: Emulator([call.variant], BUILD_DIR).run(call))
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    config = dict(
+        state_bits=8,
+        state_block_size=32,
+        min_quantized_size=64,
+        stochastic_rounding=True,
+        rounding_seed=7,
+        centered=True,
+        momentum=0.9,
+    )
+    rng = np.random.default_rng(11)
+    params = {
+        "w": mx.array(rng.standard_normal((6, 41)), mx.bfloat16),
+        "b": mx.array(rng.standard_normal((5,)), mx.bfloat16),
+    }
+    grads = [
+        {k: mx.array(rng.standard_normal(v.shape), mx.bfloat16) for k, v in params.items()}
+        for _ in range(3)
+    ]
+    results = {}
+    for fused in ("metal", False):
+        optimizer = RMSprop(0.01, fused=fused, **config)
+        current = dict(params)
+        for g in grads:
+            current = optimizer.apply_gradients(g, current)
+        mx.eval(current, optimizer.state)
+        results[fused] = (current, optimizer.state)
+    assert results["metal"][1]["w"]["v"].dtype == mx.uint8  # the weight's state is 8-bit
+    for name in ("w", "b"):
+        actual, expected = results["metal"][0][name], results[False][0][name]
+        assert mx.array_equal(actual, expected, equal_nan=True).item(), name
+        for key, value in results[False][1][name].items():
+            assert mx.array_equal(results["metal"][1][name][key], value, equal_nan=True).item()
+    # Both parameters ran the kernel (after their probes), each its own variant.
+    assert {v.options.quantized_state for v in launches} == {True, False}
+    assert all(v.options.stochastic_rounding for v in launches)

@@ -31,18 +31,35 @@ MISSING = cuda_nvrtc.missing()
 pytestmark = optional.unless_missing(MISSING and f"NVRTC check: {MISSING}")
 
 ALL_BUFFERS = ("v", "grad_avg", "momentum_buffer", "ema")
+ALL_QUANTIZED = (
+    "v",
+    "v_scale",
+    "grad_avg",
+    "grad_avg_scale",
+    "momentum_buffer",
+    "momentum_buffer_scale",
+    "ema",
+)
 
 
 def representative_variants() -> list[Variant]:
-    return [Variant(options) for options in pairwise_option_sets()] + [
-        Variant(every_flag_on(ALL_BUFFERS), mx.bfloat16, mx.float16, mx.float32)
+    """The pairwise option sets (storage flags included) in float32, and every buffer with
+    every flag on, float and 8-bit, rounding stochastically to bfloat16/float16."""
+    variants = [Variant(options) for options in pairwise_option_sets(storage=True)]
+    variants += [
+        Variant(every_flag_on(ALL_BUFFERS), mx.bfloat16, mx.float16, mx.float32),
+        Variant(every_flag_on(ALL_BUFFERS, True), mx.bfloat16, mx.float16, mx.float16),
+        Variant(every_flag_on(ALL_QUANTIZED, True), mx.float16, mx.float32, mx.bfloat16),
     ]
+    return list(dict.fromkeys(variants))
 
 
 def compile_kernels(variants: list[Variant], programs: int = 1) -> dict[str, str]:
     """The PTX of each kernel (by kernel name), ``programs`` NVRTC programs compiled side by
     side (MLX compiles one per kernel; one program for many kernels only saves the header
     parsing, each kernel is compiled on its own)."""
+    # One definition per kernel: variants that differ only in block size share it.
+    variants = list({cuda_kernel_name(v): v for v in variants}.values())
     chunks = [variants[k::programs] for k in range(programs)]
 
     def build(chunk: list[Variant]) -> str:
@@ -76,7 +93,15 @@ def assert_no_hazards(kernels: dict[str, str]) -> None:
 
 
 def test_ptx_has_no_contraction_or_approximation():
-    assert_no_hazards(compile_kernels(representative_variants()))
+    variants = representative_variants()
+    kernels = compile_kernels(variants)
+    assert_no_hazards(kernels)
+    # 8-bit state reduces each block across the threads of the CUDA block: __syncthreads()
+    # is there (barrier.sync / bar.sync), and nowhere else.
+    for variant in variants:
+        ptx = kernels[cuda_kernel_name(variant)]
+        barriers = len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
+        assert (barriers > 0) == variant.options.quantized_state, cuda_kernel_name(variant)
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ from mlx_rmsprop.paths import probe
 from mlx_rmsprop.paths.kernels import metal, source
 from mlx_rmsprop.paths.kernels.launch import make_update, plan
 from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
-from mlx_rmsprop.paths.kernels.variants import every_flag_on
-from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, STORAGE_FLAGS, Scalar, UpdateOptions, option_space
+from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
+from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
 
 GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
 
@@ -58,6 +58,53 @@ CAPTURED = [
         False,
     ),
     (UpdateOptions(ema=True, gated=True), mx.float32, mx.bfloat16, mx.float32, (2, 3, 7), True),
+    # 8-bit state (uint8 codes, float32 scales: 3 blocks, in `constant`) with stochastic
+    # rounding (the uint32 index input) to a bfloat16 parameter and a float16 EMA.
+    (
+        every_flag_on(
+            (
+                "v",
+                "v_scale",
+                "grad_avg",
+                "grad_avg_scale",
+                "momentum_buffer",
+                "momentum_buffer_scale",
+                "ema",
+            ),
+            True,
+            32,
+        ),
+        mx.bfloat16,
+        mx.float16,
+        mx.float16,
+        (5, 17),
+        True,
+    ),
+    # More than 7 blocks (scales in `device`), no stochastic rounding; and a 0-d parameter.
+    (
+        UpdateOptions(quantized_state=True, block_size=32),
+        mx.float32,
+        mx.float32,
+        mx.float32,
+        (300,),
+        False,
+    ),
+    (
+        UpdateOptions(momentum=True, quantized_state=True, stochastic_rounding=True),
+        mx.float16,
+        mx.float16,
+        mx.float32,
+        (),
+        False,
+    ),
+    (
+        UpdateOptions(stochastic_rounding=True, centered=True),
+        mx.bfloat16,
+        mx.bfloat16,
+        mx.bfloat16,
+        (40,),
+        False,
+    ),
 ]
 
 
@@ -78,6 +125,8 @@ def test_assembled_source_equals_mlx_generated_source(capfd, case):
     call = plan(options, step_scalars(1), parameter, gradient, state)
     assert call.variant.small == (len(parameter.reshape(-1)) < 8)
     assert captured == translation_unit(call.variant, "metal")
+    if options.quantized_state:
+        assert call.variant.small_scales == (-(-parameter.size // options.block_size) < 8)
 
 
 def test_learning_rate_schedule_never_changes_the_source(capfd):
@@ -161,34 +210,49 @@ NOT_METAL = {
 }
 # Every call in the kernel body: Metal built-ins and the control keywords, nothing user-defined
 # (so no recursion is possible).
-ALLOWED_CALLS = {"if", "constexpr", "for", "isnan", "size_t", *source.PRIMITIVE_NAMES}
-ALLOWED_CALLS |= {"divide", "sqrt"}  # metal::precise::, in the primitives' definitions
+ALLOWED_CALLS = {"if", "constexpr", "for", "isnan", "isinf", "sizeof", "size_t"}
+ALLOWED_CALLS |= {*source.PRIMITIVE_NAMES, *source.SPELLING_NAMES}
+# metal::precise:: and the threadgroup barrier, in the definitions of the primitives and
+# spellings.
+ALLOWED_CALLS |= {"divide", "sqrt", "threadgroup_barrier"}
 
 
 def _metal_subset_violations(code: str) -> list[str]:
     return [what for what, pattern in NOT_METAL.items() if re.search(pattern, code)]
 
 
+def layouts() -> list[tuple[tuple[str, ...], bool]]:
+    """Every (buffer layout, stochastic rounding) a kernel body is built for."""
+    return sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
+
+
 def test_every_metal_kernel_stays_in_the_metal_subset():
     # The body text depends only on the buffer layout: check each layout's body once, then
     # the rest of every option set's translation unit (signature, template instantiation).
-    for keys in sorted({o.state_keys for o in option_space()}):
-        body = _code(source.kernel_body("metal", keys))
+    for keys, rounding in layouts():
+        body = _code(source.kernel_body("metal", keys, rounding))
         assert not _metal_subset_violations(body), keys
         statements = re.sub(r"^#pragma [^\n]*", "", body, flags=re.M)
         calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", statements))
         assert calls <= ALLOWED_CALLS, f"calls {calls - ALLOWED_CALLS} for {keys}"
-    for options in option_space():
+    # Every option set without storage flags; with them (4x as many, the same wrappers but for
+    # the buffer types), the pairwise sets and every layout with every flag on.
+    storage = [every_flag_on(keys, rounding) for keys, rounding in layouts()]
+    for options in dict.fromkeys([*option_space(), *pairwise_option_sets(True), *storage]):
         variant = Variant(options, mx.bfloat16, mx.float16, mx.float32)
         unit = translation_unit(variant, "metal")
         # MLX's wrapper has no comments: what is left once the body is taken out is code.
-        wrapper = unit.replace(source.kernel_body("metal", options.state_keys), "")
+        body = source.kernel_body("metal", options.state_keys, options.stochastic_rounding)
+        wrapper = unit.replace(body, "")
         assert not _metal_subset_violations(wrapper), options
         buffers = [int(b) for b in re.findall(r"\[\[buffer\((\d+)\)\]\]", wrapper)]
         assert buffers == list(range(len(buffers)))
         assert len(buffers) == source.metal_buffer_count(variant) <= source.METAL_MAX_BUFFERS
-    # The largest layout: 7 inputs, the parameter's shape and ndim, 5 outputs.
+    # The largest layouts: 7 inputs, the parameter's shape and ndim, 5 outputs; with 8-bit
+    # state and stochastic rounding 11 inputs (3 scales, index), shape, ndim and 8 outputs.
     assert max(source.metal_buffer_count(Variant(o)) for o in option_space()) == 14
+    largest = max(source.metal_buffer_count(Variant(o)) for o in storage)
+    assert largest == 21
 
 
 def test_metal_subset_check_can_fail():
@@ -207,42 +271,59 @@ def test_metal_subset_check_can_fail():
 
 def test_body_reads_each_input_once_and_writes_each_output_once():
     body = _code(source.body_text())
-    for name in ("parameter", "gradient", "v", "grad_avg", "momentum_buffer", "ema"):
+    scales = [f"{key}_scale" for key in ("v", "grad_avg", "momentum_buffer")]
+    for name in ("parameter", "gradient", "v", "grad_avg", "momentum_buffer", "ema", *scales):
         assert len(re.findall(rf"(?<![\w.]){name}\[", body)) == 1, name
     for name in ("parameter", "v", "grad_avg", "momentum_buffer", "ema"):
         assert len(re.findall(rf"\bnew_{name}\[", body)) == 1, name
-        assert len(re.findall(rf"\bnew_{name}\[i\] = static_cast<[PS]>\(", body)) == 1, name
+        assert len(re.findall(rf"\bnew_{name}\[i\] = static_cast<[PSQ]>\(", body)) == 1, name
+    # A block's scales: one store each, by one thread of the block.
+    for name in scales:
+        assert len(re.findall(rf"\bnew_{name}\[block\] = new_scales\[\d\];", body)) == 1, name
     # The scalars vector is read by the prologue only, one line per entry.
     assert "scalars" not in body
     prologue = source.kernel_body("metal", ("v",)).split(source.body_text())[0]
     for entry in Scalar:
-        if entry is Scalar.ROUNDING_KEY:
-            continue  # not read until the kernels store with stochastic rounding
         assert prologue.count(f"const float {entry.name.lower()} = scalars[{int(entry)}];") == 1
 
 
+def _without_qualifiers(line: str) -> str:
+    return re.sub(r"\b(device|constant|static|const)\s+", "", line)
+
+
 def test_cuda_and_metal_share_the_body():
-    # Only the arithmetic primitives, the index line and the spelling of absent buffers differ
-    # between the paths.
-    for keys in sorted({o.state_keys for o in option_space()}):
-        metal_text = source.kernel_body("metal", keys)
-        cuda_text = source.kernel_body("cuda", keys)
-        assert metal_text.startswith(source.PRIMITIVES["metal"] + "\n")
-        assert cuda_text.startswith(source.PRIMITIVES["cuda"] + "\n")
-        metal_text = metal_text.removeprefix(source.PRIMITIVES["metal"] + "\n").splitlines()
-        cuda_text = cuda_text.removeprefix(source.PRIMITIVES["cuda"] + "\n").splitlines()
-        differing = [(m, c) for m, c in zip(metal_text, cuda_text, strict=True) if m != c]
-        assert len(metal_text) == len(cuda_text)
-        assert differing[0] == (source.INDEX_LINES["metal"], source.INDEX_LINES["cuda"])
-        for metal_line, cuda_line in differing[1:]:
-            assert metal_line.replace("device ", "") == cuda_line
-        assert source.body_text() in source.kernel_body("cuda", keys)
+    # Only the prologue's backend spellings differ: the arithmetic primitives and the other
+    # spellings, the index and threadgroup lines, and the address spaces of the tables and of
+    # absent buffers.
+    for keys, rounding in layouts():
+        metal_text = source.kernel_body("metal", keys, rounding)
+        cuda_text = source.kernel_body("cuda", keys, rounding)
+        for backend, text in (("metal", metal_text), ("cuda", cuda_text)):
+            head = "\n".join(
+                [
+                    source.PRIMITIVES[backend],
+                    source.SPELLINGS[backend],
+                    source.INDEX_LINES[backend],
+                    source.GROUP_LINES[backend],
+                ]
+            )
+            assert text.startswith(head + "\n"), backend
+        metal_lines = metal_text.split(source.GROUP_LINES["metal"] + "\n")[1].splitlines()
+        cuda_lines = cuda_text.split(source.GROUP_LINES["cuda"] + "\n")[1].splitlines()
+        assert len(metal_lines) == len(cuda_lines)
+        for metal_line, cuda_line in zip(metal_lines, cuda_lines, strict=True):
+            if metal_line != cuda_line:
+                assert _without_qualifiers(metal_line) == _without_qualifiers(cuda_line), (
+                    metal_line,
+                    cuda_line,
+                )
+        assert metal_text.endswith(source.body_text())
+        assert cuda_text.endswith(source.body_text())
 
 
 def test_every_update_option_is_a_template_argument():
     needs = dict(REQUIREMENTS)
-    # The storage flags are not kernel options yet: plan() hands them to the reference.
-    for name in (name for name in FLAGS if name not in STORAGE_FLAGS):
+    for name in FLAGS:
         # Each flag switched on alone (with the flag it needs): the template must change.
         base = {needs[name]: True} if name in needs else {}
         baseline = Variant(UpdateOptions(**base)).template_args()
@@ -259,12 +340,12 @@ _BINARY_FLOAT_OPERATOR = re.compile(r"[\w)\]]\s*[-+*/]=?\s*[\w(]")
 
 
 def _plain_float_arithmetic(body: str) -> list[str]:
-    """Lines of the body doing float arithmetic with plain operators (the size_t element
-    count and index lines are integer arithmetic)."""
+    """Lines of the body doing float arithmetic with plain operators (lines that name size_t
+    or uint32_t are the integer arithmetic: element count, index, block, hash, code search)."""
     return [
         line
         for line in _code(body).splitlines()
-        if "size_t" not in line and _BINARY_FLOAT_OPERATOR.search(line)
+        if not re.search(r"\b(size_t|uint32_t)\b", line) and _BINARY_FLOAT_OPERATOR.search(line)
     ]
 
 
@@ -290,7 +371,8 @@ def test_body_arithmetic_goes_through_the_primitives():
 # rsqrt, ...) would bypass the primitives: on Metal a plain sqrt is the fast one under MLX's
 # compile options, while g++ and NVRTC (prec-sqrt is on by default) compile it IEEE-rounded,
 # so neither the emulation nor the PTX check would notice.
-BODY_CALLS = {"if", "constexpr", "for", "isnan", "size_t", *source.PRIMITIVE_NAMES}
+BODY_CALLS = {"if", "constexpr", "for", "isnan", "isinf", "sizeof", "size_t"}
+BODY_CALLS |= {*source.PRIMITIVE_NAMES, *source.SPELLING_NAMES}
 
 
 def _calls_outside_the_primitives(body: str) -> set[str]:
@@ -325,5 +407,10 @@ def test_primitive_rule_can_fail():
         "ema_value *= ema_momentum;",
     ]:
         assert _plain_float_arithmetic(bad), bad
-    for good in ["g = -g;", "const float low = -clip_value;", "n *= size_t(parameter_shape[d]);"]:
+    for good in [
+        "g = -g;",
+        "const float low = -clip_value;",
+        "n *= size_t(parameter_shape[d]);",
+        "const uint32_t probe = (code | step) - 1u;",
+    ]:
         assert not _plain_float_arithmetic(good), good

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rmsprop import RMSprop, paths
+from mlx_rmsprop import RMSprop, paths, pipeline
 from mlx_rmsprop.check import step_scalars
 from mlx_rmsprop.paths import native
 from mlx_rmsprop.paths.native import build, cache
@@ -60,9 +60,12 @@ def _stand_in() -> types.ModuleType:
     module.SCALAR_NAMES = tuple(Scalar.__members__)
     module.FLAG_BITS = {name: 1 << bit for bit, name in enumerate(FLAGS)}
     module.PARALLEL_THRESHOLD = 65536
+    module.STATISTICS_LANES = pipeline.STATISTICS_LANES
+    module.STATISTICS_BLOCK = pipeline.STATISTICS_BLOCK
     module.worker_threads = lambda: 2
+    module.set_statistics_ops = lambda ops: setattr(module, "statistics_ops", ops)
 
-    def update(scalars, gradient, parameter, state, flags, block_size=0, index=0):
+    def update(scalars, gradient, parameter, state, flags, block_size=0, index=0, factors=None):
         options = UpdateOptions(
             **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()},
             block_size=block_size,
@@ -74,10 +77,26 @@ def _stand_in() -> types.ModuleType:
             gradient,
             dict(zip(options.state_keys, state, strict=True)),
             index=index,
+            factors=factors,
         )
         return [new_parameter, *(new_state[key] for key in options.state_keys)]
 
+    def gradient_statistics(gradients, accumulators, loss_scale, steps, scaled_norm):
+        return module.statistics_ops(gradients + accumulators, loss_scale, steps, scaled_norm)
+
+    def accumulate_gradient(gradient, accumulator, gates, loss_scale, steps, float64):
+        dtype = mx.float64 if float64 else mx.float32
+        value = gradient.astype(dtype)
+        if loss_scale:
+            value = value / mx.array(loss_scale, dtype)
+        summed = value + accumulator.astype(dtype)
+        kept = mx.where(gates[0] != 0, mx.zeros_like(summed), summed)
+        kept = mx.where(gates[1] != 0, accumulator.astype(dtype), kept)
+        return [summed / mx.array(steps, dtype), kept.astype(accumulator.dtype)]
+
     module.update = update
+    module.gradient_statistics = gradient_statistics
+    module.accumulate_gradient = accumulate_gradient
     return module
 
 
@@ -114,8 +133,15 @@ def _assert_falls_back(reason_fragment: str, caplog, level: int = logging.DEBUG)
 def test_a_matching_extension_is_used(stand_in):
     assert native.load() is native.update
     assert paths.resolve("auto")[0].name == "native"
+    # The loader hands the module the MLX-ops statistics its transforms run on.
+    assert stand_in.statistics_ops is native._statistics_ops
     expected = f"built at install and loaded (mlx {mx.__version__}; 2 threads from 65536 elements)"
     assert native.status() == expected
+
+
+def test_extension_summing_statistics_in_another_order_is_refused(stand_in, caplog):
+    stand_in.STATISTICS_LANES = pipeline.STATISTICS_LANES // 2
+    _assert_falls_back("the native extension sums the statistics in another order", caplog)
 
 
 def test_gpu_default_device_moves_auto_to_another_path(stand_in, monkeypatch):

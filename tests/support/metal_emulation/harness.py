@@ -1,5 +1,8 @@
 """Compile the translation units MLX generates with g++ and run them on the CPU: every thread
-of the launched grid, or chosen thread positions, one call each.
+of the launched grid, or chosen thread positions, one call each. Kernels with 8-bit state run
+each threadgroup as fibers that meet at every barrier (``threadgroups.h``): real barrier
+semantics, so a kernel that reads threadgroup memory too early, or whose threads skip a
+barrier, fails here.
 
 Metal: against ``metal_shim.h`` (this folder). CUDA: against CUDA's own headers plus the
 host stand-ins in ``tests/support/cuda_shim`` (MLX's device header, ``cuda_host.h``), where each call
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import re
 import subprocess
@@ -38,6 +42,7 @@ from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
     pairwise_option_sets,
+    plan_variant,
 )
 from mlx_rmsprop.spec import option_space
 
@@ -147,6 +152,12 @@ def _driver(unit: str, variant: Variant, backend: str) -> str:
             arguments.append("position")
         elif parameter.attribute == "threads_per_grid":
             arguments.append("grid")
+        elif parameter.attribute == "thread_position_in_threadgroup":
+            arguments.append(
+                "uint3{position.x % group.x, position.y % group.y, position.z % group.z}"
+            )
+        elif parameter.attribute == "threads_per_threadgroup":
+            arguments.append("group")
         elif parameter.attribute != "buffer":
             raise AssertionError(f"the harness does not provide [[{parameter.attribute}]]")
         elif parameter.name in buffers:
@@ -164,20 +175,19 @@ def _driver(unit: str, variant: Variant, backend: str) -> str:
     else:
         # MLX's CUDA launch: blocks of min(threadgroup, grid) threads, ceil(grid / threadgroup)
         # blocks per dimension; `position` counts threads over the whole blocks.
-        tx, ty, tz = THREADGROUP
-        setup = f"""
-  blockDim = dim3(grid.x < {tx}u ? grid.x : {tx}u, grid.y < {ty}u ? grid.y : {ty}u,
-                  grid.z < {tz}u ? grid.z : {tz}u);
-  gridDim = dim3((grid.x + {tx}u - 1) / {tx}u, (grid.y + {ty}u - 1) / {ty}u,
-                 (grid.z + {tz}u - 1) / {tz}u);
-  blockIdx = {{position.x / blockDim.x, position.y / blockDim.y, position.z / blockDim.z}};
-  threadIdx = {{position.x % blockDim.x, position.y % blockDim.y, position.z % blockDim.z}};
-  mlx::core::cu::Shape shape_value{{}};
+        setup = """
+  blockDim = dim3(grid.x < group.x ? grid.x : group.x, grid.y < group.y ? grid.y : group.y,
+                  grid.z < group.z ? grid.z : group.z);
+  gridDim = dim3((grid.x + group.x - 1) / group.x, (grid.y + group.y - 1) / group.y,
+                 (grid.z + group.z - 1) / group.z);
+  blockIdx = {position.x / blockDim.x, position.y / blockDim.y, position.z / blockDim.z};
+  threadIdx = {position.x % blockDim.x, position.y % blockDim.y, position.z % blockDim.z};
+  mlx::core::cu::Shape shape_value{};
   for (int d = 0; d < ndim; ++d) shape_value[d] = shape[d];"""
     # One call per thread; the loop over the grid is `run_grid`, shared by every kernel.
     return f"""
 extern "C" void thread_{name}(void* const* buffers, const int* shape, const int& ndim,
-                              uint3 position, uint3 grid) {{{setup}
+                              uint3 position, uint3 grid, uint3 group) {{{setup}
   {call}
 }}
 """
@@ -199,24 +209,60 @@ def _from_numpy(values: np.ndarray, dtype: mx.Dtype) -> mx.array:
 
 
 RUN_GRID = """
-typedef void (*ThreadFunction)(void* const*, const int*, const int&, uint3, uint3);
+typedef void (*ThreadFunction)(void* const*, const int*, const int&, uint3, uint3, uint3);
 
-// Every thread launched (`extent` per dimension: the grid on Metal, whole blocks on CUDA) in
-// turn, or only the `count` positions given. `grid` is the grid MLX was asked for.
-extern "C" void run_grid(ThreadFunction thread, void* const* buffers, const int* shape,
-                         int ndim, const uint32_t* grid, const uint32_t* extent,
-                         const uint32_t* positions, uint64_t count) {
+struct GroupContext {
+  ThreadFunction thread;
+  void* const* buffers;
+  const int* shape;
+  int ndim;
+  uint3 origin, size, requested, group;
+};
+
+static void run_group_thread(int t, void* opaque) {
+  const GroupContext& c = *static_cast<const GroupContext*>(opaque);
+  const uint32_t x = uint32_t(t) % c.size.x, y = uint32_t(t) / c.size.x % c.size.y,
+                 z = uint32_t(t) / (c.size.x * c.size.y);
+  c.thread(c.buffers, c.shape, c.ndim, {c.origin.x + x, c.origin.y + y, c.origin.z + z},
+           c.requested, c.group);
+}
+
+// Every thread launched (`extent` per dimension: the grid on Metal, whole blocks on CUDA), or
+// only the `count` positions given (each on its own, outside any threadgroup). `grid` is the
+// grid MLX was asked for, `group` the threadgroup. With `fibers`, each threadgroup runs as
+// fibers with real barrier semantics (threadgroups.h; `order` 0: threads resumed in
+// increasing order, 1: decreasing); without, thread after thread, and a barrier is an error.
+// Returns the errors (threadgroups.h): 0 when none.
+extern "C" int run_grid(ThreadFunction thread, void* const* buffers, const int* shape, int ndim,
+                        const uint32_t* grid, const uint32_t* extent, const uint32_t* group,
+                        const uint32_t* positions, uint64_t count, int fibers, int order) {
+  mlx_rmsprop_emulation::errors = 0;
   const uint3 requested = {grid[0], grid[1], grid[2]};
+  const uint3 group_size = {group[0], group[1], group[2]};
   if (positions != nullptr) {
     for (uint64_t k = 0; k < count; ++k) {
       thread(buffers, shape, ndim, {positions[3 * k], positions[3 * k + 1], positions[3 * k + 2]},
-             requested);
+             requested, group_size);
     }
-    return;
+    return mlx_rmsprop_emulation::errors;
   }
-  for (uint32_t z = 0; z < extent[2]; ++z)
-    for (uint32_t y = 0; y < extent[1]; ++y)
-      for (uint32_t x = 0; x < extent[0]; ++x) thread(buffers, shape, ndim, {x, y, z}, requested);
+  for (uint32_t gz = 0; gz < extent[2]; gz += group[2])
+    for (uint32_t gy = 0; gy < extent[1]; gy += group[1])
+      for (uint32_t gx = 0; gx < extent[0]; gx += group[0]) {
+        // A partial group at the end of a dimension (Metal's non-uniform threadgroups).
+        const uint3 size = {extent[0] - gx < group[0] ? extent[0] - gx : group[0],
+                            extent[1] - gy < group[1] ? extent[1] - gy : group[1],
+                            extent[2] - gz < group[2] ? extent[2] - gz : group[2]};
+        GroupContext context{thread, buffers, shape, ndim, {gx, gy, gz}, size, requested,
+                             group_size};
+        const int threads = int(size.x * size.y * size.z);
+        if (fibers) {
+          mlx_rmsprop_emulation::run_group(threads, run_group_thread, &context, order);
+        } else {
+          for (int t = 0; t < threads; ++t) run_group_thread(t, &context);
+        }
+      }
+  return mlx_rmsprop_emulation::errors;
 }
 """
 
@@ -264,12 +310,14 @@ LAUNCH_SIZES = [
 ]
 
 
-def launched_extent(grid: tuple[int, int, int], backend: str) -> tuple[int, int, int]:
+def launched_extent(
+    grid: tuple[int, int, int], backend: str, threadgroup: tuple[int, int, int] = THREADGROUP
+) -> tuple[int, int, int]:
     """Threads launched per dimension: exactly the grid on Metal, whole blocks on CUDA (with
     MLX's launch arithmetic, which raises where MLX's would overflow)."""
     if backend == "metal":
         return grid
-    blocks, block = mlx_cuda_launch(grid)
+    blocks, block = mlx_cuda_launch(grid, threadgroup)
     return tuple(b * t for b, t in zip(blocks, block, strict=True))
 
 
@@ -286,7 +334,13 @@ def compile_library(
     partial.replace(library)
 
 
-NUMPY_STORAGE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
+NUMPY_STORAGE = {
+    mx.float32: np.float32,
+    mx.float16: np.float16,
+    mx.bfloat16: np.uint16,
+    mx.uint8: np.uint8,
+    mx.uint32: np.uint32,
+}
 
 
 class Emulator:
@@ -324,7 +378,11 @@ class Emulator:
         for chunk in chunks:
             text = prelude + RUN_GRID + "\n".join(chunk)
             # Content-addressed, so a rerun with nothing changed reuses the library.
-            shims = (SHIM_DIR / "metal_shim.h", CUDA_SHIM_DIR / "host" / "cuda_host.h")
+            shims = (
+                SHIM_DIR / "metal_shim.h",
+                SHIM_DIR / "threadgroups.h",
+                CUDA_SHIM_DIR / "host" / "cuda_host.h",
+            )
             flags = FUSING_CXXFLAGS if self.fusing else CXXFLAGS
             key = text + " ".join(flags) + "".join(path.read_text() for path in shims)
             digest = hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -355,54 +413,81 @@ class Emulator:
         shape: tuple[int, ...],
         grid: tuple[int, int, int],
         positions: np.ndarray | None = None,
+        threadgroup: tuple[int, int, int] = THREADGROUP,
+        order: int = 0,
     ) -> None:
-        """Run the kernel on host buffers (inputs then outputs, in the kernel's order)."""
+        """Run the kernel on host buffers (inputs then outputs, in the kernel's order). With
+        8-bit state each threadgroup runs as fibers with real barriers (``order`` 0 or 1: its
+        threads resumed in increasing or decreasing order between barriers)."""
         pointers = (ctypes.c_void_p * len(buffers))(*(b.ctypes.data for b in buffers))
         shape_array = np.array(shape, np.int32)
         grid_array = np.array(grid, np.uint32)
-        extent_array = np.array(launched_extent(grid, self.backend), np.uint32)
+        group_array = np.array(threadgroup, np.uint32)
+        extent_array = np.array(launched_extent(grid, self.backend, threadgroup), np.uint32)
         if positions is not None:
             positions = np.ascontiguousarray(positions, np.uint32)
         library, thread = self._thread_function(variant)
-        library.run_grid.restype = None
-        library.run_grid(
+        library.run_grid.restype = ctypes.c_int
+        errors = library.run_grid(
             thread,
             pointers,
             shape_array.ctypes.data_as(ctypes.c_void_p),
             ctypes.c_int(len(shape)),
             grid_array.ctypes.data_as(ctypes.c_void_p),
             extent_array.ctypes.data_as(ctypes.c_void_p),
+            group_array.ctypes.data_as(ctypes.c_void_p),
             None if positions is None else positions.ctypes.data_as(ctypes.c_void_p),
             ctypes.c_uint64(0 if positions is None else len(positions)),
+            ctypes.c_int(int(variant.options.quantized_state)),
+            ctypes.c_int(order),
         )
+        if errors & 1:
+            raise AssertionError(f"{variant}: a barrier outside a threadgroup run")
+        if errors & 2:
+            raise AssertionError(
+                f"{variant}: threads of a threadgroup ended while others waited at a barrier"
+            )
 
-    def run(self, call: KernelCall) -> list[mx.array]:
+    def run(self, call: KernelCall, order: int = 0) -> list[mx.array]:
         """What the GPU would return for ``call`` (the launcher's own plan): every thread of
         its grid, on row-contiguous copies of its inputs (as MLX makes them)."""
         variant = call.variant
         inputs = [_to_numpy(array) for array in call.inputs]
-        size = int(np.prod(call.output_shape, dtype=np.int64))
         outputs = [
-            np.full(size * np.dtype(NUMPY_STORAGE[d]).itemsize, SENTINEL_BYTE, np.uint8).view(
-                NUMPY_STORAGE[d]
-            )
-            for d in variant.output_dtypes
+            np.full(
+                math.prod(shape) * np.dtype(NUMPY_STORAGE[d]).itemsize, SENTINEL_BYTE, np.uint8
+            ).view(NUMPY_STORAGE[d])
+            for shape, d in zip(call.output_shapes, variant.output_dtypes, strict=True)
         ]
-        self.run_buffers(variant, [*inputs, *outputs], call.inputs[0].shape, call.grid)
+        self.run_buffers(
+            variant,
+            [*inputs, *outputs],
+            call.inputs[0].shape,
+            call.grid,
+            threadgroup=call.threadgroup,
+            order=order,
+        )
         return [
-            _from_numpy(values, dtype).reshape(call.output_shape)
-            for values, dtype in zip(outputs, variant.output_dtypes, strict=True)
+            _from_numpy(values, dtype).reshape(shape)
+            for values, dtype, shape in zip(
+                outputs, variant.output_dtypes, call.output_shapes, strict=True
+            )
         ]
 
 
 def cuda_variants() -> list[Variant]:
-    """Every dtype combination with the pairwise option sets, and every buffer layout with
-    every flag on that it allows (the address-space class does not exist on CUDA)."""
+    """Every dtype combination with the pairwise option sets (storage flags included, as the
+    verification plan takes them), and every buffer layout, with and without stochastic
+    rounding, with every flag on that it allows (the address-space class does not exist on
+    CUDA)."""
     variants = [
-        Variant(options, parameter, gradient, state)
-        for parameter, gradient, state in dtype_combinations()
-        for options in pairwise_option_sets()
+        plan_variant(options, dtypes, False, k + row)
+        for k, dtypes in enumerate(dtype_combinations())
+        for row, options in enumerate(pairwise_option_sets(storage=True))
     ]
-    for keys in sorted({o.state_keys for o in option_space()}):
-        variants.append(Variant(every_flag_on(keys), mx.bfloat16, mx.float16, mx.bfloat16))
+    layouts = {(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)}
+    for keys, rounding in sorted(layouts):
+        variants.append(
+            Variant(every_flag_on(keys, rounding), mx.bfloat16, mx.float16, mx.bfloat16)
+        )
     return list(dict.fromkeys(variants))

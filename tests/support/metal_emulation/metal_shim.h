@@ -6,13 +6,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-// Address spaces: plain memory on the CPU. Attributes ([[kernel]], [[buffer(i)]],
-// [[thread_position_in_grid]], [[host_name(...)]]) are unknown to g++ and ignored
-// (-Wno-attributes).
+#include "threadgroups.h"
+
+// Address spaces: plain memory on the CPU, except that a `threadgroup` variable is shared by
+// the threads of a group: one per OS thread, which runs a whole group as fibers
+// (threadgroups.h). Attributes ([[kernel]], [[buffer(i)]], [[thread_position_in_grid]],
+// [[host_name(...)]]) are unknown to g++ and ignored (-Wno-attributes).
 #define device
 #define constant
-#define threadgroup
+#define threadgroup static thread_local
 
 typedef unsigned int uint;
 
@@ -50,12 +54,26 @@ struct bfloat16_t {
   }
 };
 
+// Metal's bit reinterpretation between same-sized types.
+template <typename To, typename From>
+inline To as_type(From value) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs types of one size");
+  To result;
+  std::memcpy(&result, &value, sizeof result);
+  return result;
+}
+
+// Metal's threadgroup barrier: the group's fibers meet there (threadgroups.h).
+enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) { mlx_rmsprop_emulation::barrier(); }
+
 // metal:: math for float, with Metal's semantics where they differ from C++'s: max/min return
 // the other operand when one is NaN (fmax/fmin), as Metal documents.
 namespace metal {
 inline float sqrt(float x) { return __builtin_sqrtf(x); }
 inline bool isnan(float x) { return __builtin_isnan(x); }
 inline bool isinf(float x) { return __builtin_isinf(x); }
+using std::is_same;
 inline float abs(float x) { return __builtin_fabsf(x); }
 inline float max(float a, float b) { return __builtin_fmaxf(a, b); }
 inline float min(float a, float b) { return __builtin_fminf(a, b); }

@@ -29,6 +29,7 @@ typedef __INT32_TYPE__ int32_t;
 typedef __UINT32_TYPE__ uint32_t;
 typedef __INT16_TYPE__ int16_t;
 typedef __UINT16_TYPE__ uint16_t;
+typedef __UINT8_TYPE__ uint8_t;
 typedef unsigned int uint;
 typedef unsigned int uint3 __attribute__((ext_vector_type(3)));
 
@@ -38,6 +39,16 @@ typedef __bf16 bfloat;
 typedef bfloat bfloat16_t;
 
 namespace metal {
+template <typename T, typename U>
+struct is_same {
+  static constexpr bool value = false;
+};
+template <typename T>
+struct is_same<T, T> {
+  static constexpr bool value = true;
+};
+enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+void threadgroup_barrier(mem_flags flags);
 float sqrt(float x);
 float rsqrt(float x);
 float abs(float x);
@@ -58,6 +69,10 @@ float rsqrt(float x);
 float divide(float x, float y);
 }  // namespace fast
 }  // namespace metal
+
+// Bit reinterpretation (Metal's as_type, for same-sized types).
+template <typename To, typename From>
+To as_type(From value);
 
 // MLX's utility headers start with this.
 using namespace metal;

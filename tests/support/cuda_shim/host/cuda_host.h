@@ -9,7 +9,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector_types.h>
+
+#include "../../metal_emulation/threadgroups.h"
 
 // (CUDA's host_defines.h, included above, spells them for nvcc.)
 #undef __global__
@@ -17,11 +20,33 @@
 #undef __grid_constant__
 #define __grid_constant__
 
+// A block's threads are fibers on one OS thread (threadgroups.h): each restores its own
+// coordinates after a barrier. __shared__ variables are shared by the fibers of a block.
 inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
+#undef __shared__
+#define __shared__ static thread_local
+inline void __syncthreads() {
+  const uint3 thread = threadIdx, block = blockIdx;
+  mlx_rmsprop_emulation::barrier();
+  threadIdx = thread;
+  blockIdx = block;
+}
 
+using std::isinf;
 using std::isnan;
 using std::sqrt;
+
+inline unsigned int __float_as_uint(float x) {
+  unsigned int bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+inline float __uint_as_float(unsigned int bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
 
 // CUDA's IEEE round-to-nearest intrinsics (device-only in CUDA's headers), which the kernel's
 // arithmetic primitives are (source.py, PRIMITIVES). Each result passes through an empty asm

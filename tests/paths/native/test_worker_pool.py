@@ -1,0 +1,71 @@
+"""The native update's worker pool spins only briefly after a job (worker_pool.h, kSpinTime):
+an idle process's workers sleep on their condition variable and use no CPU, and the updates
+it splits across them give the reference's bits."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_rmsprop import RMSprop
+from mlx_rmsprop.paths import native
+
+from native_available import requires_native
+
+pytestmark = requires_native
+
+# Long enough for any bounded spin (kSpinTime is 200 us) to have ended on a loaded machine.
+SETTLE_SECONDS = 5.0
+IDLE_SECONDS = 1.0
+# A worker that never slept would use about IDLE_SECONDS of CPU; a sleeping pool, none.
+IDLE_CPU_BOUND = 0.25
+
+
+def parallel_steps(fused, steps=3):
+    """A few updates of tensors large enough to be split across the pool (the tensors of a
+    step back to back, where the workers spin between them)."""
+    size = 4 * native._loaded().PARALLEL_THRESHOLD
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": mx.array(rng.standard_normal(size), mx.float32) for i in range(4)}
+    optimizer = RMSprop(0.01, momentum=0.9, centered=True, fused=fused)
+    for _ in range(steps):
+        grads = {k: mx.array(rng.standard_normal(size), mx.float32) for k in params}
+        params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, optimizer.state)
+    return params, optimizer.state
+
+
+def settled(extension):
+    """Waits (bounded) until every worker sleeps; returns whether they did."""
+    workers = extension.worker_threads() - 1
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while extension.sleeping_workers() != workers:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_an_idle_pool_sleeps_and_uses_no_cpu():
+    extension = native._loaded()
+    parallel_steps("native")
+    assert settled(extension), (
+        f"{extension.sleeping_workers()} of {extension.worker_threads() - 1} workers asleep "
+        f"{SETTLE_SECONDS} s after the last update"
+    )
+    before = time.process_time()
+    time.sleep(IDLE_SECONDS)
+    used = time.process_time() - before
+    assert used < IDLE_CPU_BOUND, f"an idle second used {used:.3f} s of CPU"
+    assert extension.sleeping_workers() == extension.worker_threads() - 1
+
+
+def test_split_updates_give_the_reference_bits():
+    ours = parallel_steps("native")
+    reference = parallel_steps(False)
+    for a, b in zip(tree_flatten(ours), tree_flatten(reference), strict=True):
+        assert a[0] == b[0]
+        assert np.array_equal(np.array(a[1]), np.array(b[1])), a[0]
