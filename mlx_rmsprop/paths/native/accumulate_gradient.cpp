@@ -13,7 +13,7 @@
 #include "mlx/transforms.h"
 #include "mlx/types/half_types.h"
 
-#include "half_convert.h"
+#include "dtype_spans.h"
 #include "rmsprop_update.h"
 #include "worker_pool.h"
 
@@ -33,76 +33,6 @@ void require(bool ok, const std::string& message) {
 bool is_floating(mx::Dtype dtype) {
   return dtype == mx::float16 || dtype == mx::bfloat16 || dtype == mx::float32 ||
       dtype == mx::float64;
-}
-
-// MLX's astype between floating types over a span (half types widen exactly through float;
-// narrowing from float uses MLX's bits, from double MLX's own types, as rmsprop_update.cpp).
-template <typename C>
-void load_span(const void* src, mx::Dtype dtype, int64_t start, int64_t n, C* dst) {
-  switch (dtype.val()) {
-    case mx::Dtype::Val::float16: {
-      const auto* s = static_cast<const uint16_t*>(src) + start;
-      for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(float_from_half_bits(s[i]));
-      }
-      break;
-    }
-    case mx::Dtype::Val::bfloat16: {
-      const auto* s = static_cast<const uint16_t*>(src) + start;
-      for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(float_from_bfloat16_bits(s[i]));
-      }
-      break;
-    }
-    case mx::Dtype::Val::float32: {
-      const auto* s = static_cast<const float*>(src) + start;
-      for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(s[i]);
-      }
-      break;
-    }
-    default: {
-      const auto* s = static_cast<const double*>(src) + start;
-      for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(s[i]);
-      }
-      break;
-    }
-  }
-}
-
-template <typename C>
-void store_span(const C* src, void* dst, mx::Dtype dtype, int64_t start, int64_t n) {
-  switch (dtype.val()) {
-    case mx::Dtype::Val::float16:
-      for (int64_t i = 0; i < n; ++i) {
-        if constexpr (std::is_same_v<C, float>) {
-          static_cast<uint16_t*>(dst)[start + i] = half_bits_from_float(src[i]);
-        } else {
-          static_cast<mx::float16_t*>(dst)[start + i] = static_cast<mx::float16_t>(src[i]);
-        }
-      }
-      break;
-    case mx::Dtype::Val::bfloat16:
-      for (int64_t i = 0; i < n; ++i) {
-        if constexpr (std::is_same_v<C, float>) {
-          static_cast<uint16_t*>(dst)[start + i] = bfloat16_bits_from_float(src[i]);
-        } else {
-          static_cast<mx::bfloat16_t*>(dst)[start + i] = static_cast<mx::bfloat16_t>(src[i]);
-        }
-      }
-      break;
-    case mx::Dtype::Val::float32:
-      for (int64_t i = 0; i < n; ++i) {
-        static_cast<float*>(dst)[start + i] = static_cast<float>(src[i]);
-      }
-      break;
-    default:
-      for (int64_t i = 0; i < n; ++i) {
-        static_cast<double*>(dst)[start + i] = static_cast<double>(src[i]);
-      }
-      break;
-  }
 }
 
 struct Plan {
@@ -129,8 +59,8 @@ void run_range(const Plan& plan, int64_t begin, int64_t end) {
   alignas(64) C kept[kChunk];
   for (int64_t start = begin; start < end; start += kChunk) {
     const int64_t n = std::min(kChunk, end - start);
-    load_span(plan.gradient, plan.gradient_dtype, start, n, g);
-    load_span(plan.accumulator, plan.accumulator_dtype, start, n, old);
+    load_as(plan.gradient, plan.gradient_dtype, start, n, g);
+    load_as(plan.accumulator, plan.accumulator_dtype, start, n, old);
     if (plan.loss_scale != 0.0) {
       for (int64_t i = 0; i < n; ++i) {
         g[i] = g[i] / loss_scale;
@@ -141,8 +71,8 @@ void run_range(const Plan& plan, int64_t begin, int64_t end) {
       g[i] = summed / steps;
       kept[i] = plan.skip ? old[i] : (plan.applies ? C(0) : summed);
     }
-    store_span(g, plan.gradient_out, compute, start, n);
-    store_span(kept, plan.accumulator_out, plan.accumulator_dtype, start, n);
+    store_nearest(g, plan.gradient_out, compute, start, n);
+    store_nearest(kept, plan.accumulator_out, plan.accumulator_dtype, start, n);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "mlx/types/half_types.h"
 #include "mlx/utils.h"
 
+#include "dtype_spans.h"
 #include "half_convert.h"
 #include "storage.h"
 #include "update_kernel.h"
@@ -97,48 +98,6 @@ struct Plan {
   int momentum = -1;
   int ema = -1;
 };
-
-template <typename T, typename C>
-void load_span(const T* src, C* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<C>(src[i]);
-  }
-}
-
-// The conversions of MLX's astype. Half types widen exactly, so the fast bit-pattern
-// conversions serve both compute types.
-template <typename C>
-void load_as(const void* src, mx::Dtype dtype, int64_t start, int64_t n, C* dst) {
-  switch (dtype.val()) {
-    case mx::Dtype::Val::float16: {
-      const auto* s = static_cast<const uint16_t*>(src) + start;
-      for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(float_from_half_bits(s[i]));
-      }
-      break;
-    }
-    case mx::Dtype::Val::bfloat16: {
-      const auto* s = static_cast<const uint16_t*>(src) + start;
-      for (int64_t i = 0; i < n; ++i) {
-        dst[i] = static_cast<C>(float_from_bfloat16_bits(s[i]));
-      }
-      break;
-    }
-    case mx::Dtype::Val::float32:
-      load_span(static_cast<const float*>(src) + start, dst, n);
-      break;
-    default:
-      load_span(static_cast<const double*>(src) + start, dst, n);
-      break;
-  }
-}
-
-template <typename C, typename T>
-void store_span(const C* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<T>(src[i]);
-  }
-}
 
 template <typename Format>
 void store_rounded(const float* src, uint16_t* dst, uint32_t salt, int64_t start, int64_t n) {
@@ -268,9 +227,8 @@ const StorageLoops& storage_loops() {
   return loops;
 }
 
-// Narrowing from float uses the fast conversions (MLX's bits), or rounds stochastically with
-// the output's hash salt when `salt` is given. From double, MLX's own types decide (on x86 they
-// round to float first, then to the half type).
+// To nearest (store_nearest), or for float16/bfloat16 from float stochastically with the
+// output's hash salt when `salt` is given.
 template <typename C>
 void store_as(
     const C* src,
@@ -289,34 +247,7 @@ void store_as(
       return;
     }
   }
-  switch (dtype.val()) {
-    case mx::Dtype::Val::float16:
-      if constexpr (std::is_same_v<C, float>) {
-        auto* d = static_cast<uint16_t*>(dst) + start;
-        for (int64_t i = 0; i < n; ++i) {
-          d[i] = half_bits_from_float(src[i]);
-        }
-      } else {
-        store_span(src, static_cast<mx::float16_t*>(dst) + start, n);
-      }
-      break;
-    case mx::Dtype::Val::bfloat16:
-      if constexpr (std::is_same_v<C, float>) {
-        auto* d = static_cast<uint16_t*>(dst) + start;
-        for (int64_t i = 0; i < n; ++i) {
-          d[i] = bfloat16_bits_from_float(src[i]);
-        }
-      } else {
-        store_span(src, static_cast<mx::bfloat16_t*>(dst) + start, n);
-      }
-      break;
-    case mx::Dtype::Val::float32:
-      store_span(src, static_cast<float*>(dst) + start, n);
-      break;
-    default:
-      store_span(src, static_cast<double*>(dst) + start, n);
-      break;
-  }
+  store_nearest(src, dst, dtype, start, n);
 }
 
 constexpr uint32_t kGradientPipeline =

@@ -17,6 +17,7 @@ SOURCE_FILES = (
     "accumulate_gradient.cpp",
     "accumulate_gradient.h",
     "bindings.cpp",
+    "dtype_spans.h",
     "gradient_statistics.cpp",
     "gradient_statistics.h",
     "half_convert.h",
