@@ -19,9 +19,15 @@ SMALL_LR_WORKLOAD = "mnist-small-lr"
 
 
 def _relative(a: float | None, b: float | None) -> float | None:
+    """How far ``a`` lies above ``b``, relative to ``b`` (negative: below); None unless both
+    are finite. The quality targets are one-sided: 8-bit state may end lower than float32."""
     if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
         return None
-    return abs(a - b) / abs(b)
+    return (a - b) / abs(b)
+
+
+def _percent(gap: float | None) -> str:
+    return "diverged" if gap is None else f"{100 * gap:+.2f}%"
 
 
 def _seed_losses(record: dict, workload: str, key: str) -> dict[str, float]:
@@ -45,9 +51,23 @@ def evaluate(record: dict) -> list[dict]:
             gap = _relative(eight["final_loss"], full["final_loss"])
             targets.append(
                 {
-                    "target": f"{workload}: 8-bit state within 1% of float32's final loss",
-                    "measured": "diverged" if gap is None else f"{100 * gap:.2f}%",
+                    "target": f"{workload}: 8-bit state at most 1% above float32's final "
+                    "held-out loss (one evaluation)",
+                    "measured": _percent(gap),
                     "met": gap is not None and gap <= QUALITY_TOLERANCE,
+                }
+            )
+            tail_gap = (
+                _relative(tail_loss(eight), tail_loss(full))
+                if eight["finite"] and full["finite"]
+                else None
+            )
+            targets.append(
+                {
+                    "target": f"{workload}: 8-bit state at most 1% above float32's final "
+                    "training loss (mean of the last tenth of the steps)",
+                    "measured": _percent(tail_gap),
+                    "met": tail_gap is not None and tail_gap <= QUALITY_TOLERANCE,
                 }
             )
         full_seeds = _seed_losses(record, workload, "float32")
@@ -59,9 +79,9 @@ def evaluate(record: dict) -> list[dict]:
             gap = _relative(eight_mean, full_mean)
             targets.append(
                 {
-                    "target": f"{workload}: 8-bit state within 1% of float32's final loss, "
-                    f"mean over seeds {', '.join(common)}",
-                    "measured": "diverged" if gap is None else f"{100 * gap:.2f}%",
+                    "target": f"{workload}: 8-bit state at most 1% above float32's final "
+                    f"held-out loss, mean over seeds {', '.join(common)}",
+                    "measured": _percent(gap),
                     "met": gap is not None and gap <= QUALITY_TOLERANCE,
                 }
             )

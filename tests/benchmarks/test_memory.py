@@ -247,11 +247,23 @@ def test_targets_judge_the_figures():
     # Each goes into a Markdown table cell.
     assert not any("|" in t["target"] + t["measured"] for t in targets)
     met = {t["target"]: t["met"] for t in targets}
-    assert met["mnist: 8-bit state within 1% of float32's final loss"] is True
-    assert met["lm: 8-bit state within 1% of float32's final loss"] is False
+    held_out = "8-bit state at most 1% above float32's final held-out loss (one evaluation)"
+    assert met[f"mnist: {held_out}"] is True
+    assert met[f"lm: {held_out}"] is False
+    training = "8-bit state at most 1% above float32's final training loss (mean of the last tenth"
+    assert met[f"mnist: {training} of the steps)"] is True
+    assert met[f"lm: {training} of the steps)"] is False
     assert met["lm: bf16 weights, 8-bit state, stochastic rounding: no NaN or Inf"] is False
     assert met[next(k for k in met if "closer to float32" in k)] is True
     assert met["GPT-2-small state bytes, 8-bit / float32 <= 0.27"] is True
+
+
+def test_quality_targets_are_one_sided():
+    # Ending lower than float32 meets the target; the measured gap keeps its sign.
+    record = _record(mnist={"float32": (1.0,), "8bit": (0.9,)})
+    met = {t["target"]: (t["met"], t["measured"]) for t in report.evaluate(record)}
+    held_out = "mnist: 8-bit state at most 1% above float32's final held-out loss (one evaluation)"
+    assert met[held_out] == (True, "-10.00%")
 
 
 def test_doc_section_is_replaced_between_the_markers(tmp_path):
@@ -345,9 +357,10 @@ def test_noise_runs_give_the_seed_spread_and_the_mean_target():
         }
     }
     met = {t["target"]: (t["met"], t["measured"]) for t in report.evaluate(record)}
-    assert met["mnist: 8-bit state within 1% of float32's final loss"] == (False, "5.00%")
-    mean_target = "mnist: 8-bit state within 1% of float32's final loss, mean over seeds 0, 1"
-    assert met[mean_target] == (True, "0.49%")
+    held_out = "mnist: 8-bit state at most 1% above float32's final held-out loss"
+    assert met[f"{held_out} (one evaluation)"] == (False, "+5.00%")
+    # 1.025 against 1.02 over the common seeds.
+    assert met[f"{held_out}, mean over seeds 0, 1"] == (True, "+0.49%")
     text = report.markdown(record, report.evaluate(record))
     assert (
         "| `mnist` | float32 weights, float32 state | 0: 1.0000, 1: 1.0400, 2: 9.0000 | 3.6800 |"
