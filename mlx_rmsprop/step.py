@@ -13,6 +13,7 @@ update itself and the EMA.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -37,12 +38,14 @@ class NativePipeline(NamedTuple):
 
     ``statistics(gradients, accumulators, loss_scale, accumulation_steps, scaled_norm)``: the
     statistics matrix of :func:`~mlx_rmsprop.pipeline.statistics_ops`, one node per step.
-    ``accumulate(gradient, accumulator, gates, loss_scale, accumulation_steps, dtype)``:
-    ``(mean gradient, new accumulator)`` as :func:`accumulate` and
-    :func:`carry_accumulators` compute them, one node per parameter."""
+    ``accumulating_update(options, scalars, parameter, gradient, state, accumulator, gates,
+    loss_scale, accumulation_steps, *, index, factors)``: the update with Keras' accumulation
+    as its first stage, ``(new parameter, new state, new accumulator)``, the values of
+    :func:`accumulate`, :func:`carry_accumulators` and the update on the mean, in one node
+    per parameter."""
 
     statistics: Callable[[list, list, float, int, int], mx.array]
-    accumulate: Callable[..., tuple[mx.array, mx.array]]
+    accumulating_update: Callable[..., tuple[mx.array, dict, mx.array]]
 
 
 def compute_dtype(
@@ -139,12 +142,14 @@ def make_step_function(
         )
         clipping = clip_factors(pipeline, summary, dtypes, [g.size for g in gradients])
         gates = count(pipeline, counters, nonfinite(pipeline, summary, clipping))
+        accumulating = None
         if primitives is None:
             new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
         else:
-            accumulated, new_states = accumulate_natively(
-                pipeline, primitives, gradients, states, gates, dtypes
-            )
+            # The native update accumulates itself, from the raw gradients.
+            accumulated = Accumulated(list(gradients), [])
+            new_states = [dict() for _ in states]
+            accumulating = native_accumulation(pipeline, primitives, gates)
         key = None
         if any(o.stochastic_rounding for o in parameter_options):
             key = rounding_key(counters["rounding_seed"], gates.updates_done)
@@ -168,6 +173,7 @@ def make_step_function(
             clipping,
             dtypes,
             decay_excluded,
+            accumulating,
         )
         return new_parameters, new_states, gates.counters
 
@@ -409,36 +415,20 @@ def carry_accumulators(
     return new_states
 
 
-def accumulate_natively(
-    pipeline: PipelineConfig,
-    native: NativePipeline,
-    gradients: list[mx.array],
-    states: list[dict],
-    gates: Gates,
-    dtypes: list[mx.Dtype],
-) -> tuple[Accumulated, list[dict]]:
-    """:func:`accumulate` and :func:`carry_accumulators` as one native node per parameter
-    (the same values): the gradients the update sees, and each parameter's new state holding
-    its new accumulator."""
-    new_states: list[dict] = [dict() for _ in states]
+def native_accumulation(
+    pipeline: PipelineConfig, native: NativePipeline, gates: Gates
+) -> Callable | None:
+    """The native update that accumulates as its first stage, bound to this step's gates
+    (float32 (applies, skip)); ``None`` without accumulation."""
     if not pipeline.accumulates:
-        return Accumulated(list(gradients), []), new_states
+        return None
     skip = mx.array(False) if gates.skip is None else gates.skip
-    gate_vector = mx.stack([gates.applies, skip]).astype(mx.float32)
-    update_grads = []
-    for gradient, state, new_state, dtype in zip(
-        gradients, states, new_states, dtypes, strict=True
-    ):
-        mean, new_state[ACCUMULATOR] = native.accumulate(
-            gradient,
-            state[ACCUMULATOR],
-            gate_vector,
-            pipeline.loss_scale_factor or 0.0,
-            pipeline.gradient_accumulation_steps,
-            dtype,
-        )
-        update_grads.append(mean)
-    return Accumulated(update_grads, []), new_states
+    return functools.partial(
+        native.accumulating_update,
+        gates=mx.stack([gates.applies, skip]).astype(mx.float32),
+        loss_scale=pipeline.loss_scale_factor or 0.0,
+        accumulation_steps=pipeline.gradient_accumulation_steps,
+    )
 
 
 class StepScalars:
@@ -520,11 +510,14 @@ def update_parameters(
     clipping: ClipFactors,
     dtypes: list[mx.Dtype],
     decay_excluded: tuple[bool, ...],
+    accumulating: Callable | None = None,
 ) -> list[mx.array]:
     """The last stages, in the path's fused update of each parameter: weight decay, the
     RMSprop update and the EMA. Stores each new state buffer in ``new_states``. Each update is
     told the parameter's position in the list (``index``: it seeds stochastic rounding and
-    selects the parameter's row of the clip factors)."""
+    selects the parameter's row of the clip factors). ``accumulating``: the native update
+    that accumulates first (:func:`native_accumulation`), which replaces ``update`` and stores
+    each new accumulator too."""
     new_parameters = []
     # Only clipping by each parameter's own norm has per-parameter factors.
     factors = {} if clipping.per_parameter is None else {"factors": clipping.per_parameter}
@@ -532,15 +525,22 @@ def update_parameters(
         zip(parameter_options, parameters, gradients, states, new_states, dtypes, strict=True)
     ):
         vector = scalars.vector(dtype, decay_excluded[index], options.stochastic_rounding)
-        new_parameter, kernel_state = update(
-            options,
-            vector,
-            parameter,
-            gradient,
-            {key: state[key] for key in options.state_keys},
-            index=index,
-            **factors,
-        )
+        buffers = {key: state[key] for key in options.state_keys}
+        if accumulating is None:
+            new_parameter, kernel_state = update(
+                options, vector, parameter, gradient, buffers, index=index, **factors
+            )
+        else:
+            new_parameter, kernel_state, new_state[ACCUMULATOR] = accumulating(
+                options,
+                vector,
+                parameter,
+                gradient,
+                buffers,
+                state[ACCUMULATOR],
+                index=index,
+                **factors,
+            )
         new_state.update(kernel_state)
         new_parameters.append(new_parameter)
     return new_parameters

@@ -106,27 +106,41 @@ def statistics(
     )
 
 
-def accumulate(
+def accumulating_update(
+    options: UpdateOptions,
+    scalars: mx.array,
+    parameter: mx.array,
     gradient: mx.array,
+    state: dict[str, mx.array],
     accumulator: mx.array,
     gates: mx.array,
     loss_scale: float,
     accumulation_steps: int,
-    dtype: mx.Dtype,
-) -> tuple[mx.array, mx.array]:
-    """Keras' gradient accumulation for one parameter as one native node on the CPU stream:
-    ``(mean gradient in dtype, new accumulator)``, the values of
-    :func:`mlx_rmsprop.step.accumulate` and :func:`mlx_rmsprop.step.carry_accumulators`.
-    ``gates``: float32 (applies, skip); ``loss_scale``: 0 when off."""
-    mean, new_accumulator = _loaded().accumulate_gradient(
+    *,
+    index: int = 0,
+    factors: mx.array | None = None,
+) -> tuple[mx.array, dict[str, mx.array], mx.array]:
+    """:func:`update` with Keras' gradient accumulation as its first stage, in the same node:
+    ``(new parameter, new state, new accumulator)``, the values of
+    :func:`mlx_rmsprop.step.accumulate`, :func:`mlx_rmsprop.step.carry_accumulators` and the
+    update on the mean gradient. ``gates``: float32 (applies, skip); ``loss_scale``: 0 when
+    off. The mean is computed chunk by chunk inside the update and never stored."""
+    keys = options.state_keys
+    outputs = _loaded().update(
+        scalars,
         gradient,
+        parameter,
+        [state[key] for key in keys],
+        _flags(options),
+        options.block_size,
+        index,
+        factors,
+        int(accumulation_steps),
+        float(loss_scale),
         accumulator,
         gates,
-        float(loss_scale),
-        int(accumulation_steps),
-        dtype == mx.float64,
     )
-    return mean, new_accumulator
+    return outputs[0], dict(zip(keys, outputs[1:-1], strict=True)), outputs[-1]
 
 
 def _statistics_ops(
@@ -141,7 +155,7 @@ def _statistics_ops(
 
 
 # The native path's pipeline primitives, as the step function takes them.
-PIPELINE = NativePipeline(statistics, accumulate)
+PIPELINE = NativePipeline(statistics, accumulating_update)
 
 
 def load() -> UpdateFn:

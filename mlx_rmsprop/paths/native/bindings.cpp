@@ -6,7 +6,6 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "accumulate_gradient.h"
 #include "gradient_statistics.h"
 #include "rmsprop_update.h"
 #include "spec.h"
@@ -27,7 +26,31 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "update",
-      &mlx_rmsprop::rmsprop_update,
+      [](const mlx::core::array& scalars,
+         const mlx::core::array& gradient,
+         const mlx::core::array& parameter,
+         const std::vector<mlx::core::array>& state,
+         uint32_t flags,
+         int block_size,
+         int64_t index,
+         const std::optional<mlx::core::array>& factors,
+         int accumulation_steps,
+         double loss_scale,
+         const std::optional<mlx::core::array>& accumulator,
+         const std::optional<mlx::core::array>& accumulation_gates) {
+        return mlx_rmsprop::rmsprop_update(
+            scalars,
+            gradient,
+            parameter,
+            state,
+            flags,
+            block_size,
+            index,
+            factors,
+            mlx_rmsprop::Accumulation{accumulation_steps, loss_scale},
+            accumulator,
+            accumulation_gates);
+      },
       "scalars"_a,
       "gradient"_a,
       "parameter"_a,
@@ -36,12 +59,19 @@ NB_MODULE(_ext, m) {
       "block_size"_a = 0,
       "index"_a = 0,
       "factors"_a = nb::none(),
+      "accumulation_steps"_a = 0,
+      "loss_scale"_a = 0.0,
+      "accumulator"_a = nb::none(),
+      "accumulation_gates"_a = nb::none(),
       "One RMSprop step for one parameter as a single graph node on the CPU stream.\n\n"
       "Returns [new parameter, new state arrays...] in the order of `state` "
       "(UpdateOptions.state_keys); `flags` ORs FLAG_BITS; `block_size` is "
       "UpdateOptions.block_size (0 without quantized_state); `index` the parameter's "
       "position in the step (stochastic rounding, and the row of `factors`, a (parameters, 2) "
-      "matrix that replaces the scalars' clip entries).");
+      "matrix that replaces the scalars' clip entries). With `accumulation_steps` > 0 the "
+      "update first accumulates (Keras' gradient accumulation; `loss_scale` 0 when off): "
+      "`accumulator` and `accumulation_gates` (float32 (applies, skip)) are read, and the new "
+      "accumulator is the last output.");
 
   m.def(
       "gradient_statistics",
@@ -73,32 +103,6 @@ NB_MODULE(_ext, m) {
       "Registers the MLX-ops statistics that the primitive's vjp, jvp and vmap transform.");
   m.attr("STATISTICS_LANES") = mlx_rmsprop::kStatisticsLanes;
   m.attr("STATISTICS_BLOCK") = mlx_rmsprop::kStatisticsBlock;
-
-  m.def(
-      "accumulate_gradient",
-      [](const mlx::core::array& gradient,
-         const mlx::core::array& accumulator,
-         const mlx::core::array& gates,
-         double loss_scale,
-         int steps,
-         bool float64) {
-        return mlx_rmsprop::accumulate_gradient(
-            gradient,
-            accumulator,
-            gates,
-            loss_scale,
-            steps,
-            float64 ? mlx::core::float64 : mlx::core::float32);
-      },
-      "gradient"_a,
-      "accumulator"_a,
-      "gates"_a,
-      "loss_scale"_a,
-      "steps"_a,
-      "float64"_a,
-      "Keras' gradient accumulation for one parameter as one graph node on the CPU stream: "
-      "[the mean the update sees (compute dtype), the new accumulator]. `gates`: float32 "
-      "(applies, skip).");
 
   m.def("worker_threads", &mlx_rmsprop::worker_threads, "Threads a large update runs on.");
   m.def(

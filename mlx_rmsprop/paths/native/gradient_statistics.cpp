@@ -14,6 +14,7 @@
 #include "mlx/transforms.h"
 
 #include "half_convert.h"
+#include "input_hold.h"
 #include "rmsprop_update.h"
 #include "worker_pool.h"
 
@@ -396,8 +397,26 @@ void GradientStatistics::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
     }
   }
   encoder.set_output_array(out);
+  // The accumulators are held through InputHolds (input_hold.h), which the accumulating update
+  // that rewrites each of them releases, so that it can update it in place; everything else
+  // is held by the task. Tracers keep their graph (and MLX keeps their inputs).
+  std::vector<mx::array> held;
+  std::vector<std::shared_ptr<InputHold>> holds;
+  if (!out.is_tracer()) {
+    for (int t = 0; t < tensors_; ++t) {
+      held.push_back(inputs[t]);
+    }
+    if (accumulation_steps_ != 0) {
+      for (int t = 0; t < tensors_; ++t) {
+        holds.push_back(std::make_shared<InputHold>(inputs[tensors_ + t]));
+      }
+    }
+    out.inputs().clear(); // `inputs` is this list: not read below
+  }
   Settings settings{loss_scale_, static_cast<float>(accumulation_steps_)};
   encoder.dispatch([tensors = std::move(tensors),
+                    held = std::move(held),
+                    holds = std::move(holds),
                     gathers = std::move(gathers),
                     settings,
                     scaled_norm = scaled_norm_,

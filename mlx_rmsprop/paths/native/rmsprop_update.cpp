@@ -16,6 +16,7 @@
 
 #include "dtype_spans.h"
 #include "half_convert.h"
+#include "input_hold.h"
 #include "storage.h"
 #include "update_kernel.h"
 #include "worker_pool.h"
@@ -97,6 +98,14 @@ struct Plan {
   int grad_avg = -1; // index in `buffer`, or -1 when the option is off
   int momentum = -1;
   int ema = -1;
+  // Gradient accumulation (accumulation.h), when accumulation.on(); the gates are read when
+  // the task runs.
+  Accumulation accumulation;
+  bool accumulation_applies = false;
+  bool accumulation_skip = false;
+  const void* accumulator = nullptr;
+  void* accumulator_out = nullptr;
+  mx::Dtype accumulator_dtype = mx::float32;
 };
 
 template <typename Format>
@@ -273,11 +282,13 @@ void update_range(
     int64_t begin,
     int64_t end) {
   alignas(64) C gradient_stage[kMaxChunk];
+  alignas(64) C accumulator_stage[kMaxChunk];
   alignas(64) C in_stage[kMaxBuffers][kMaxChunk];
   alignas(64) C out_stage[kMaxBuffers][kMaxChunk];
   const mx::Dtype compute = plan.compute;
+  const bool accumulating = plan.accumulation.on();
   const bool gradient_direct =
-      plan.gradient_dtype == compute && !(plan.flags & kGradientPipeline);
+      plan.gradient_dtype == compute && !(plan.flags & kGradientPipeline) && !accumulating;
   const int64_t block_size = plan.block_size;
 
   for (int64_t start = begin; start < end; start += plan.chunk) {
@@ -313,13 +324,28 @@ void update_range(
         out[k] = out_stage[k];
       }
     }
+    if (accumulating) {
+      // Every call accumulates, whether or not the update applies.
+      load_as(plan.gradient, plan.gradient_dtype, start, n, gradient_stage);
+      load_as(plan.accumulator, plan.accumulator_dtype, start, n, accumulator_stage);
+      accumulate_chunk(
+          n,
+          plan.accumulation,
+          plan.accumulation_applies,
+          plan.accumulation_skip,
+          gradient_stage,
+          accumulator_stage);
+      store_nearest(accumulator_stage, plan.accumulator_out, plan.accumulator_dtype, start, n);
+    }
     const int a = plan.grad_avg, m = plan.momentum;
     if (apply) {
       const C* g;
       if (gradient_direct) {
         g = static_cast<const C*>(plan.gradient) + start;
       } else {
-        load_as(plan.gradient, plan.gradient_dtype, start, n, gradient_stage);
+        if (!accumulating) {
+          load_as(plan.gradient, plan.gradient_dtype, start, n, gradient_stage);
+        }
         prepare_gradient(n, plan.flags, s, gradient_stage, in[0]);
         g = gradient_stage;
       }
@@ -559,7 +585,10 @@ std::vector<mx::array> rmsprop_update(
     uint32_t flags,
     int block_size,
     int64_t index,
-    const std::optional<mx::array>& factors) {
+    const std::optional<mx::array>& factors,
+    const Accumulation& accumulation,
+    const std::optional<mx::array>& accumulator,
+    const std::optional<mx::array>& accumulation_gates) {
   require(
       (flags & ~uint32_t(Flag::kAll)) == 0,
       "flags has unknown bits: " + std::to_string(flags & ~uint32_t(Flag::kAll)));
@@ -644,6 +673,31 @@ std::vector<mx::array> rmsprop_update(
             "), got " + std::to_string(index));
   }
 
+  require(
+      accumulation.on() == accumulator.has_value() &&
+          accumulation.on() == accumulation_gates.has_value(),
+      "accumulator and accumulation_gates must be given exactly when accumulation.steps > 0");
+  if (accumulation.on()) {
+    require(
+        accumulation.steps >= 2,
+        "accumulation.steps must be 0 (off) or at least 2, got " +
+            std::to_string(accumulation.steps));
+    require(
+        accumulation.loss_scale >= 0.0,
+        "accumulation.loss_scale must be >= 0 (0: none), got " +
+            std::to_string(accumulation.loss_scale));
+    require(
+        accumulator->shape() == parameter.shape() && is_floating(accumulator->dtype()),
+        "accumulator must be a floating array shaped like the parameter (" +
+            describe(parameter) + "), got " + describe(*accumulator));
+    require(
+        accumulation_gates->ndim() == 1 &&
+            accumulation_gates->size() == kNumAccumulationGates &&
+            accumulation_gates->dtype() == mx::float32,
+        "accumulation_gates must be a float32 vector of 2 entries (applies, skip), got " +
+            describe(*accumulation_gates));
+  }
+
   std::vector<mx::array> inputs = {scalars, gradient, parameter};
   std::vector<mx::Shape> shapes = {parameter.shape()};
   std::vector<mx::Dtype> dtypes = {parameter.dtype()};
@@ -655,12 +709,23 @@ std::vector<mx::array> rmsprop_update(
   if (factors) {
     inputs.push_back(*factors);
   }
+  if (accumulation.on()) {
+    inputs.push_back(*accumulator);
+    inputs.push_back(*accumulation_gates);
+    shapes.push_back(accumulator->shape());
+    dtypes.push_back(accumulator->dtype());
+  }
   const mx::Stream stream = mx::to_stream(mx::Device::cpu);
   return mx::array::make_arrays(
       std::move(shapes),
       dtypes,
       std::make_shared<RMSpropUpdate>(
-          stream, flags, block_size, static_cast<uint32_t>(index), factors.has_value()),
+          stream,
+          flags,
+          block_size,
+          static_cast<uint32_t>(index),
+          factors.has_value(),
+          accumulation),
       inputs);
 }
 
@@ -685,9 +750,22 @@ void RMSpropUpdate::eval_cpu(
     }
   }
 
+  // The inputs each output replaces: the parameter and state buffers, then the accumulator.
+  const int updated = arrays - (accumulation_.on() ? 1 : 0);
+  const int accumulator_input = static_cast<int>(inputs.size()) - 2;
+  auto replaced = [&](int k) -> const mx::array& {
+    return inputs[k < updated ? 2 + k : accumulator_input];
+  };
+
+  // The statistics pass that read the accumulator before this node lets go of it here: this
+  // node holds it, and its task runs after theirs (input_hold.h).
+  if (accumulation_.on() && !tracing) {
+    InputHold::release(inputs[accumulator_input]);
+  }
+
   // Donation first: taking any further reference to an input makes it non-donatable.
   for (int k = 0; k < arrays; ++k) {
-    const mx::array& in = inputs[2 + k];
+    const mx::array& in = replaced(k);
     mx::array& out = outputs[k];
     if (in.flags().row_contiguous && in.is_donatable() && in.itemsize() == out.itemsize()) {
       out.copy_shared_buffer(in);
@@ -721,7 +799,7 @@ void RMSpropUpdate::eval_cpu(
   plan.scalars = inputs[0].data<void>();
   plan.scalar_stride = inputs[0].strides()[0];
   if (has_factors_) {
-    const mx::array& factors = inputs.back();
+    const mx::array& factors = inputs[2 + updated];
     plan.factors = factors.data<void>();
     plan.factors_double = factors.dtype() == mx::float64;
     plan.factor_offset[0] = index_ * factors.strides()[0];
@@ -758,6 +836,14 @@ void RMSpropUpdate::eval_cpu(
     plan.buffer[buffers++] = buffer;
   }
   plan.buffers = buffers;
+  std::optional<mx::array> gates;
+  if (accumulation_.on()) {
+    plan.accumulation = accumulation_;
+    plan.accumulator = row_major(inputs[accumulator_input]);
+    plan.accumulator_dtype = inputs[accumulator_input].dtype();
+    plan.accumulator_out = outputs[updated].data<void>();
+    gates = inputs.back();
+  }
 
   for (const auto& in : inputs) {
     encoder.set_input_array(in);
@@ -765,9 +851,15 @@ void RMSpropUpdate::eval_cpu(
   for (auto& out : outputs) {
     encoder.set_output_array(out);
   }
-  encoder.dispatch([plan, gathers = std::move(gathers)]() mutable {
+  encoder.dispatch([plan, gathers = std::move(gathers), gates]() mutable {
     for (auto& [src, dst] : gathers) {
       gather(src, dst);
+    }
+    if (gates) {
+      const float* gate = gates->data<float>();
+      const int64_t stride = gates->strides()[0];
+      plan.accumulation_applies = gate[kGateApplies * stride] != 0.0f;
+      plan.accumulation_skip = gate[kGateSkip * stride] != 0.0f;
     }
     if (plan.compute == mx::float64) {
       run_plan<double>(plan);
@@ -782,11 +874,15 @@ void RMSpropUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
 }
 
 std::vector<mx::Shape> RMSpropUpdate::output_shapes(const std::vector<mx::array>& inputs) {
-  // Each output has its input's shape (the scales their own); the factors are no output.
+  // Each output has its input's shape (the scales their own); the factors and the gates are
+  // no output.
   std::vector<mx::Shape> shapes;
-  const size_t outputs = inputs.size() - (has_factors_ ? 1 : 0);
-  for (size_t k = 2; k < outputs; ++k) {
+  const size_t updated = inputs.size() - trailing_inputs();
+  for (size_t k = 2; k < updated; ++k) {
     shapes.push_back(inputs[k].shape());
+  }
+  if (accumulation_.on()) {
+    shapes.push_back(inputs[inputs.size() - 2].shape());
   }
   return shapes;
 }
@@ -794,7 +890,8 @@ std::vector<mx::Shape> RMSpropUpdate::output_shapes(const std::vector<mx::array>
 bool RMSpropUpdate::is_equivalent(const mx::Primitive& other) const {
   const auto* update = dynamic_cast<const RMSpropUpdate*>(&other);
   return update != nullptr && update->flags_ == flags_ && update->block_size_ == block_size_ &&
-      update->index_ == index_ && update->has_factors_ == has_factors_;
+      update->index_ == index_ && update->has_factors_ == has_factors_ &&
+      update->accumulation_ == accumulation_;
 }
 
 } // namespace mlx_rmsprop

@@ -10,6 +10,8 @@
 #include "mlx/array.h"
 #include "mlx/primitives.h"
 
+#include "accumulation.h"
+
 namespace mlx_rmsprop {
 
 namespace mx = mlx::core;
@@ -37,7 +39,11 @@ bool stochastic_stores(uint32_t flags, const std::vector<mx::array>& inputs);
 // step, which stochastic rounding hashes. `factors`: a (parameters, 2) float32/float64 matrix
 // whose row `index` replaces the scalars' CLIP_MULTIPLIER and CLIP_DIVISOR (clipping by each
 // parameter's own norm, mlx_rmsprop/reference.py): read where it lies, so the step needs no
-// node per parameter to pick its row. Throws std::invalid_argument naming the bad argument.
+// node per parameter to pick its row. With `accumulation` on, the update first accumulates
+// (accumulation.h): `accumulator` (shaped like the parameter, any floating dtype) and
+// `accumulation_gates` (float32 (applies, skip)) are read, the gradient it steps with is the
+// mean, and the new accumulator is the last output. Throws std::invalid_argument naming the bad
+// argument.
 std::vector<mx::array> rmsprop_update(
     const mx::array& scalars,
     const mx::array& gradient,
@@ -46,7 +52,10 @@ std::vector<mx::array> rmsprop_update(
     uint32_t flags,
     int block_size,
     int64_t index,
-    const std::optional<mx::array>& factors = std::nullopt);
+    const std::optional<mx::array>& factors = std::nullopt,
+    const Accumulation& accumulation = {},
+    const std::optional<mx::array>& accumulator = std::nullopt,
+    const std::optional<mx::array>& accumulation_gates = std::nullopt);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
 // (transforms.cpp): what the primitive's vjp, jvp and vmap differentiate or batch. Takes the
@@ -55,22 +64,25 @@ std::vector<mx::array> update_ops(const std::vector<mx::array>& inputs, uint32_t
 
 class RMSpropUpdate : public mx::Primitive {
  public:
-  // block_size, index and whether the factors matrix is the last input are attributes (not
-  // compiled code): one node type serves all.
+  // block_size, index, whether the factors matrix is an input and the accumulation are
+  // attributes (not compiled code): one node type serves all.
   RMSpropUpdate(
       mx::Stream stream,
       uint32_t flags,
       int block_size,
       uint32_t index,
-      bool has_factors = false)
+      bool has_factors = false,
+      Accumulation accumulation = {})
       : mx::Primitive(stream),
         flags_(flags),
         block_size_(block_size),
         index_(index),
-        has_factors_(has_factors) {}
+        has_factors_(has_factors),
+        accumulation_(accumulation) {}
 
-  // inputs: {scalars, gradient, parameter, state..., [factors]}; outputs: {parameter,
-  // state...}. An output reuses its input's memory when MLX says that input is donatable.
+  // inputs: {scalars, gradient, parameter, state..., [factors], [accumulator, accumulation
+  // gates]}; outputs: {parameter, state..., [accumulator]}. An output reuses its input's memory
+  // when MLX says that input is donatable.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
@@ -106,13 +118,23 @@ class RMSpropUpdate : public mx::Primitive {
   void require_transformable(const char* transform, const std::vector<mx::array>& inputs) const;
 
   // The inputs with the factors' row spliced into the scalars (and the factors dropped): what
-  // update_ops takes.
+  // update_ops takes. `inputs` hold no accumulation inputs.
   std::vector<mx::array> spliced(const std::vector<mx::array>& inputs) const;
+
+  // The node's outputs from MLX ops (accumulate_ops, then update_ops on the spliced inputs):
+  // what vjp, jvp and (with accumulation or factors) vmap transform.
+  std::vector<mx::array> ops(const std::vector<mx::array>& inputs) const;
+
+  // Inputs after the state buffers: the factors, then the accumulator and its gates.
+  int trailing_inputs() const {
+    return (has_factors_ ? 1 : 0) + (accumulation_.on() ? 2 : 0);
+  }
 
   uint32_t flags_;
   int block_size_;
   uint32_t index_;
   bool has_factors_;
+  Accumulation accumulation_;
 };
 
 // Threads a large update is split across (the caller's included).

@@ -14,13 +14,13 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_FILES = (
     "CMakeLists.txt",
-    "accumulate_gradient.cpp",
-    "accumulate_gradient.h",
+    "accumulation.h",
     "bindings.cpp",
     "dtype_spans.h",
     "gradient_statistics.cpp",
     "gradient_statistics.h",
     "half_convert.h",
+    "input_hold.h",
     "rmsprop_update.cpp",
     "rmsprop_update.h",
     "spec.h",

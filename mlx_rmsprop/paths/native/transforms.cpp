@@ -184,17 +184,43 @@ std::vector<mx::array> RMSpropUpdate::spliced(const std::vector<mx::array>& inpu
   return result;
 }
 
-namespace {
-
-std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(
-    uint32_t flags,
-    std::function<std::vector<mx::array>(const std::vector<mx::array>&)> splice) {
-  return [flags, splice](const std::vector<mx::array>& inputs) {
-    return update_ops(splice(inputs), flags);
+std::vector<mx::array> accumulate_ops(
+    const mx::array& gradient,
+    const mx::array& accumulator,
+    const mx::array& gates,
+    const Accumulation& accumulation,
+    mx::Dtype compute) {
+  // step.py's accumulate and carry_accumulators, op for op.
+  mx::array scaled = mx::astype(gradient, compute);
+  if (accumulation.loss_scale != 0.0) {
+    scaled = mx::divide(scaled, mx::array(accumulation.loss_scale, compute));
+  }
+  const mx::array old = mx::astype(accumulator, compute);
+  const mx::array summed = mx::add(scaled, old);
+  const mx::array mean =
+      mx::divide(summed, mx::array(static_cast<double>(accumulation.steps), compute));
+  auto gate = [&](int k) {
+    return mx::not_equal(
+        mx::reshape(mx::slice(gates, {k}, {k + 1}), {}), mx::array(0.0f, mx::float32));
   };
+  mx::array kept = mx::where(gate(kGateApplies), mx::zeros_like(summed), summed);
+  kept = mx::where(gate(kGateSkip), old, kept);
+  return {mean, mx::astype(kept, accumulator.dtype())};
 }
 
-} // namespace
+std::vector<mx::array> RMSpropUpdate::ops(const std::vector<mx::array>& inputs) const {
+  if (!accumulation_.on()) {
+    return update_ops(spliced(inputs), flags_);
+  }
+  const size_t count = inputs.size();
+  std::vector<mx::array> rest(inputs.begin(), inputs.end() - 2);
+  std::vector<mx::array> accumulated = accumulate_ops(
+      inputs[1], inputs[count - 2], inputs[count - 1], accumulation_, inputs[0].dtype());
+  rest[1] = accumulated[0];
+  std::vector<mx::array> outputs = update_ops(spliced(rest), flags_);
+  outputs.push_back(accumulated[1]);
+  return outputs;
+}
 
 // The storage flags (docs/transforms.md). 8-bit state: refused (the reference differentiates
 // its scales through dequantize and the block maxima, which update_ops does not restate).
@@ -204,7 +230,9 @@ std::function<std::vector<mx::array>(const std::vector<mx::array>&)> ops_of(
 // element index, which a batch renumbers.
 void RMSpropUpdate::require_transformable(
     const char* transform,
-    const std::vector<mx::array>& inputs) const {
+    const std::vector<mx::array>& all_inputs) const {
+  // Only the parameter and state buffers are stored with stochastic rounding.
+  const std::vector<mx::array> inputs(all_inputs.begin(), all_inputs.end() - trailing_inputs());
   if (flags_ & Flag::kQuantizedState) {
     throw std::invalid_argument(
         std::string("[rmsprop_update] ") + transform +
@@ -223,8 +251,8 @@ std::vector<mx::array> RMSpropUpdate::vjp(
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
   require_transformable("vjp", primals);
-  auto splice = [this](const std::vector<mx::array>& in) { return spliced(in); };
-  auto [outputs, grads] = mx::vjp(ops_of(flags_, splice), primals, cotangents);
+  auto fused = [this](const std::vector<mx::array>& in) { return ops(in); };
+  auto [outputs, grads] = mx::vjp(fused, primals, cotangents);
   std::vector<mx::array> selected;
   for (int index : argnums) {
     selected.push_back(grads[index]);
@@ -244,14 +272,20 @@ std::vector<mx::array> RMSpropUpdate::jvp(
   for (size_t j = 0; j < argnums.size(); ++j) {
     all[argnums[j]] = tangents[j];
   }
-  auto splice = [this](const std::vector<mx::array>& in) { return spliced(in); };
-  return mx::jvp(ops_of(flags_, splice), primals, all).second;
+  auto fused = [this](const std::vector<mx::array>& in) { return ops(in); };
+  return mx::jvp(fused, primals, all).second;
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
   require_transformable("vmap", inputs);
+  if (accumulation_.on()) {
+    // Batched accumulation is rare enough to run as ops: every output batched on axis 0.
+    auto fused = [this](const std::vector<mx::array>& in) { return ops(in); };
+    const std::vector<int> out_axes(inputs.size() - 2 - trailing_inputs() + 1, 0);
+    return {mx::vmap(fused, axes, out_axes)(inputs), out_axes};
+  }
   if (has_factors_) {
     // Splice the factors' row into the scalars (batched when either is), then batch the
     // update without factors.

@@ -182,12 +182,8 @@ def test_graph_nodes_per_tensor(clip):
     options = {key: value for key, value in FULL_PIPELINE.items()}
     del options["gradient_accumulation_steps"]
     assert nodes_per_tensor(**options, **{clip: 1.0}) == {"RMSpropUpdate": 1.0}
-    # Every option on: accumulation is one more node per parameter (issue 18's target: at
-    # most 2 per tensor).
-    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == {
-        "AccumulateGradient": 1.0,
-        "RMSpropUpdate": 1.0,
-    }
+    # Every option on: accumulation is a stage of the update, no node of its own.
+    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == {"RMSpropUpdate": 1.0}
 
 
 def two_accumulating_steps(fused):
@@ -277,3 +273,51 @@ def test_full_pipeline_on_native_equals_plain_ops(clip):
         actual = results[NATIVE][key]
         assert actual.dtype == expected.dtype, key
         assert mx.array_equal(actual, expected, equal_nan=True).item(), key
+
+
+def buffer_address(array: mx.array) -> int:
+    view = np.array(array, copy=False)
+    return view.ctypes.data
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"skip_nonfinite": True}, {"clipnorm": 1.0}, {"global_clipnorm": 1.0, "use_ema": True}],
+    ids=["accumulation", "skip", "clipnorm", "global_clipnorm_ema"],
+)
+def test_accumulator_is_rewritten_in_place(options):
+    # The statistics pass reads each accumulator before the update rewrites it. MLX would pin
+    # an input read that way until the pass has run, and the update would then write a fresh
+    # buffer every step; the update takes it over instead (input_hold.h). Every buffer the step
+    # replaces keeps its memory, on accumulating and applying calls alike.
+    params = {"w": mx.zeros((1 << 17,))}
+    grads = {"w": mx.full((1 << 17,), 0.5)}
+    optimizer = RMSprop.from_keras(
+        learning_rate=0.01, fused=NATIVE, gradient_accumulation_steps=2, **options
+    )
+    optimizer.init(params)
+    # One step first: the EMA starts out sharing the parameter's buffer.
+    params = optimizer.apply_gradients(grads, params)
+    mx.eval(params, optimizer.state)
+    for _ in range(4):
+        before = {"parameter": buffer_address(params["w"])}
+        before.update({key: buffer_address(v) for key, v in optimizer.state["w"].items()})
+        params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, optimizer.state)
+        after = {"parameter": buffer_address(params["w"])}
+        after.update({key: buffer_address(v) for key, v in optimizer.state["w"].items()})
+        assert after == before
+    assert optimizer.state["step"].item() == 5
+
+
+def test_statistics_keep_an_accumulator_alive_that_no_update_reads():
+    # The statistics node holds each accumulator until its task has run, whether or not an
+    # update takes it over: here none does, and the accumulator's only other reference is
+    # dropped before the pass runs.
+    gradient = mx.full((1 << 17,), 2.0)
+    mx.eval(gradient)
+    accumulator = mx.full((1 << 17,), 1.0) + 0.0
+    statistics = native_statistics([gradient], [accumulator], 0.0, 2, 0)
+    del accumulator
+    expected = float((1 << 17) * 1.5**2)  # the mean over the cycle, (2 + 1) / 2
+    assert statistics[0, 0].item() == expected

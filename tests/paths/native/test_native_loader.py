@@ -65,11 +65,44 @@ def _stand_in() -> types.ModuleType:
     module.worker_threads = lambda: 2
     module.set_statistics_ops = lambda ops: setattr(module, "statistics_ops", ops)
 
-    def update(scalars, gradient, parameter, state, flags, block_size=0, index=0, factors=None):
+    def accumulate(gradient, accumulator, gates, loss_scale, steps, dtype):
+        value = gradient.astype(dtype)
+        if loss_scale:
+            value = value / mx.array(loss_scale, dtype)
+        summed = value + accumulator.astype(dtype)
+        kept = mx.where(gates[0] != 0, mx.zeros_like(summed), summed)
+        kept = mx.where(gates[1] != 0, accumulator.astype(dtype), kept)
+        return summed / mx.array(steps, dtype), kept.astype(accumulator.dtype)
+
+    def update(
+        scalars,
+        gradient,
+        parameter,
+        state,
+        flags,
+        block_size=0,
+        index=0,
+        factors=None,
+        accumulation_steps=0,
+        loss_scale=0.0,
+        accumulator=None,
+        accumulation_gates=None,
+    ):
         options = UpdateOptions(
             **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()},
             block_size=block_size,
         )
+        kept = []
+        if accumulation_steps:
+            gradient, new_accumulator = accumulate(
+                gradient,
+                accumulator,
+                accumulation_gates,
+                loss_scale,
+                accumulation_steps,
+                scalars.dtype,
+            )
+            kept = [new_accumulator]
         new_parameter, new_state = rmsprop_reference(
             options,
             scalars,
@@ -79,24 +112,13 @@ def _stand_in() -> types.ModuleType:
             index=index,
             factors=factors,
         )
-        return [new_parameter, *(new_state[key] for key in options.state_keys)]
+        return [new_parameter, *(new_state[key] for key in options.state_keys), *kept]
 
     def gradient_statistics(gradients, accumulators, loss_scale, steps, scaled_norm):
         return module.statistics_ops(gradients + accumulators, loss_scale, steps, scaled_norm)
 
-    def accumulate_gradient(gradient, accumulator, gates, loss_scale, steps, float64):
-        dtype = mx.float64 if float64 else mx.float32
-        value = gradient.astype(dtype)
-        if loss_scale:
-            value = value / mx.array(loss_scale, dtype)
-        summed = value + accumulator.astype(dtype)
-        kept = mx.where(gates[0] != 0, mx.zeros_like(summed), summed)
-        kept = mx.where(gates[1] != 0, accumulator.astype(dtype), kept)
-        return [summed / mx.array(steps, dtype), kept.astype(accumulator.dtype)]
-
     module.update = update
     module.gradient_statistics = gradient_statistics
-    module.accumulate_gradient = accumulate_gradient
     return module
 
 
