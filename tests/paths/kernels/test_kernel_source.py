@@ -254,6 +254,29 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, m
     )
 
 
+def test_optimizer_clipping_by_each_norm_runs_the_factor_kernel_inside_mx_compile(
+    capfd, monkeypatch
+):
+    # Keras' clipnorm on the Metal path, compiled whole: each parameter's kernel is the one
+    # that reads its row of the step's clip factors, the source RMSprop.kernel_source reports
+    # (4 parameters: a factor matrix of 8 elements, in `device`).
+    metal_path = dataclasses.replace(paths.PATHS["metal"], load=lambda: verbose_update)
+    monkeypatch.setitem(paths.PATHS, "metal", metal_path)
+    monkeypatch.setattr(probe, "kernel_verdict", lambda *args: None)
+    optimizer = RMSprop.from_keras(learning_rate=0.01, clipnorm=1.0, fused="metal")
+
+    def step(*weights):
+        parameters = {f"w{k}": weight for k, weight in enumerate(weights)}
+        gradients = {name: mx.ones_like(value) for name, value in parameters.items()}
+        return list(optimizer.apply_gradients(gradients, parameters).values())
+
+    sources = capture(capfd, step, *(mx.zeros((9 + k,)) for k in range(4)))
+    assert sources == [optimizer.kernel_source(mx.float32)] * 4
+    assert "custom_kernel_rmsprop_factors_" in sources[0]
+    cuda = optimizer.kernel_source(mx.float32, backend="cuda")
+    assert "const float* factors," in cuda and "const uint32_t* index," in cuda
+
+
 def test_kernel_source_follows_the_optimizer_configuration():
     keras = RMSprop.from_keras(learning_rate=0.01, momentum=0.5, centered=True, weight_decay=0.1)
     text = keras.kernel_source(mx.float16)
