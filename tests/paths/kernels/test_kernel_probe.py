@@ -340,3 +340,24 @@ def test_optimizer_clipping_by_each_norm_on_the_emulated_kernel(fake_metal, monk
     # Every float32 parameter ran the kernel that reads the factors (after its probe).
     assert launches and all(v.factors for v in launches)
     assert {v.small for v in launches} == {False, True}
+
+
+def test_check_and_the_probe_run_the_factor_kernels_on_the_emulated_kernel(
+    fake_metal, monkeypatch, capsys
+):
+    # `check --quick` holds the kernels reading per-parameter clip factors; on a GPU (here the
+    # Metal emulation) they run against the reference with their factor matrix, and `auto`'s
+    # probe adopts each.
+    factor_kernels = [v for v in check._gpu_plan(quick=True) if v.factors]
+    plan = factor_kernels[::9]
+    assert {v.small_factors for v in plan} == {True, False}
+    emulator = Emulator(plan, BUILD_DIR)
+    launches = fake_metal(emulator.run)
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    monkeypatch.setattr(check, "_gpu_plan", lambda quick: plan)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args(["--quick"])) == 0, capsys.readouterr().out
+    assert f"{len(plan)} of {len(plan)} adopted here" in capsys.readouterr().out
+    assert set(launches) == set(plan)
