@@ -29,6 +29,7 @@ from .paths import native, probe
 from .paths.kernels.source import METAL_CONSTANT_BELOW, Variant
 from .paths.kernels.variants import (
     dtype_combinations,
+    factor_variants,
     pairwise_option_sets,
     plan_variant,
     verification_plan,
@@ -221,14 +222,15 @@ def _cpu_plan(quick: bool) -> list[Variant]:
 
 def _gpu_plan(quick: bool) -> list[Variant]:
     """``verification_plan()``, or with ``quick`` its part for the dtype combinations: the
-    pairwise option sets (storage flags included) in every dtype combination and size class."""
+    pairwise option sets (storage flags included) in every dtype combination and size class,
+    and the kernels reading per-parameter clip factors (in both of Metal's address spaces)."""
     if not quick:
         return verification_plan()
     return [
         plan_variant(options, dtypes, small, k + row)
         for k, (dtypes, small) in enumerate(itertools.product(dtype_combinations(), (False, True)))
         for row, options in enumerate(pairwise_option_sets(storage=True))
-    ]
+    ] + factor_variants()
 
 
 def _runner(path: paths.UpdatePath, update: Callable, variant: Variant) -> Callable:
@@ -299,7 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="a shorter run: on a GPU the pairwise option sets for every dtype combination "
-        "instead of every option set; on the CPU three option sets in float32",
+        "and the kernels reading per-parameter clip factors instead of every option set; on "
+        "the CPU three option sets in float32",
     )
 
 

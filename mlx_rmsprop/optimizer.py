@@ -416,14 +416,21 @@ class RMSprop(Optimizer):
         """The complete kernel source MLX compiles for this optimizer's configuration and a
         parameter of ``dtype`` (its gradient of the same dtype, the state as ``state_dtype``
         makes it, 8 elements or more): MLX's generated signature, the template instantiation
-        and the update body. ``backend`` is ``"metal"`` or ``"cuda"``. Raises ``ValueError``
-        for a dtype the kernel does not compute with (float64 parameters take the reference
-        path)."""
+        and the update body. ``backend`` is ``"metal"`` or ``"cuda"``. With ``clipnorm`` the
+        kernel reads its clip factors from the step's factor matrix (here of 4 parameters or
+        more). Raises ``ValueError`` for a dtype the kernel does not compute with (float64
+        parameters take the reference path)."""
         from .paths.kernels.source import Variant, translation_unit
 
-        return translation_unit(
-            Variant(self._config.options, dtype, dtype, self.buffer_dtype(dtype)), backend
+        options = self._config.options
+        variant = Variant(
+            options,
+            dtype,
+            dtype,
+            self.buffer_dtype(dtype),
+            factors=self._config.pipeline.clipnorm is not None and options.scale_gradient,
         )
+        return translation_unit(variant, backend)
 
     def buffer_dtype(self, parameter_dtype: mx.Dtype) -> mx.Dtype:
         """The dtype of the float state buffers this optimizer creates for such a parameter."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..reference import rmsprop_reference, spliced_scalars
+from ..reference import rmsprop_reference
 from ..spec import UpdateFn, UpdateOptions
 from . import native, probe
 
@@ -160,10 +160,12 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
         index: int = 0,
         factors: mx.array | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
-        # The kernels store 8-bit state and round stochastically themselves (index: the
-        # parameter's position, which the rounding hash reads).
-        spliced = spliced_scalars(scalars, index, factors)
-        call = plan(options, spliced, parameter, gradient, state, index) if parameter.size else None
+        # The kernels store 8-bit state, round stochastically and read their row of the clip
+        # factors themselves (index: the parameter's position).
+        if parameter.size:
+            call = plan(options, scalars, parameter, gradient, state, index, factors)
+        else:
+            call = None
         if call is not None:
             verdict = probe.kernel_verdict(name, call.variant, update, fall_back)
             if verdict is not None:

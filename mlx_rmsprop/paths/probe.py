@@ -117,9 +117,21 @@ def quantized_state(
     return stored
 
 
-def update_arguments(variant: Variant) -> dict[str, int]:
+def clip_factors(rows: int) -> mx.array:
+    """A float32 (rows, 2) matrix of per-parameter clip factors, every row another (multiplier,
+    divisor) pair with another quotient, each exact in float32 and shrinking the gradient as
+    the scalars' clip entries do (within the clip bounds of ``conditioned_values``)."""
+    return mx.array([[0.5 + 0.0625 * k, 1.25 + 0.25 * k] for k in range(rows)], mx.float32)
+
+
+def update_arguments(variant: Variant) -> dict[str, object]:
     """The keyword arguments of verification's update calls: ``index`` where it matters
-    (stochastic rounding), so that paths without it still take the other variants."""
+    (stochastic rounding, per-parameter clip factors), so that paths without it still take the
+    other variants; with factors, a matrix whose row ``index`` is neither its first nor its
+    last (3 rows where the variant's matrix has fewer than 8 elements)."""
+    if variant.factors:
+        rows, index = (3, 1) if variant.small_factors else (INDEX + 2, INDEX)
+        return {"index": index, "factors": clip_factors(rows)}
     return {"index": INDEX} if variant.options.stochastic_rounding else {}
 
 
@@ -229,4 +241,8 @@ def describe(variant: Variant) -> str:
         for d in (variant.parameter_dtype, variant.gradient_dtype, variant.state_dtype)
     )
     size = f"<{METAL_CONSTANT_BELOW}" if variant.small else f">={METAL_CONSTANT_BELOW}"
-    return f"{'+'.join(on) or 'no options'}, parameter/gradient/state {dtypes}, {size} elements"
+    factors = ", per-parameter clip factors" if variant.factors else ""
+    return (
+        f"{'+'.join(on) or 'no options'}, parameter/gradient/state {dtypes}, {size} elements"
+        f"{factors}"
+    )

@@ -13,19 +13,21 @@ from .source import kernel_arguments
 
 
 @cache
-def kernel_object(state_keys: tuple[str, ...], rounding: bool = False) -> Callable:
+def kernel_object(
+    state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+) -> Callable:
     """Built once per buffer layout, as for Metal. MLX compiles each template instance with
     NVRTC on its first launch in a process and keeps it in memory only: for custom kernels it
     turns its PTX disk cache off (mlx/backend/cuda/custom_kernel.cpp passes
     use_disk_cache=false to cu::get_jit_module; jit_module.cpp writes the cache only when that
     is true), so every process compiles each variant it uses again (about a second each)."""
-    return mx.fast.cuda_kernel(**kernel_arguments("cuda", state_keys, rounding))
+    return mx.fast.cuda_kernel(**kernel_arguments("cuda", state_keys, rounding, factors))
 
 
 def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
-    return launch_with(
-        kernel_object(call.variant.options.state_keys, call.variant.rounding), call, verbose
-    )
+    variant = call.variant
+    kernel = kernel_object(variant.options.state_keys, variant.rounding, variant.factors)
+    return launch_with(kernel, call, verbose)
 
 
 def load() -> UpdateFn:

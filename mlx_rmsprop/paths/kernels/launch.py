@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ...reference import rmsprop_reference, spliced_scalars
+from ...reference import rmsprop_reference
 from ...spec import EMA, QUANTIZED_KEYS, UpdateFn, UpdateOptions, scale_key
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
@@ -29,6 +29,8 @@ ROW_WIDTH = 2**30
 THREADGROUP = (256, 1, 1)
 # CUDA's limit on the grid's y dimension (in blocks, one block per row here).
 MAX_ROWS = 65535
+# Per-parameter clip factors the launchers take (the native path's rule); float64 is cast.
+FACTOR_DTYPES = (mx.float32, mx.float64)
 
 
 def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -127,6 +129,23 @@ def _quantized_state_fits(
     return True
 
 
+def check_factors(index: int, factors: mx.array | None) -> None:
+    """``ValueError`` unless ``factors`` is ``None`` or a float32 or float64 (parameters, 2)
+    matrix with a row ``index`` (the native path's rule; the reference would fail on an
+    index past the last row with an unrelated message)."""
+    if factors is None:
+        return
+    if factors.ndim != 2 or factors.shape[1] != 2 or factors.dtype not in FACTOR_DTYPES:
+        raise ValueError(
+            "factors must be a float32 or float64 matrix of shape (parameters, 2), got "
+            f"{factors.dtype} {tuple(factors.shape)}"
+        )
+    if not 0 <= index < factors.shape[0]:
+        raise ValueError(
+            f"index must be a row of factors (0 to {factors.shape[0] - 1}), got {index}"
+        )
+
+
 def plan(
     options: UpdateOptions,
     scalars: mx.array,
@@ -134,11 +153,16 @@ def plan(
     gradient: mx.array,
     state: dict[str, mx.array],
     index: int = 0,
+    factors: mx.array | None = None,
 ) -> KernelCall | None:
     """The launch for a non-empty parameter, or ``None`` when an input has a dtype the kernel
     does not compute with (float64 runs, complex), the float state buffers differ in dtype, or
     8-bit state is not in its format. ``index``: the parameter's position in the step (the
-    stochastic rounding hash reads it), passed as a one-element uint32 input array."""
+    stochastic rounding hash reads it, and it selects the row of ``factors``), passed as a
+    one-element uint32 input array. ``factors``: the step's per-parameter clip factors, a
+    (parameters, 2) matrix passed whole (no per-parameter slice node); the kernel reads its
+    row ``index`` in place of the scalars' clip entries, as ``rmsprop_reference`` does."""
+    check_factors(index, factors)
     state_dtype = _float_state_dtype(options, state)
     if (
         scalars.dtype != mx.float32
@@ -150,6 +174,15 @@ def plan(
         return None
     quantized = options.quantized_state
     blocks = _blocks(parameter.size, options.block_size) if quantized else 0
+    # Only scale_gradient reads the clip entries: without it the factors are not passed.
+    if not options.scale_gradient:
+        factors = None
+    elif factors is not None and factors.dtype != mx.float32:
+        # A tree mixing float32 and float64 arithmetic has float64 factors (float32 factors
+        # widened exactly where the parameter computes in float32). The kernel computes in
+        # float32 and Metal has no double, so the matrix arrives as float32: the cast rounds
+        # each entry as the reference's factors[index, k].astype(float32) does, bit for bit.
+        factors = factors.astype(mx.float32)
     variant = Variant(
         options,
         parameter_dtype=parameter.dtype,
@@ -157,6 +190,8 @@ def plan(
         state_dtype=state_dtype,
         small=parameter.size < METAL_CONSTANT_BELOW,
         small_scales=quantized and blocks < METAL_CONSTANT_BELOW,
+        factors=factors is not None,
+        small_factors=factors is not None and factors.size < METAL_CONSTANT_BELOW,
     )
     shape = kernel_shape(parameter.shape)
     scales = {scale_key(key) for key in QUANTIZED_KEYS}
@@ -165,14 +200,16 @@ def plan(
         return array if array.shape == shape else array.reshape(shape)
 
     buffers = [state[key] if key in scales else flat(state[key]) for key in options.state_keys]
-    index_input = (mx.array([index], dtype=mx.uint32),) if options.stochastic_rounding else ()
+    # `index` is a constant array (no graph node); `factors` the caller's matrix itself.
+    index_input = (mx.array([index], dtype=mx.uint32),) if variant.positioned else ()
+    factor_input = (factors,) if factors is not None else ()
     output_shapes = tuple(
         (blocks,) if name in scales else tuple(parameter.shape)
         for name in ("parameter", *options.state_keys)
     )
     return KernelCall(
         variant=variant,
-        inputs=(flat(parameter), flat(gradient), *buffers, scalars, *index_input),
+        inputs=(flat(parameter), flat(gradient), *buffers, scalars, *index_input, *factor_input),
         grid=grid_for(parameter.size, options.block_size if quantized else 0),
         output_shapes=output_shapes,
         threadgroup=threadgroup_for(options),
@@ -206,13 +243,14 @@ def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
         index: int = 0,
         factors: mx.array | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
+        check_factors(index, factors)
         if parameter.size == 0:
             return parameter, {key: state[key] for key in options.state_keys}
-        # The kernel body reads its clip factors from the scalars vector.
-        scalars = spliced_scalars(scalars, index, factors)
-        call = plan(options, scalars, parameter, gradient, state, index)
+        call = plan(options, scalars, parameter, gradient, state, index, factors)
         if call is None:
-            return rmsprop_reference(options, scalars, parameter, gradient, state, index=index)
+            return rmsprop_reference(
+                options, scalars, parameter, gradient, state, index=index, factors=factors
+            )
         return call.unpack(launch(call))
 
     return update

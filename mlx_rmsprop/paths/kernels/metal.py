@@ -13,18 +13,28 @@ from .source import kernel_arguments
 
 
 @cache
-def kernel_object(state_keys: tuple[str, ...], rounding: bool = False) -> Callable:
-    """Built once per buffer layout (and with or without the ``index`` input of stochastic
-    rounding): dtypes and flags arrive as template arguments (MLX then
-    compiles each variant once), per-step numbers as the scalars array, so a learning-rate
-    schedule never changes the source."""
-    return mx.fast.metal_kernel(**kernel_arguments("metal", state_keys, rounding))
+def kernel_object(
+    state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+) -> Callable:
+    """Built once per buffer layout, with or without stochastic rounding and with or without
+    per-parameter clip factors (each changes the inputs: ``index``, ``factors``): dtypes and
+    flags arrive as template arguments (MLX then compiles each variant once), per-step numbers
+    as the scalars array and the factors matrix, so a learning-rate schedule never changes the
+    source.
+
+    Factors are a kernel of their own rather than an input every kernel takes: without
+    per-parameter clipping the clip entries live in the scalars vector (a global clip factor
+    among them), and a matrix made from them for every call would be the per-parameter graph
+    node the factors input exists to remove. Whether an optimizer clips by each parameter's
+    norm is fixed by its configuration, so each optimizer still uses one kernel object per
+    layout."""
+    return mx.fast.metal_kernel(**kernel_arguments("metal", state_keys, rounding, factors))
 
 
 def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
-    return launch_with(
-        kernel_object(call.variant.options.state_keys, call.variant.rounding), call, verbose
-    )
+    variant = call.variant
+    kernel = kernel_object(variant.options.state_keys, variant.rounding, variant.factors)
+    return launch_with(kernel, call, verbose)
 
 
 def load() -> UpdateFn:

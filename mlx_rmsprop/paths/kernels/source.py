@@ -41,11 +41,16 @@ from ...spec import (
 
 BACKENDS = ("metal", "cuda")
 KERNEL_NAME = "rmsprop"
+# The kernel that reads its clip factors from the factors matrix has other inputs, so another
+# name: MLX's CUDA backend caches a compiled module by "custom_kernel_" + name + the template
+# arguments only (mlx/backend/cuda/custom_kernel.cpp, CustomKernel::eval_gpu passes name_ to
+# cu::get_jit_module), and both kernels take the same template arguments.
+FACTORS_KERNEL_NAME = "rmsprop_factors"
 BODY_RESOURCE = "rmsprop_update.inc"
 # Dtypes the kernel computes with; anything else (float64, complex) takes the reference math.
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # MLX's spelling of each dtype in the generated source (its get_type_string): the float dtypes,
-# the uint8 codes of 8-bit state and the uint32 `index` input of stochastic rounding.
+# the uint8 codes of 8-bit state and the uint32 `index` input (the parameter's position).
 METAL_TYPES = {
     mx.float32: "float",
     mx.float16: "float16_t",
@@ -231,10 +236,26 @@ HASH_CONSTANTS = (
 MAX_BLOCK_SIZE = max(BLOCK_SIZES)
 
 
-def input_names(state_keys: tuple[str, ...], rounding: bool = False) -> tuple[str, ...]:
-    """Kernel inputs, named like the arguments of ``rmsprop_reference`` (``index`` only with
-    stochastic rounding, the only code that reads it)."""
-    return ("parameter", "gradient", *state_keys, "scalars", *(("index",) if rounding else ()))
+def input_names(
+    state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+) -> tuple[str, ...]:
+    """Kernel inputs, named like the arguments of ``rmsprop_reference``: ``index`` only where
+    something reads it (stochastic rounding, the row of ``factors``), ``factors`` only when
+    the parameter is clipped by its own norm."""
+    positioned = ("index",) if rounding or factors else ()
+    return (
+        "parameter",
+        "gradient",
+        *state_keys,
+        "scalars",
+        *positioned,
+        *(("factors",) if factors else ()),
+    )
+
+
+def kernel_name(factors: bool = False) -> str:
+    """The ``name=`` of the kernel object (see FACTORS_KERNEL_NAME)."""
+    return FACTORS_KERNEL_NAME if factors else KERNEL_NAME
 
 
 def output_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -256,7 +277,12 @@ class Variant:
     buffers are uint8 codes with float32 scales and only the EMA is a float buffer: without an
     EMA ``state_dtype`` is float32 (it selects nothing then). ``small_scales``: with
     ``quantized_state``, whether the scales (one per block) are fewer than 8 elements, which
-    also holds whenever the parameter is."""
+    also holds whenever the parameter is.
+
+    ``factors``: the kernel reads ``scale_gradient``'s clip multiplier and divisor from row
+    ``index`` of the ``factors`` input, a float32 (parameters, 2) matrix (clipping by each
+    parameter's own norm), instead of from the scalars vector; ``small_factors``: that matrix
+    has fewer than 8 elements (at most 3 parameters), so MLX passes it in ``constant``."""
 
     options: UpdateOptions
     parameter_dtype: mx.Dtype = mx.float32
@@ -264,6 +290,8 @@ class Variant:
     state_dtype: mx.Dtype = mx.float32
     small: bool = False
     small_scales: bool = False
+    factors: bool = False
+    small_factors: bool = False
 
     def __post_init__(self) -> None:
         for role in ("parameter", "gradient", "state"):
@@ -280,11 +308,20 @@ class Variant:
             raise ValueError("small_scales needs options.quantized_state")
         if quantized and self.small and not self.small_scales:
             raise ValueError("a parameter under 8 elements has under 8 scales: small_scales")
+        if self.factors and not self.options.scale_gradient:
+            raise ValueError("factors needs options.scale_gradient (nothing else reads them)")
+        if self.small_factors and not self.factors:
+            raise ValueError("small_factors needs factors")
 
     @property
     def rounding(self) -> bool:
-        """Whether the kernel takes the ``index`` input (stochastic rounding)."""
+        """Whether the kernel rounds stochastically (it then reads ``index``)."""
         return self.options.stochastic_rounding
+
+    @property
+    def positioned(self) -> bool:
+        """Whether the kernel takes the ``index`` input (stochastic rounding, factors)."""
+        return self.rounding or self.factors
 
     @property
     def moment_dtype(self) -> mx.Dtype:
@@ -298,7 +335,7 @@ class Variant:
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return input_names(self.options.state_keys, self.rounding)
+        return input_names(self.options.state_keys, self.rounding, self.factors)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -307,8 +344,9 @@ class Variant:
     @property
     def input_dtypes(self) -> tuple[mx.Dtype, ...]:
         states = tuple(self._state_dtype(key) for key in self.options.state_keys)
-        index = (mx.uint32,) if self.rounding else ()
-        return (self.parameter_dtype, self.gradient_dtype, *states, mx.float32, *index)
+        index = (mx.uint32,) if self.positioned else ()
+        factors = (mx.float32,) if self.factors else ()
+        return (self.parameter_dtype, self.gradient_dtype, *states, mx.float32, *index, *factors)
 
     @property
     def output_dtypes(self) -> tuple[mx.Dtype, ...]:
@@ -318,15 +356,17 @@ class Variant:
     @property
     def input_sizes_small(self) -> tuple[bool, ...]:
         """Per input: passed in Metal's constant address space (fewer than 8 elements). The
-        scales have one element per block, ``index`` one."""
+        scales have one element per block, ``index`` one, ``factors`` two per parameter."""
         scales = {scale_key(key) for key in QUANTIZED_KEYS}
         small = [
             self.small_scales if name in scales else self.small
             for name in ("parameter", "gradient", *self.options.state_keys)
         ]
         small.append(NUM_SCALARS < METAL_CONSTANT_BELOW)
-        if self.rounding:
+        if self.positioned:
             small.append(True)
+        if self.factors:
+            small.append(self.small_factors)
         return tuple(small)
 
     def template_args(self) -> list[tuple[str, mx.Dtype | bool]]:
@@ -365,23 +405,48 @@ def _table_lines(backend: str, quantized: bool) -> list[str]:
     return lines
 
 
+# With the ``factors`` input, the two clip entries come from the parameter's row of the factors
+# matrix instead of the scalars vector (reference.py: factors[index, 0] and factors[index, 1]).
+FACTOR_ENTRIES = (Scalar.CLIP_MULTIPLIER, Scalar.CLIP_DIVISOR)
+# The matrix is float32 (parameters, 2), row-major (MLX makes inputs row-contiguous). The
+# launcher refuses an index past its last row; should one arrive anyway, the factors are NaN
+# (the step's results show it) rather than a read past the buffer.
+FACTOR_LINES = (
+    "const bool factor_row_exists = size_t(parameter_position) < size_t(factors_shape[0]);",
+    *(
+        f"const float {entry.name.lower()} = factor_row_exists"
+        f" ? factors[2 * size_t(parameter_position) + {column}] : RMS_BITS_FLOAT(0x7FC00000u);"
+        for column, entry in enumerate(FACTOR_ENTRIES)
+    ),
+)
+
+
 @cache
-def kernel_body(backend: str, state_keys: tuple[str, ...], rounding: bool = False) -> str:
+def kernel_body(
+    backend: str, state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+) -> str:
     """The ``source=`` argument of the kernel object: prologue (the arithmetic primitives and
     the other backend spellings, the index and threadgroup lines, the scalars, the parameter's
-    position, the code tables, absent buffers) + shared body.
+    position, the clip factors' row, the code tables, absent buffers) + shared body.
 
     It depends on the backend, on which state buffers exist (``UpdateOptions.state_keys``,
-    which also tell 8-bit state) and on whether the kernel rounds stochastically (``index``
-    input), not on dtypes or on the other flags (those are template arguments), nor on the
-    block size (the threadgroup size), nor on any per-step number: one kernel object serves
-    every step of every optimizer with that layout."""
+    which also tell 8-bit state), on whether the kernel rounds stochastically and on whether
+    it reads per-parameter clip factors (``index`` and ``factors`` inputs), not on dtypes or
+    on the other flags (those are template arguments), nor on the block size (the threadgroup
+    size), nor on any per-step number: one kernel object serves every step of every optimizer
+    with that layout."""
     _check_backend(backend)
     quantized = quantized_layout(state_keys)
     lines = [PRIMITIVES[backend], SPELLINGS[backend], INDEX_LINES[backend], GROUP_LINES[backend]]
-    lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
-    position = "index[0]" if rounding else "0u"
+    lines += [
+        f"const float {entry.name.lower()} = scalars[{int(entry)}];"
+        for entry in Scalar
+        if not (factors and entry in FACTOR_ENTRIES)
+    ]
+    position = "index[0]" if rounding or factors else "0u"
     lines.append(f"const uint32_t parameter_position = {position};")
+    if factors:
+        lines += FACTOR_LINES
     lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
     lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
     lines += _table_lines(backend, quantized)
@@ -396,17 +461,23 @@ def kernel_body(backend: str, state_keys: tuple[str, ...], rounding: bool = Fals
 
 
 def kernel_arguments(
-    backend: str, state_keys: tuple[str, ...], rounding: bool = False
+    backend: str, state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
 ) -> dict[str, object]:
     """The constructor arguments of the kernel object (``mx.fast.metal_kernel`` or
-    ``mx.fast.cuda_kernel``) for one buffer layout, with or without stochastic rounding."""
+    ``mx.fast.cuda_kernel``) for one buffer layout, with or without stochastic rounding, with
+    or without per-parameter clip factors."""
     return {
-        "name": KERNEL_NAME,
-        "input_names": list(input_names(state_keys, rounding)),
+        "name": kernel_name(factors),
+        "input_names": list(input_names(state_keys, rounding, factors)),
         "output_names": list(output_names(state_keys)),
-        "source": kernel_body(backend, state_keys, rounding),
+        "source": kernel_body(backend, state_keys, rounding, factors),
         "ensure_row_contiguous": True,
     }
+
+
+def variant_body(variant: Variant, backend: str) -> str:
+    """``kernel_body`` of the kernel object that runs ``variant``."""
+    return kernel_body(backend, variant.options.state_keys, variant.rounding, variant.factors)
 
 
 @cache
@@ -429,7 +500,7 @@ def _metal_template_value(value: mx.Dtype | bool) -> str:
 
 def metal_kernel_name(variant: Variant) -> str:
     template = "<" + ", ".join(_metal_template_value(v) for _, v in variant.template_args()) + ">"
-    name = f"custom_kernel_{KERNEL_NAME}_" + _template_hash(template)
+    name = f"custom_kernel_{kernel_name(variant.factors)}_" + _template_hash(template)
     for dtype, small in zip(variant.input_dtypes, variant.input_sizes_small, strict=True):
         name += "_" + METAL_TYPES[dtype] + ("c" if small else "")
     for dtype in variant.output_dtypes:
@@ -448,13 +519,13 @@ def cuda_kernel_name(variant: Variant) -> str:
             suffix += "_" + METAL_TYPES[value]
         else:
             suffix += "_t" if value else "_f"
-    return f"custom_kernel_{KERNEL_NAME}{suffix}"
+    return f"custom_kernel_{kernel_name(variant.factors)}{suffix}"
 
 
 def metal_translation_unit(variant: Variant) -> str:
     """The Metal source MLX generates for this variant (what it prints with ``verbose=True``;
     at compile time MLX puts its own utility headers in front)."""
-    source = kernel_body("metal", variant.options.state_keys, variant.rounding)
+    source = variant_body(variant, "metal")
     name = metal_kernel_name(variant)
     template_args = variant.template_args()
     kinds = ", ".join(
@@ -498,7 +569,7 @@ CUDA_PREAMBLE = (
 
 def cuda_translation_unit(variant: Variant) -> str:
     """The CUDA source MLX's CUDA backend builds around the same body (compiled with NVRTC)."""
-    source = kernel_body("cuda", variant.options.state_keys, variant.rounding)
+    source = variant_body(variant, "cuda")
     text = CUDA_PREAMBLE + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += f"__global__ void {cuda_kernel_name(variant)}(\n"
     infos = shape_infos(source, variant.input_names)
@@ -535,6 +606,6 @@ def translation_unit(variant: Variant, backend: str = "metal") -> str:
 
 def metal_buffer_count(variant: Variant) -> int:
     """Buffer slots the Metal kernel binds: inputs, their shape/stride/ndim, outputs."""
-    source = kernel_body("metal", variant.options.state_keys, variant.rounding)
+    source = variant_body(variant, "metal")
     extra = sum(sum(info) for info in shape_infos(source, variant.input_names))
     return len(variant.input_names) + extra + len(variant.output_names)

@@ -13,7 +13,11 @@ Linux) runs:
   value of every other flag appears at least once (where the spec allows the pair). Its 8-bit
   state rows take the block sizes of ``spec.BLOCK_SIZES`` in turn, and the large ones both
   classes of scales (fewer than 8 blocks, passed in Metal's ``constant`` address space, or
-  more): the storage flags are crossed pairwise, not multiplied into every option set.
+  more): the storage flags are crossed pairwise, not multiplied into every option set;
+- the kernels reading per-parameter clip factors (:func:`factor_variants`): every buffer
+  layout, with and without stochastic rounding, with every flag on, in both address-space
+  classes of the factors matrix. Reading the factors does not depend on the other flags or
+  the dtypes, so those take turns instead of being crossed.
 """
 
 from __future__ import annotations
@@ -115,6 +119,27 @@ def plan_variant(
     return Variant(options, *dtypes, small, small_scales=small or turn % 2 == 0)
 
 
+def factor_variants() -> list[Variant]:
+    """The kernels that read per-parameter clip factors: for every (buffer layout, stochastic
+    rounding) the option set with every flag on, once with a factors matrix of 8 elements or
+    more and once with fewer (Metal's ``constant`` address space), the dtype combination,
+    the parameter's size class and 8-bit state's block size and scale class taking turns."""
+    layouts = sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
+    combinations = dtype_combinations()
+    variants = []
+    for k, (keys, rounding) in enumerate(layouts):
+        for small_factors in (False, True):
+            turn = 2 * k + small_factors
+            variant = plan_variant(
+                every_flag_on(keys, rounding),
+                combinations[turn % len(combinations)],
+                small=turn % 3 == 0,
+                turn=turn,
+            )
+            variants.append(dataclasses.replace(variant, factors=True, small_factors=small_factors))
+    return variants
+
+
 def verification_plan() -> list[Variant]:
     """Every variant verification runs (see the module docstring), without repeats."""
     plan = [Variant(options) for options in option_space()]
@@ -123,4 +148,5 @@ def verification_plan() -> list[Variant]:
             plan_variant(options, dtypes, small, k + row)
             for row, options in enumerate(pairwise_option_sets(storage=True))
         ]
+    plan += factor_variants()
     return list(dict.fromkeys(plan))

@@ -34,6 +34,7 @@ from mlx_rmsprop.check import (
     verification_inputs,
     verify,
 )
+from mlx_rmsprop.paths.kernels import source
 from mlx_rmsprop.paths.kernels.launch import (
     MAX_1D_GRID,
     ROW_WIDTH,
@@ -47,6 +48,7 @@ from mlx_rmsprop.paths.kernels.source import Variant
 from mlx_rmsprop.paths.kernels.variants import (
     dtype_combinations,
     every_flag_on,
+    factor_variants,
     pairwise_option_sets,
     plan_variant,
     verification_plan,
@@ -210,12 +212,15 @@ def test_cuda_twin_run_on_the_cpu(cuda_emulator):
 def test_plan_counts():
     # Every option set once in float32, then the pairwise sets of the whole space (storage
     # flags included) for the 15 dtype combinations and 2 address-space classes, less the
-    # float32 large-array rows the first part already holds.
+    # float32 large-array rows the first part already holds, then the kernels reading clip
+    # factors: every (buffer layout, stochastic rounding) in both classes of the matrix.
     assert len(dtype_combinations()) == 15
     plan = verification_plan()
     pairwise = pairwise_option_sets(storage=True)
     repeats = sum(1 for o in pairwise if not (o.quantized_state or o.stochastic_rounding))
-    assert len(plan) == len(option_space()) + 15 * 2 * len(pairwise) - repeats
+    layouts = {(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)}
+    factors = 2 * len(layouts)
+    assert len(plan) == len(option_space()) + 15 * 2 * len(pairwise) - repeats + factors
     for storage in (False, True):
         covered = set()
         for options in pairwise_option_sets(storage):
@@ -791,3 +796,141 @@ def test_every_storage_variant_of_the_plan_at_every_shape(backend):
     for k, variant in enumerate(plan):
         for j, shape in enumerate(shapes_for(variant)):
             run_emulated(emulator, variant, shape, seed=k + j, steps=STEPS, order=(k + j) % 2)
+
+
+# --- per-parameter clip factors -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_factors_every_layout(backend):
+    # The plan's kernels that read their clip factors from the factors matrix (every buffer
+    # layout, with and without stochastic rounding, both address-space classes of the matrix)
+    # on two shapes of their size classes, 3 steps, at a row neither first nor last
+    # (probe.update_arguments): bit for bit the reference's.
+    plan = [v for v in verification_plan() if v.factors]
+    assert plan == factor_variants()
+    assert {v.small_factors for v in plan} == {False, True}
+    assert {v.small for v in plan} == {False, True}
+    emulator = Emulator(plan, BUILD_DIR, backend=backend)
+    for k, variant in enumerate(plan):
+        for j, shape in enumerate(shapes_for(variant)[:2]):
+            run_emulated(emulator, variant, shape, seed=k + j, steps=STEPS)
+
+
+# Every row another clip (multiplier, divisor) pair: 5 parameters' factors, one row per index.
+FACTORS = mx.array([[0.5, 1.25], [1.0, 3.0], [0.75, 0.5], [2.0, 7.0], [1.0, 1.0]], mx.float32)
+FACTOR_OPTIONS = UpdateOptions(scale_gradient=True, momentum=True, ema=True)
+
+
+def factor_emulator(backend: str) -> tuple[Emulator, Variant]:
+    variant = Variant(
+        FACTOR_OPTIONS, mx.bfloat16, mx.float32, mx.float16, factors=True, small_factors=False
+    )
+    return Emulator([variant], BUILD_DIR, backend=backend), variant
+
+
+def run_at_each_row(emulator: Emulator, variant: Variant, factors: mx.array) -> list:
+    """The emulated kernel at every row of ``factors`` on one input, each result compared bit
+    for bit with the reference at that row; returns the new parameters."""
+    parameter, gradient, state = verification_inputs(variant, (4099,), seed=6)
+    scalars = step_scalars(1)
+    results = []
+    for index in range(factors.shape[0]):
+        call = plan(FACTOR_OPTIONS, scalars, parameter, gradient, state, index, factors)
+        assert call.variant == variant and call.inputs[-1].dtype == mx.float32
+        new_parameter, new_state = call.unpack(emulator.run(call))
+        expected = rmsprop_reference(
+            FACTOR_OPTIONS, scalars, parameter, gradient, state, index=index, factors=factors
+        )
+        assert_same(new_parameter, expected[0], f"parameter, row {index}")
+        for key in FACTOR_OPTIONS.state_keys:
+            assert_same(new_state[key], expected[1][key], f"{key}, row {index}")
+        results.append(new_parameter)
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_factors_follow_the_index(backend):
+    # Each parameter position reads its own row: every row gives the reference's result at
+    # that row, and the rows' results differ (a kernel reading another row fails).
+    emulator, variant = factor_emulator(backend)
+    results = run_at_each_row(emulator, variant, FACTORS)
+    for k in range(1, len(results)):
+        assert not same_bits(results[k], results[0]).all(), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_clip_factors_are_rounded_as_the_reference_rounds_them(backend):
+    # A tree mixing float32 and float64 arithmetic has float64 factors; a float32 parameter
+    # reads its row as float32 (reference: factors[index, k].astype(float32)). Entries that
+    # float32 cannot hold (0.1, 1/3, a tie between two float32 values) round the same way.
+    emulator, variant = factor_emulator(backend)
+    tie = 1.0 + 2.0**-24  # halfway between 1 and the next float32: rounds to even, 1.0
+    wide = mx.array([[0.1, 1 / 3], [tie, 0.7], [3.0, 1.1], [0.2, 1e-3]], mx.float64)
+    run_at_each_row(emulator, variant, wide)
+
+
+def test_clip_factors_reading_row_0_is_caught(monkeypatch):
+    # The parity tests above are worth something only if a kernel that reads the wrong row
+    # fails them: here every parameter reads row 0.
+    lines = tuple(
+        line.replace("size_t(parameter_position) +", "size_t(0u) +") for line in source.FACTOR_LINES
+    )
+    assert lines != source.FACTOR_LINES
+    monkeypatch.setattr(source, "FACTOR_LINES", lines)
+    source.kernel_body.cache_clear()
+    try:
+        variant = Variant(
+            FACTOR_OPTIONS, mx.bfloat16, mx.float32, mx.float16, factors=True, small_factors=False
+        )
+        with tempfile.TemporaryDirectory() as directory:
+            mutant = Emulator([variant], Path(directory))
+            with pytest.raises(AssertionError, match="row 1: .*elements differ"):
+                run_at_each_row(mutant, variant, FACTORS)
+    finally:
+        monkeypatch.undo()
+        source.kernel_body.cache_clear()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_factor_row_past_the_matrix_reads_nothing(backend):
+    # The launcher refuses such an index; a kernel handed one anyway takes NaN factors (its
+    # bounds guard) instead of reading past the matrix: every parameter element turns NaN.
+    emulator, variant = factor_emulator(backend)
+    parameter, gradient, state = verification_inputs(variant, (300,), seed=1)
+    call = plan(FACTOR_OPTIONS, step_scalars(1), parameter, gradient, state, 4, FACTORS)
+    position = variant.input_names.index("index")
+    inputs = list(call.inputs)
+    inputs[position] = mx.array([FACTORS.shape[0]], mx.uint32)
+    new_parameter, _ = call.unpack(emulator.run(dataclasses.replace(call, inputs=tuple(inputs))))
+    assert np.isnan(np.array(new_parameter.astype(mx.float32))).all()
+
+
+@pytest.mark.parametrize(
+    "index, factors, message",
+    [
+        (5, FACTORS, r"index must be a row of factors \(0 to 4\), got 5"),
+        (0, FACTORS.reshape(-1), r"factors must be a float32 or float64 matrix .* got .*\(10,\)"),
+        (0, FACTORS.reshape(2, 5), r"of shape \(parameters, 2\), got .*\(2, 5\)"),
+        (0, FACTORS.astype(mx.float16), r"got mlx.core.float16 \(5, 2\)"),
+    ],
+    ids=["index", "vector", "columns", "dtype"],
+)
+def test_bad_clip_factors_are_refused(index, factors, message):
+    def launch(call):
+        raise AssertionError("no launch with bad factors")
+
+    update = make_update(launch)
+    parameter = mx.ones((6,))
+    state = {"v": mx.ones((6,))}
+    for size in (6, 0):  # an empty parameter launches nothing, and is refused all the same
+        with pytest.raises(ValueError, match=message):
+            update(
+                UpdateOptions(scale_gradient=True),
+                step_scalars(1),
+                parameter[:size],
+                parameter[:size],
+                {"v": state["v"][:size]},
+                index=index,
+                factors=factors,
+            )

@@ -31,6 +31,7 @@ import pytest
 from mlx_rmsprop.paths.kernels.source import Variant, body_text, kernel_body, translation_unit
 from mlx_rmsprop.paths.kernels.variants import (
     every_flag_on,
+    factor_variants,
     pairwise_option_sets,
     verification_plan,
 )
@@ -129,7 +130,8 @@ def unqualified_indirections(ast_dump: str) -> list[str]:
 def representative_variants() -> list[Variant]:
     """Every buffer layout (with and without stochastic rounding) with all its flags on, in
     mixed dtypes and every address-space class, plus the pairwise option sets (storage flags
-    included) in float32 for both classes."""
+    included) in float32 for both classes, plus the plan's kernels reading per-parameter clip
+    factors (both address-space classes of the factors matrix)."""
     layouts = sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
     variants = []
     for keys, rounding in layouts:
@@ -145,6 +147,7 @@ def representative_variants() -> list[Variant]:
         for small in (False, True):
             quantized = options.quantized_state
             variants.append(Variant(options, small=small, small_scales=quantized and small))
+    variants += factor_variants()
     return list(dict.fromkeys(variants))
 
 

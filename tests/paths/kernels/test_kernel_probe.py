@@ -301,3 +301,63 @@ def test_optimizer_with_8_bit_state_and_stochastic_rounding_on_the_emulated_kern
     # Both parameters ran the kernel (after their probes), each its own variant.
     assert {v.options.quantized_state for v in launches} == {True, False}
     assert all(v.options.stochastic_rounding for v in launches)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["float32", "with-float64"])
+def test_optimizer_clipping_by_each_norm_on_the_emulated_kernel(fake_metal, monkeypatch, wide):
+    # Keras' clipnorm on the Metal path (the emulated kernel, run eagerly): several parameters
+    # with norms below and above the bound, so that each row of the step's clip factors is
+    # another; each kernel reads its parameter's row. Bit for bit the reference path's. With a
+    # float64 parameter in the tree the factors are float64, which a float32 parameter's
+    # kernel receives as float32 (the reference's rounding).
+    launches = fake_metal(lambda call: Emulator([call.variant], BUILD_DIR).run(call))
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    rng = np.random.default_rng(5)
+    shapes = {"a": (7, 9), "b": (33,), "c": (3,), "d": (2, 2)}
+    params = {k: mx.array(rng.standard_normal(shape), mx.float32) for k, shape in shapes.items()}
+    if wide:
+        params["e"] = mx.array(rng.standard_normal((6,)), mx.float64)
+    scales = {"a": 3.0, "b": 0.01, "c": 0.7, "d": 5.0, "e": 2.0}
+    grads = [
+        {k: mx.array(scales[k] * rng.standard_normal(v.shape), v.dtype) for k, v in params.items()}
+        for _ in range(3)
+    ]
+    results = {}
+    for fused in ("metal", False):
+        optimizer = RMSprop.from_keras(learning_rate=0.01, clipnorm=1.0, momentum=0.5, fused=fused)
+        current = dict(params)
+        for g in grads:
+            current = optimizer.apply_gradients(g, current)
+        mx.eval(current, optimizer.state)
+        results[fused] = (current, optimizer.state)
+    for name in params:
+        actual, expected = results["metal"][0][name], results[False][0][name]
+        assert actual.dtype == expected.dtype
+        assert mx.array_equal(actual, expected, equal_nan=True).item(), name
+        for key, value in results[False][1][name].items():
+            assert mx.array_equal(results["metal"][1][name][key], value, equal_nan=True).item()
+    # Every float32 parameter ran the kernel that reads the factors (after its probe).
+    assert launches and all(v.factors for v in launches)
+    assert {v.small for v in launches} == {False, True}
+
+
+def test_check_and_the_probe_run_the_factor_kernels_on_the_emulated_kernel(
+    fake_metal, monkeypatch, capsys
+):
+    # `check --quick` holds the kernels reading per-parameter clip factors; on a GPU (here the
+    # Metal emulation) they run against the reference with their factor matrix, and `auto`'s
+    # probe adopts each.
+    factor_kernels = [v for v in check._gpu_plan(quick=True) if v.factors]
+    plan = factor_kernels[::9]
+    assert {v.small_factors for v in plan} == {True, False}
+    emulator = Emulator(plan, BUILD_DIR)
+    launches = fake_metal(emulator.run)
+    eager = dataclasses.replace(paths.PATHS["metal"], compile_step=False)
+    monkeypatch.setitem(paths.PATHS, "metal", eager)
+    monkeypatch.setattr(check, "_gpu_plan", lambda quick: plan)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args(["--quick"])) == 0, capsys.readouterr().out
+    assert f"{len(plan)} of {len(plan)} adopted here" in capsys.readouterr().out
+    assert set(launches) == set(plan)

@@ -12,6 +12,7 @@ every buffer layout with every flag on).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -44,13 +45,15 @@ ALL_QUANTIZED = (
 
 def representative_variants() -> list[Variant]:
     """The pairwise option sets (storage flags included) in float32, and every buffer with
-    every flag on, float and 8-bit, rounding stochastically to bfloat16/float16."""
+    every flag on, float and 8-bit, rounding stochastically to bfloat16/float16, the latter
+    also reading per-parameter clip factors."""
     variants = [Variant(options) for options in pairwise_option_sets(storage=True)]
     variants += [
         Variant(every_flag_on(ALL_BUFFERS), mx.bfloat16, mx.float16, mx.float32),
         Variant(every_flag_on(ALL_BUFFERS, True), mx.bfloat16, mx.float16, mx.float16),
         Variant(every_flag_on(ALL_QUANTIZED, True), mx.float16, mx.float32, mx.bfloat16),
     ]
+    variants += [dataclasses.replace(v, factors=True) for v in variants[-3:]]
     return list(dict.fromkeys(variants))
 
 

@@ -6,6 +6,7 @@ numbers only as data)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import tempfile
@@ -20,10 +21,16 @@ from mlx_rmsprop.paths import probe
 from mlx_rmsprop.paths.kernels import metal, source
 from mlx_rmsprop.paths.kernels.launch import make_update, plan
 from mlx_rmsprop.paths.kernels.source import Variant, translation_unit
-from mlx_rmsprop.paths.kernels.variants import every_flag_on, pairwise_option_sets
+from mlx_rmsprop.paths.kernels.variants import (
+    every_flag_on,
+    factor_variants,
+    pairwise_option_sets,
+)
 from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
 
-GENERATED = re.compile(r"Generated source code for `rmsprop`:\n```\n(.*?)\n```\n", re.S)
+GENERATED = re.compile(
+    r"Generated source code for `rmsprop(?:_factors)?`:\n```\n(.*?)\n```\n", re.S
+)
 
 
 def capture(capfd, function, *args) -> list[str]:
@@ -129,6 +136,80 @@ def test_assembled_source_equals_mlx_generated_source(capfd, case):
         assert call.variant.small_scales == (-(-parameter.size // options.block_size) < 8)
 
 
+@pytest.mark.parametrize("rows", [3, 4], ids=["factors<8", "factors>=8"])
+@pytest.mark.parametrize("rounding", [False, True], ids=["nearest", "stochastic"])
+def test_clip_factor_source_equals_mlx_generated_source(capfd, rows, rounding):
+    # The kernel reading its clip factors from the factors matrix: the `index` and `factors`
+    # inputs and the factors' shape (the bounds guard reads it) as MLX binds them, in both
+    # address spaces of the matrix.
+    options = UpdateOptions(scale_gradient=True, centered=True, stochastic_rounding=rounding)
+    variant = Variant(options, mx.bfloat16, mx.float32, mx.float32)
+    parameter, gradient, state = verification_inputs(variant, (5, 3), 0)
+    keys = options.state_keys
+    factors = probe.clip_factors(rows)
+
+    def step(scalars, factors, parameter, gradient, *buffers):
+        new_parameter, new_state = verbose_update(
+            options,
+            scalars,
+            parameter,
+            gradient,
+            dict(zip(keys, buffers, strict=True)),
+            index=rows - 1,
+            factors=factors,
+        )
+        return [new_parameter, *new_state.values()]
+
+    arguments = (step_scalars(1), factors, parameter, gradient, *state.values())
+    (captured,) = capture(capfd, step, *arguments)
+    call = plan(options, step_scalars(1), parameter, gradient, state, rows - 1, factors)
+    assert call.variant.factors and call.variant.small_factors == (rows < 4)
+    assert captured == translation_unit(call.variant, "metal")
+    assert "custom_kernel_rmsprop_factors_" in captured and "factors_shape [[buffer(" in captured
+
+
+def graph_nodes(*outputs: mx.array) -> int:
+    """Operations evaluating ``outputs`` would run: the nodes of MLX's DOT export."""
+    text = io.StringIO()
+    mx.export_to_dot(text, *outputs)
+    return text.getvalue().count("shape=rectangle")
+
+
+def test_clip_factors_reach_the_kernel_without_a_node_per_parameter():
+    # A step's parameters clipped by their own norms, each at its position: the kernels take
+    # the step's factor matrix as it is and read their rows themselves, so the graph holds
+    # one node per parameter, its kernel (splicing each row into the scalars vector added
+    # slice and concatenate nodes per parameter). Counted while exporting, where MLX builds
+    # the Metal kernel's node without running it.
+    options = UpdateOptions(scale_gradient=True, momentum=True, stochastic_rounding=True)
+    parameters = 4
+    counts = []
+
+    def step(scalars, factors, *arrays):
+        outputs = []
+        for index in range(parameters):
+            parameter, gradient, v, buffer = arrays[4 * index : 4 * index + 4]
+            state = {"v": v, "momentum_buffer": buffer}
+            new_parameter, new_state = verbose_update(
+                options, scalars, parameter, gradient, state, index=index, factors=factors
+            )
+            outputs += [new_parameter, *new_state.values()]
+        counts.append(graph_nodes(*outputs))
+        return outputs
+
+    # Per parameter: parameter, gradient, v, momentum_buffer (1-D: no reshape node either).
+    arrays = [mx.ones((5 + k,)) for k in range(parameters) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as directory:
+        mx.export_function(
+            os.path.join(directory, "f.mlxfn"),
+            step,
+            step_scalars(1),
+            probe.clip_factors(parameters),
+            *arrays,
+        )
+    assert counts == [parameters]
+
+
 def test_learning_rate_schedule_never_changes_the_source(capfd):
     options = UpdateOptions(momentum=True, bias_correction=True)
     variant = Variant(options)
@@ -171,6 +252,29 @@ def test_optimizer_step_runs_one_kernel_per_parameter_inside_mx_compile(capfd, m
     assert sorted(sources) == sorted(
         [optimizer.kernel_source(mx.float32), translation_unit(small_bfloat16)]
     )
+
+
+def test_optimizer_clipping_by_each_norm_runs_the_factor_kernel_inside_mx_compile(
+    capfd, monkeypatch
+):
+    # Keras' clipnorm on the Metal path, compiled whole: each parameter's kernel is the one
+    # that reads its row of the step's clip factors, the source RMSprop.kernel_source reports
+    # (4 parameters: a factor matrix of 8 elements, in `device`).
+    metal_path = dataclasses.replace(paths.PATHS["metal"], load=lambda: verbose_update)
+    monkeypatch.setitem(paths.PATHS, "metal", metal_path)
+    monkeypatch.setattr(probe, "kernel_verdict", lambda *args: None)
+    optimizer = RMSprop.from_keras(learning_rate=0.01, clipnorm=1.0, fused="metal")
+
+    def step(*weights):
+        parameters = {f"w{k}": weight for k, weight in enumerate(weights)}
+        gradients = {name: mx.ones_like(value) for name, value in parameters.items()}
+        return list(optimizer.apply_gradients(gradients, parameters).values())
+
+    sources = capture(capfd, step, *(mx.zeros((9 + k,)) for k in range(4)))
+    assert sources == [optimizer.kernel_source(mx.float32)] * 4
+    assert "custom_kernel_rmsprop_factors_" in sources[0]
+    cuda = optimizer.kernel_source(mx.float32, backend="cuda")
+    assert "const float* factors," in cuda and "const uint32_t* index," in cuda
 
 
 def test_kernel_source_follows_the_optimizer_configuration():
@@ -221,38 +325,44 @@ def _metal_subset_violations(code: str) -> list[str]:
     return [what for what, pattern in NOT_METAL.items() if re.search(pattern, code)]
 
 
-def layouts() -> list[tuple[tuple[str, ...], bool]]:
-    """Every (buffer layout, stochastic rounding) a kernel body is built for."""
-    return sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
+def layouts() -> list[tuple[tuple[str, ...], bool, bool]]:
+    """Every (buffer layout, stochastic rounding, clip factors) a kernel body is built for."""
+    kinds = {(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)}
+    return sorted((keys, rounding, factors) for keys, rounding in kinds for factors in (0, 1))
 
 
 def test_every_metal_kernel_stays_in_the_metal_subset():
     # The body text depends only on the buffer layout: check each layout's body once, then
     # the rest of every option set's translation unit (signature, template instantiation).
-    for keys, rounding in layouts():
-        body = _code(source.kernel_body("metal", keys, rounding))
+    for keys, rounding, factors in layouts():
+        body = _code(source.kernel_body("metal", keys, rounding, factors))
         assert not _metal_subset_violations(body), keys
         statements = re.sub(r"^#pragma [^\n]*", "", body, flags=re.M)
         calls = set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", statements))
         assert calls <= ALLOWED_CALLS, f"calls {calls - ALLOWED_CALLS} for {keys}"
     # Every option set without storage flags; with them (4x as many, the same wrappers but for
     # the buffer types), the pairwise sets and every layout with every flag on.
-    storage = [every_flag_on(keys, rounding) for keys, rounding in layouts()]
-    for options in dict.fromkeys([*option_space(), *pairwise_option_sets(True), *storage]):
-        variant = Variant(options, mx.bfloat16, mx.float16, mx.float32)
+    storage = [every_flag_on(keys, rounding) for keys, rounding, _ in layouts()]
+    variants = [
+        Variant(options, mx.bfloat16, mx.float16, mx.float32)
+        for options in dict.fromkeys([*option_space(), *pairwise_option_sets(True), *storage])
+    ]
+    variants += factor_variants()
+    for variant in variants:
         unit = translation_unit(variant, "metal")
         # MLX's wrapper has no comments: what is left once the body is taken out is code.
-        body = source.kernel_body("metal", options.state_keys, options.stochastic_rounding)
-        wrapper = unit.replace(body, "")
-        assert not _metal_subset_violations(wrapper), options
+        wrapper = unit.replace(source.variant_body(variant, "metal"), "")
+        assert not _metal_subset_violations(wrapper), variant
         buffers = [int(b) for b in re.findall(r"\[\[buffer\((\d+)\)\]\]", wrapper)]
         assert buffers == list(range(len(buffers)))
         assert len(buffers) == source.metal_buffer_count(variant) <= source.METAL_MAX_BUFFERS
     # The largest layouts: 7 inputs, the parameter's shape and ndim, 5 outputs; with 8-bit
-    # state and stochastic rounding 11 inputs (3 scales, index), shape, ndim and 8 outputs.
+    # state and stochastic rounding 11 inputs (3 scales, index), shape, ndim and 8 outputs;
+    # with clip factors too, 12 inputs and the factors' shape.
     assert max(source.metal_buffer_count(Variant(o)) for o in option_space()) == 14
     largest = max(source.metal_buffer_count(Variant(o)) for o in storage)
     assert largest == 21
+    assert max(source.metal_buffer_count(v) for v in factor_variants()) == 23
 
 
 def test_metal_subset_check_can_fail():
@@ -280,11 +390,21 @@ def test_body_reads_each_input_once_and_writes_each_output_once():
     # A block's scales: one store each, by one thread of the block.
     for name in scales:
         assert len(re.findall(rf"\bnew_{name}\[block\] = new_scales\[\d\];", body)) == 1, name
-    # The scalars vector is read by the prologue only, one line per entry.
-    assert "scalars" not in body
-    prologue = source.kernel_body("metal", ("v",)).split(source.body_text())[0]
-    for entry in Scalar:
-        assert prologue.count(f"const float {entry.name.lower()} = scalars[{int(entry)}];") == 1
+    # The scalars vector is read by the prologue only, one line per entry; with per-parameter
+    # clip factors the two clip entries come from the parameter's row of `factors` instead.
+    assert "scalars" not in body and "factors" not in body
+    for factors in (False, True):
+        prologue = source.kernel_body("metal", ("v",), False, factors).split(source.body_text())[0]
+        for entry in Scalar:
+            from_scalars = f"const float {entry.name.lower()} = scalars[{int(entry)}];"
+            expected = 0 if factors and entry in source.FACTOR_ENTRIES else 1
+            assert prologue.count(from_scalars) == expected, entry
+        assert ("const uint32_t parameter_position = index[0];" in prologue) == factors
+        column = {Scalar.CLIP_MULTIPLIER: 0, Scalar.CLIP_DIVISOR: 1}
+        for entry in source.FACTOR_ENTRIES:
+            row = f"factors[2 * size_t(parameter_position) + {column[entry]}]"
+            line = f"const float {entry.name.lower()} = factor_row_exists ? {row}"
+            assert (line in prologue) == factors, entry
 
 
 def _without_qualifiers(line: str) -> str:
@@ -295,9 +415,9 @@ def test_cuda_and_metal_share_the_body():
     # Only the prologue's backend spellings differ: the arithmetic primitives and the other
     # spellings, the index and threadgroup lines, and the address spaces of the tables and of
     # absent buffers.
-    for keys, rounding in layouts():
-        metal_text = source.kernel_body("metal", keys, rounding)
-        cuda_text = source.kernel_body("cuda", keys, rounding)
+    for keys, rounding, factors in layouts():
+        metal_text = source.kernel_body("metal", keys, rounding, factors)
+        cuda_text = source.kernel_body("cuda", keys, rounding, factors)
         for backend, text in (("metal", metal_text), ("cuda", cuda_text)):
             head = "\n".join(
                 [

@@ -167,6 +167,9 @@ def _driver(unit: str, variant: Variant, backend: str) -> str:
             arguments.append("shape" if backend == "metal" else "shape_value")
         elif parameter.name == "parameter_ndim":
             arguments.append("ndim")
+        elif parameter.name == "factors_shape":
+            # The factors matrix's (rows, 2) follows the parameter's shape in `shape`.
+            arguments.append("shape + ndim" if backend == "metal" else "factors_shape_value")
         else:
             raise AssertionError(f"the harness does not provide {parameter.name}")
     call = f"{function}({', '.join(arguments)});"
@@ -184,6 +187,10 @@ def _driver(unit: str, variant: Variant, backend: str) -> str:
   threadIdx = {position.x % blockDim.x, position.y % blockDim.y, position.z % blockDim.z};
   mlx::core::cu::Shape shape_value{};
   for (int d = 0; d < ndim; ++d) shape_value[d] = shape[d];"""
+        if variant.factors:
+            setup += """
+  mlx::core::cu::Shape factors_shape_value{};
+  for (int d = 0; d < 2; ++d) factors_shape_value[d] = shape[ndim + d];"""
     # One call per thread; the loop over the grid is `run_grid`, shared by every kernel.
     return f"""
 extern "C" void thread_{name}(void* const* buffers, const int* shape, const int& ndim,
@@ -415,12 +422,15 @@ class Emulator:
         positions: np.ndarray | None = None,
         threadgroup: tuple[int, int, int] = THREADGROUP,
         order: int = 0,
+        factors_shape: tuple[int, ...] = (),
     ) -> None:
         """Run the kernel on host buffers (inputs then outputs, in the kernel's order). With
         8-bit state each threadgroup runs as fibers with real barriers (``order`` 0 or 1: its
-        threads resumed in increasing or decreasing order between barriers)."""
+        threads resumed in increasing or decreasing order between barriers).
+        ``factors_shape``: the shape of the ``factors`` input, for a variant that takes one."""
+        assert bool(factors_shape) == variant.factors, (factors_shape, variant)
         pointers = (ctypes.c_void_p * len(buffers))(*(b.ctypes.data for b in buffers))
-        shape_array = np.array(shape, np.int32)
+        shape_array = np.array((*shape, *factors_shape), np.int32)
         grid_array = np.array(grid, np.uint32)
         group_array = np.array(threadgroup, np.uint32)
         extent_array = np.array(launched_extent(grid, self.backend, threadgroup), np.uint32)
@@ -466,6 +476,7 @@ class Emulator:
             call.grid,
             threadgroup=call.threadgroup,
             order=order,
+            factors_shape=call.inputs[-1].shape if variant.factors else (),
         )
         return [
             _from_numpy(values, dtype).reshape(shape)
@@ -479,7 +490,7 @@ def cuda_variants() -> list[Variant]:
     """Every dtype combination with the pairwise option sets (storage flags included, as the
     verification plan takes them), and every buffer layout, with and without stochastic
     rounding, with every flag on that it allows (the address-space class does not exist on
-    CUDA)."""
+    CUDA). The kernels reading per-parameter clip factors are ``factor_variants``."""
     variants = [
         plan_variant(options, dtypes, False, k + row)
         for k, dtypes in enumerate(dtype_combinations())
