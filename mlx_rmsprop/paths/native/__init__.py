@@ -73,18 +73,8 @@ def update(
     CPU stream (same signature, same results). ``index``: the parameter's position in the
     step, which stochastic rounding hashes and which selects the row of ``factors``; an
     attribute of the node, not compiled code."""
-    keys = options.state_keys
-    outputs = _loaded().update(
-        scalars,
-        gradient,
-        parameter,
-        [state[key] for key in keys],
-        _flags(options),
-        options.block_size,
-        index,
-        factors,
-    )
-    return outputs[0], dict(zip(keys, outputs[1:], strict=True))
+    outputs = _node(options, scalars, parameter, gradient, state, index, factors)
+    return outputs[0], dict(zip(options.state_keys, outputs[1:], strict=True))
 
 
 def statistics(
@@ -125,22 +115,34 @@ def accumulating_update(
     :func:`mlx_rmsprop.step.accumulate`, :func:`mlx_rmsprop.step.carry_accumulators` and the
     update on the mean gradient. ``gates``: float32 (applies, skip); ``loss_scale``: 0 when
     off. The mean is computed chunk by chunk inside the update and never stored."""
-    keys = options.state_keys
-    outputs = _loaded().update(
+    accumulation = (int(accumulation_steps), float(loss_scale), accumulator, gates)
+    outputs = _node(options, scalars, parameter, gradient, state, index, factors, accumulation)
+    return outputs[0], dict(zip(options.state_keys, outputs[1:-1], strict=True)), outputs[-1]
+
+
+def _node(
+    options: UpdateOptions,
+    scalars: mx.array,
+    parameter: mx.array,
+    gradient: mx.array,
+    state: dict[str, mx.array],
+    index: int,
+    factors: mx.array | None,
+    accumulation: tuple = (),
+) -> list[mx.array]:
+    """The native update node's outputs; ``accumulation``: (steps, loss scale, accumulator,
+    gates), or empty."""
+    return _loaded().update(
         scalars,
         gradient,
         parameter,
-        [state[key] for key in keys],
+        [state[key] for key in options.state_keys],
         _flags(options),
         options.block_size,
         index,
         factors,
-        int(accumulation_steps),
-        float(loss_scale),
-        accumulator,
-        gates,
+        *accumulation,
     )
-    return outputs[0], dict(zip(keys, outputs[1:-1], strict=True)), outputs[-1]
 
 
 def _statistics_ops(
