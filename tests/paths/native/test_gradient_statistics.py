@@ -5,7 +5,10 @@ summation order, as one graph node for the whole step."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -321,3 +324,21 @@ def test_statistics_keep_an_accumulator_alive_that_no_update_reads():
     del accumulator
     expected = float((1 << 17) * 1.5**2)  # the mean over the cycle, (2 + 1) / 2
     assert statistics[0, 0].item() == expected
+
+
+def test_baseline_pass_matches_the_ops():
+    # The statistics pass exists twice on x86-64 (baseline and AVX2, chosen as the update's
+    # storage loops are); the tests above ran one of them. Here the baseline, forced.
+    if os.environ.get("MLX_RMSPROP_NATIVE_AVX2") == "0":
+        return  # this is that run
+    tests = ["native_equals_the_ops", "nonfinite_and_overflowing", "documented_order"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+        + ["-k", " or ".join(tests)],
+        env={**os.environ, "MLX_RMSPROP_NATIVE_AVX2": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert " passed" in completed.stdout
