@@ -7,7 +7,7 @@ evaluated, and reports seconds:
 
 - ``ours, full pipeline``: ``RMSprop.from_keras`` with EMA, ``skip_nonfinite``, ``clipnorm``
   and ``gradient_accumulation_steps=2`` on the native path;
-- ``ours, plain``: ``RMSprop`` with no pipeline option on the native path;
+- ``ours, plain``: ``RMSprop.from_keras`` with no pipeline option on the native path;
 - ``built-in, mx.compile``: ``mlx.optimizers.RMSprop`` with the step compiled as MLX documents
   (model and optimizer state captured).
 
@@ -23,15 +23,17 @@ import subprocess
 import sys
 import time
 
+from .pipeline_cost import training_step
+
 DEFAULT_COUNTS = (1000, 5000, 10000, 20000)
 TENSOR_ELEMENTS = 4
-FULL_PIPELINE = {
-    "use_ema": True,
-    "skip_nonfinite": True,
-    "clipnorm": 1.0,
-    "gradient_accumulation_steps": 2,
-}
 IMPLEMENTATIONS = ("ours-full", "ours-plain", "builtin-compiled")
+# pipeline_cost.training_step's name of each.
+STEPS = {
+    "ours-full": "full pipeline",
+    "ours-plain": "plain",
+    "builtin-compiled": "built-in compiled",
+}
 LABELS = {
     "ours-full": "ours, full pipeline (native)",
     "ours-plain": "ours, plain (native)",
@@ -42,30 +44,12 @@ LABELS = {
 def first_step_seconds(implementation: str, tensors: int) -> float:
     """The first step's seconds in this process (call it once per process)."""
     import mlx.core as mx
-    import mlx.optimizers
-
-    from mlx_rmsprop import RMSprop
 
     names = [f"t{index:05d}" for index in range(tensors)]
     parameters = {name: mx.full((TENSOR_ELEMENTS,), 0.5) for name in names}
     gradients = {name: mx.full((TENSOR_ELEMENTS,), 0.25) for name in names}
     mx.eval(parameters, gradients)
-    if implementation == "ours-full":
-        optimizer = RMSprop.from_keras(learning_rate=1e-3, fused="native", **FULL_PIPELINE)
-    elif implementation == "ours-plain":
-        optimizer = RMSprop(1e-3, fused="native")
-    else:
-        optimizer = mlx.optimizers.RMSprop(1e-3)
-    optimizer.init(parameters)
-    mx.eval(optimizer.state)
-    model = {"parameters": parameters}
-
-    def apply(grads: dict) -> None:
-        model["parameters"] = optimizer.apply_gradients(grads, model["parameters"])
-
-    if implementation == "builtin-compiled":
-        captured = [model, optimizer.state]
-        apply = mx.compile(apply, inputs=captured, outputs=captured)
+    apply, model, optimizer = training_step(STEPS[implementation], parameters, fused="native")
     start = time.perf_counter()
     apply(gradients)
     mx.eval(model, optimizer.state)

@@ -24,56 +24,29 @@ import time
 
 import numpy as np
 
-FULL_PIPELINE = {
-    "use_ema": True,
-    "skip_nonfinite": True,
-    "clipnorm": 1.0,
-    "gradient_accumulation_steps": 2,
-}
+from .workloads import FULL_PIPELINE, gpt2_shapes
+
 IMPLEMENTATIONS = ("plain", "full pipeline", "built-in compiled")
-
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    width, blocks, vocabulary, context = 768, 12, 50257, 1024
-    shapes: list[tuple[int, ...]] = [(vocabulary, width), (context, width)]
-    for _ in range(blocks):
-        shapes += [(width,), (width,)]  # ln_1
-        shapes += [(width, width), (width,)] * 4  # q, k, v, output projection
-        shapes += [(width,), (width,)]  # ln_2
-        shapes += [(width, 4 * width), (4 * width,), (4 * width, width), (width,)]  # MLP
-    shapes += [(width,), (width,)]  # ln_f
-    return shapes
-
-
 WORKLOADS = {
-    "gpt2-small": gpt2_small_shapes,
+    "gpt2-small": lambda: list(gpt2_shapes()),
     "2^24": lambda: [(1 << 24,)],
     "200x1024": lambda: [(1024,)] * 200,
 }
 
 
-def prepare(implementation: str, shapes: list[tuple[int, ...]], seed: int = 0):
-    """A ``step()`` running one optimizer step of ``implementation`` on fresh arrays."""
+def training_step(implementation: str, parameters: dict, fused: str = "auto"):
+    """``(apply, model, optimizer)`` of an eager training loop: ``apply(gradients)`` runs one
+    optimizer step of ``implementation`` on ``model["parameters"]`` (the built-in under
+    ``mx.compile`` with model and state captured, as MLX documents it)."""
     import mlx.core as mx
     import mlx.optimizers
 
     from mlx_rmsprop import RMSprop
 
-    rng = np.random.default_rng(seed)
-    names = [f"t{index:03d}" for index in range(len(shapes))]
-    parameters = {
-        name: mx.array(rng.standard_normal(shape, np.float32))
-        for name, shape in zip(names, shapes, strict=True)
-    }
-    gradients = {
-        name: mx.array(rng.standard_normal(shape, np.float32) * 1e-2)
-        for name, shape in zip(names, shapes, strict=True)
-    }
-    mx.eval(parameters, gradients)
     if implementation == "plain":
-        optimizer = RMSprop.from_keras(learning_rate=1e-3)
+        optimizer = RMSprop.from_keras(learning_rate=1e-3, fused=fused)
     elif implementation == "full pipeline":
-        optimizer = RMSprop.from_keras(learning_rate=1e-3, **FULL_PIPELINE)
+        optimizer = RMSprop.from_keras(learning_rate=1e-3, fused=fused, **dict(FULL_PIPELINE))
     else:
         optimizer = mlx.optimizers.RMSprop(1e-3)
     optimizer.init(parameters)
@@ -86,6 +59,25 @@ def prepare(implementation: str, shapes: list[tuple[int, ...]], seed: int = 0):
     if implementation == "built-in compiled":
         captured = [model, optimizer.state]
         apply = mx.compile(apply, inputs=captured, outputs=captured)
+    return apply, model, optimizer
+
+
+def prepare(implementation: str, shapes: list[tuple[int, ...]], seed: int = 0):
+    """A ``step()`` running one optimizer step of ``implementation`` on fresh arrays."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(seed)
+    names = [f"t{index:03d}" for index in range(len(shapes))]
+    parameters = {
+        name: mx.array(rng.standard_normal(shape, np.float32))
+        for name, shape in zip(names, shapes, strict=True)
+    }
+    gradients = {
+        name: mx.array(rng.standard_normal(shape, np.float32) * 1e-2)
+        for name, shape in zip(names, shapes, strict=True)
+    }
+    mx.eval(parameters, gradients)
+    apply, model, optimizer = training_step(implementation, parameters)
 
     def step() -> None:
         apply(gradients)

@@ -12,8 +12,8 @@ from benchmarks import first_step, pipeline_cost
 from native_available import requires_native
 
 
-def test_gpt2_small_shapes_are_gpt2_small():
-    shapes = pipeline_cost.gpt2_small_shapes()
+def test_gpt2_small_workload_is_gpt2_small():
+    shapes = pipeline_cost.WORKLOADS["gpt2-small"]()
     assert len(shapes) == 196
     assert sum(math.prod(shape) for shape in shapes) == 124_439_808
 
