@@ -6,6 +6,7 @@ own before the kernel."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_kernel_source import capture
+from test_kernel_source import capture, graph_nodes
 
 from mlx_rmsprop import RMSprop, paths
 from mlx_rmsprop.check import STEPS, shapes_for, verification_inputs
@@ -272,3 +273,49 @@ def test_keras_accumulation_runs_one_accumulating_kernel_per_parameter_inside_mx
     assert "device float* new_accumulator" in sources[0]
     cuda = optimizer.kernel_source(mx.float32, backend="cuda")
     assert "const float* accumulator," in cuda and "const float* gates," in cuda
+
+
+@pytest.mark.parametrize("fused_accumulation", [True, False], ids=["kernel", "mlx-ops"])
+def test_accumulation_adds_no_graph_node_per_parameter(monkeypatch, fused_accumulation):
+    # The step's graph on the Metal path (run eagerly, counted while exporting, where MLX
+    # builds each kernel's node without running it): with the kernels accumulating, each
+    # parameter adds exactly one node, its kernel; the MLX-ops accumulation before the kernel
+    # (the step without an accumulating update: the loss-scale division, sum, mean, the
+    # carried accumulator's selects and their broadcast constants) added 10 per parameter.
+    verbose = make_accumulating_update(partial(metal.launch, verbose=True))
+    metal_path = dataclasses.replace(
+        paths.PATHS["metal"],
+        compile_step=False,
+        load=lambda: make_update(partial(metal.launch, verbose=True)),
+        load_accumulating=lambda: verbose,
+    )
+    if not fused_accumulation:
+        metal_path = dataclasses.replace(metal_path, load_accumulating=None)
+    monkeypatch.setitem(paths.PATHS, "metal", metal_path)
+    monkeypatch.setattr(probe, "kernel_verdict", lambda *args: None)
+    counts = {}
+    for parameters in (2, 5):
+        optimizer = RMSprop.from_keras(
+            learning_rate=0.01, gradient_accumulation_steps=4, loss_scale_factor=2.0, fused="metal"
+        )
+
+        def step(*arrays, parameters=parameters, optimizer=optimizer):
+            names = [f"w{k}" for k in range(parameters)]
+            weights, gradients = arrays[:parameters], arrays[parameters:]
+            new = optimizer.apply_gradients(
+                dict(zip(names, gradients, strict=True)), dict(zip(names, weights, strict=True))
+            )
+            states = [optimizer.state[name][ACCUMULATOR] for name in names]
+            counts[parameters] = graph_nodes(*new.values(), *states)
+            return list(new.values())
+
+        weights = [mx.zeros((9 + k,)) for k in range(parameters)]
+        # The state exists before the step (no initialising nodes in the count).
+        optimizer.init({f"w{k}": weight for k, weight in enumerate(weights)})
+        mx.eval(optimizer.state)
+        with tempfile.TemporaryDirectory() as directory:
+            mx.export_function(
+                os.path.join(directory, "f.mlxfn"), step, *weights, *map(mx.ones_like, weights)
+            )
+    per_parameter = (counts[5] - counts[2]) / 3
+    assert per_parameter == (1 if fused_accumulation else 10), counts
