@@ -478,8 +478,8 @@ FACTOR_LINES = (
 # per layout serve every optimizer: MLX's template arguments take no float, and source text
 # holding the loss scale would build and compile a kernel per loss scale and step count (on
 # CUDA about a second of NVRTC per variant and process, mlx_rmsprop/paths/kernels/cuda.py).
-# The float32 loss scale is the reference's mx.array(loss_scale, float32); steps are whole
-# numbers below 2^24 (exact).
+# Both are rounded to float32 as the reference rounds them (mx.array(loss_scale, float32),
+# mx.array(steps, float32): exact for steps up to 2^24).
 ACCUMULATION_LINES = (
     "constexpr bool ACCUMULATES = true;",
     "const bool accumulation_applies = gates[0] != 0.0f;",

@@ -5,6 +5,7 @@ own before the kernel."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import tempfile
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from test_kernel_source import capture, graph_nodes
 
-from mlx_rmsprop import RMSprop, paths
+from mlx_rmsprop import RMSprop, check, paths
 from mlx_rmsprop.check import STEPS, shapes_for, verification_inputs
 from mlx_rmsprop.paths import probe
 from mlx_rmsprop.paths.kernels import metal
@@ -319,3 +320,21 @@ def test_accumulation_adds_no_graph_node_per_parameter(monkeypatch, fused_accumu
             )
     per_parameter = (counts[5] - counts[2]) / 3
     assert per_parameter == (1 if fused_accumulation else 10), counts
+
+
+def test_check_and_the_probe_run_the_accumulating_kernels_on_the_emulated_kernel(
+    emulated_metal, monkeypatch, capsys
+):
+    # `check --quick` holds the accumulating kernels; on a GPU (here the Metal emulation)
+    # they run against accumulating_reference with their accumulator, gates and (loss scale,
+    # steps), and `auto`'s probe adopts each.
+    plan = [v for v in check._gpu_plan(quick=True) if v.accumulates][::7]
+    assert {v.small for v in plan} == {True, False}
+    monkeypatch.setattr(check, "_gpu_plan", lambda quick: plan)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args(["--quick"])) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{len(plan)} of {len(plan)} adopted here" in out
+    assert f"err:{ACCUMULATOR}" in out
+    assert set(emulated_metal) == set(plan)
