@@ -471,7 +471,8 @@ FACTOR_LINES = (
 )
 
 
-# The accumulation stage's values (the body's `--- accumulate ---`). Gates are per step, so
+# The accumulation stage's values (the body's Keras' gradient accumulation, before its
+# sections). Gates are per step, so
 # an input array; the loss scale and the number of steps are fixed per optimizer and could be
 # compiled in, but as an input too (the float32 `accumulation` vector the launcher makes once
 # per configuration, a constant and no graph node) one kernel object and one compiled instance
