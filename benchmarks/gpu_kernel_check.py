@@ -204,10 +204,26 @@ def _table_lines(quantized: bool) -> list[str]:
     return lines
 
 
+# The names the body reads with Keras' gradient accumulation, as the launcher declares them for
+# a kernel that does not accumulate (source.NO_ACCUMULATION_LINES; this script runs none that
+# does).
+NO_ACCUMULATION_LINES = [
+    "constexpr bool ACCUMULATES = false;",
+    "using A = float;",
+    "const A* accumulator = nullptr;",
+    "A* new_accumulator = nullptr;",
+    "constexpr bool accumulation_applies = false;",
+    "constexpr bool accumulation_skip = false;",
+    "constexpr float loss_scale = 0.0f;",
+    "constexpr float accumulation_steps = 1.0f;",
+]
+
+
 def kernel_body(state_keys: tuple[str, ...], rounding: bool) -> str:
     lines = [PRIMITIVES, SPELLINGS, INDEX_LINE, GROUP_LINES]
     lines += [f"const float {entry.name.lower()} = scalars[{int(entry)}];" for entry in Scalar]
     lines.append(f"const uint32_t parameter_position = {'index[0]' if rounding else '0u'};")
+    lines += NO_ACCUMULATION_LINES
     lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
     lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
     lines += _table_lines("v_scale" in state_keys)

@@ -26,8 +26,10 @@ import numpy as np
 
 from . import paths
 from .paths import native, probe
+from .paths.kernels.launch import with_accumulator_in_state
 from .paths.kernels.source import METAL_CONSTANT_BELOW, Variant
 from .paths.kernels.variants import (
+    accumulating_variants,
     dtype_combinations,
     factor_variants,
     pairwise_option_sets,
@@ -35,13 +37,16 @@ from .paths.kernels.variants import (
     verification_plan,
 )
 from .paths.probe import (
+    accumulation_constants,
+    accumulator_values,
     conditioned_values,
     describe,
     quantized_state,
+    reference_update,
     step_scalars,
     update_arguments,
 )
-from .reference import rmsprop_reference
+from .spec import ACCUMULATOR
 from .tolerance import RTOL, Mismatch, compare, relative_error
 
 GPU_PATHS = ("metal", "cuda")
@@ -129,6 +134,10 @@ def verification_inputs(
         return mx.array(values[name].reshape(shape)).astype(dtype)
 
     state = {key: array(key) for key in variant.options.state_keys if key in values}
+    if variant.accumulates:
+        values[ACCUMULATOR] = accumulator_values(seed, size)
+        dtypes[ACCUMULATOR] = variant.accumulator_dtype
+        state[ACCUMULATOR] = array(ACCUMULATOR)
     return array("parameter"), array("gradient"), quantized_state(variant, state, transposed)
 
 
@@ -141,6 +150,7 @@ OUTPUTS = (
     "momentum_buffer",
     "momentum_buffer_scale",
     "ema",
+    ACCUMULATOR,
 )
 
 
@@ -163,17 +173,18 @@ def verify(
     without ``options``; ``index`` only with stochastic rounding) against the reference on the
     CPU, over ``shapes`` and STEPS steps, each step starting from the path's own previous
     outputs; and the first output that fails the tolerance table (``None`` when none does)."""
-    errors = dict.fromkeys(("parameter", *variant.options.state_keys), 0.0)
+    errors = dict.fromkeys(("parameter", *variant.state_names), 0.0)
     first: Failure | None = None
+    reference = reference_update(variant)
     for k, shape in enumerate(shapes):
         transposed = len(shape) >= 2 and (seed + k) % 2 == 0
         parameter, gradient, state = verification_inputs(variant, shape, seed + k, transposed)
         for step in range(1, STEPS + 1):
             scalars = step_scalars(step)
-            arguments = update_arguments(variant)
+            arguments = update_arguments(variant, step)
             new_parameter, new_state = run_update(scalars, parameter, gradient, state, **arguments)
             with mx.stream(mx.cpu):
-                expected = rmsprop_reference(
+                expected = reference(
                     variant.options, scalars, parameter, gradient, state, **arguments
                 )
             actual = {"parameter": new_parameter, **new_state}
@@ -226,11 +237,17 @@ def _gpu_plan(quick: bool) -> list[Variant]:
     and the kernels reading per-parameter clip factors (in both of Metal's address spaces)."""
     if not quick:
         return verification_plan()
-    return [
-        plan_variant(options, dtypes, small, k + row)
-        for k, (dtypes, small) in enumerate(itertools.product(dtype_combinations(), (False, True)))
-        for row, options in enumerate(pairwise_option_sets(storage=True))
-    ] + factor_variants()
+    return (
+        [
+            plan_variant(options, dtypes, small, k + row)
+            for k, (dtypes, small) in enumerate(
+                itertools.product(dtype_combinations(), (False, True))
+            )
+            for row, options in enumerate(pairwise_option_sets(storage=True))
+        ]
+        + factor_variants()
+        + accumulating_variants()
+    )
 
 
 def _runner(path: paths.UpdatePath, update: Callable, variant: Variant) -> Callable:
@@ -240,16 +257,35 @@ def _runner(path: paths.UpdatePath, update: Callable, variant: Variant) -> Calla
     return mx.compile(run_update) if path.compile_step else run_update
 
 
+def _updates(path: paths.UpdatePath, plan: list[Variant]) -> Callable[[Variant], Callable]:
+    """Per variant of ``plan``, the update that runs it on ``path``: the path's update, or for
+    an accumulating variant its accumulating update with the accumulator in the state
+    (verification's loss scale and steps)."""
+    update = path.load()
+    accumulating = None
+    if any(v.accumulates for v in plan) and path.load_accumulating is not None:
+        accumulating = path.load_accumulating()
+
+    def for_variant(variant: Variant) -> Callable:
+        if not variant.accumulates:
+            return update
+        if accumulating is None:
+            raise ValueError(f"the {path.name} path has no accumulating update")
+        return with_accumulator_in_state(accumulating, *accumulation_constants(variant))
+
+    return for_variant
+
+
 def verify_path(name: str, plan: list[Variant], shapes_per_variant: int) -> list[Row]:
     path = paths.PATHS[name]
-    update = path.load()
+    update_for = _updates(path, plan)
     rows: dict[tuple, Row] = {}
     for k, variant in enumerate(plan):
         dtypes = (variant.parameter_dtype, variant.gradient_dtype, variant.state_dtype)
         row = rows.setdefault((dtypes, variant.small), Row(name, dtypes, variant.small))
         pool = shapes_for(variant)
         shapes = [pool[(k + j) % len(pool)] for j in range(shapes_per_variant)]
-        row.add(*verify(variant, _runner(path, update, variant), shapes, seed=k))
+        row.add(*verify(variant, _runner(path, update_for(variant), variant), shapes, seed=k))
     return list(rows.values())
 
 
@@ -257,8 +293,8 @@ def probe_kernels(name: str, plan: list[Variant]) -> dict[Variant, str]:
     """The variants of ``plan`` that ``fused="auto"`` would not run on ``name``'s kernel here,
     and why: each is probed as ``auto`` probes it on first use (the verdicts are the process's
     own, so a variant already refused in this process shows up too)."""
-    update = paths.PATHS[name].load()
-    verdicts = {v: probe.kernel_verdict(name, v, update, fall_back=False) for v in plan}
+    update_for = _updates(paths.PATHS[name], plan)
+    verdicts = {v: probe.kernel_verdict(name, v, update_for(v), fall_back=False) for v in plan}
     return {variant: why for variant, why in verdicts.items() if why is not None}
 
 

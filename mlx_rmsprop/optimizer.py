@@ -268,6 +268,7 @@ class RMSprop(Optimizer):
         "_path",
         "_update",
         "_traces",
+        "_accumulating_update",
         "_compile_step",
         "_step_functions",
         "_leaves",
@@ -288,6 +289,19 @@ class RMSprop(Optimizer):
             return update(*args, **kwargs)
 
         self._update = counted_update
+        # The kernel paths' update that accumulates gradients itself (None on the others, and
+        # where nothing accumulates).
+        accumulating = None
+        if self._config.pipeline.accumulates:
+            accumulating = paths.resolve_accumulating(path, self._config.fused)
+        self._accumulating_update = None
+        if accumulating is not None:
+
+            def counted_accumulating_update(*args: Any, **kwargs: Any) -> Any:
+                traces[0] += 1
+                return accumulating(*args, **kwargs)
+
+            self._accumulating_update = counted_accumulating_update
         # The last step's leaves, with their step function as payload (_cached_step).
         self._leaves: LeafCache | None = None
         # One step function per weight-decay exclusion pattern and per-parameter options over
@@ -418,17 +432,20 @@ class RMSprop(Optimizer):
         makes it, 8 elements or more): MLX's generated signature, the template instantiation
         and the update body. ``backend`` is ``"metal"`` or ``"cuda"``. With ``clipnorm`` the
         kernel reads its clip factors from the step's factor matrix (here of 4 parameters or
-        more). Raises ``ValueError`` for a dtype the kernel does not compute with (float64
-        parameters take the reference path)."""
+        more). With ``gradient_accumulation_steps`` it is the kernel that accumulates first,
+        into an accumulator of the state's dtype. Raises ``ValueError`` for a dtype the kernel
+        does not compute with (float64 parameters take the reference path)."""
         from .paths.kernels.source import Variant, translation_unit
 
         options = self._config.options
+        pipeline = self._config.pipeline
         variant = Variant(
             options,
             dtype,
             dtype,
             self.buffer_dtype(dtype),
-            factors=self._config.pipeline.clipnorm is not None and options.scale_gradient,
+            factors=pipeline.clipnorm is not None and options.scale_gradient,
+            accumulator_dtype=self.buffer_dtype(dtype) if pipeline.accumulates else None,
         )
         return translation_unit(variant, backend)
 
@@ -701,6 +718,7 @@ class RMSprop(Optimizer):
                     self._config.parameter_options(*flags) for flags in storage
                 ),
                 native=native.PIPELINE if self._path == "native" else None,
+                accumulating_update=self._accumulating_update,
             )
         return self._step_functions[key]
 

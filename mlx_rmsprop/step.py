@@ -105,6 +105,7 @@ def make_step_function(
     decay_excluded: tuple[bool, ...],
     parameter_options: tuple[UpdateOptions, ...],
     native: NativePipeline | None = None,
+    accumulating_update: Callable | None = None,
 ) -> Callable:
     """``step_fn(counters, parameters, gradients, states)`` returning
     ``(new_parameters, new_states, new_counters)``.
@@ -117,6 +118,10 @@ def make_step_function(
     function (the optimizer keeps one per combination).
     ``native``: the native pipeline primitives, used where every parameter computes in
     float32 from float32-or-narrower gradients and accumulators.
+    ``accumulating_update``: the path's update with Keras' gradient accumulation as its first
+    stage (the kernel paths', signature of ``NativePipeline.accumulating_update``), used where
+    the native primitives are not: the step then runs no accumulation of its own before the
+    update (the statistics still take the accumulated values from MLX ops).
     """
 
     def step_fn(
@@ -130,26 +135,27 @@ def make_step_function(
             for o, p, g, s in zip(parameter_options, parameters, gradients, states, strict=True)
         ]
         primitives = native if native_applies(pipeline, gradients, states, dtypes) else None
-        if primitives is None:
+        # The fused update that accumulates itself, from the raw gradients (None: the step
+        # accumulates with MLX ops, or nothing accumulates).
+        fused_accumulation = None
+        if pipeline.accumulates:
+            fused_accumulation = (
+                primitives.accumulating_update if primitives else accumulating_update
+            )
+        accumulated = None
+        if primitives is None and fused_accumulation is None:
             accumulated = accumulate(pipeline, gradients, states, dtypes)
-        summary = gradient_statistics(
-            pipeline,
-            primitives,
-            gradients,
-            states,
-            None if primitives else accumulated,
-            dtypes,
-        )
+        summary = gradient_statistics(pipeline, primitives, gradients, states, accumulated, dtypes)
         clipping = clip_factors(pipeline, summary, dtypes, [g.size for g in gradients])
         gates = count(pipeline, counters, nonfinite(pipeline, summary, clipping))
         accumulating = None
-        if primitives is None:
+        if accumulated is not None:
             new_states = carry_accumulators(pipeline, accumulated, states, gates, dtypes)
         else:
-            # The native update accumulates itself, from the raw gradients.
             accumulated = Accumulated(list(gradients), [])
             new_states = [dict() for _ in states]
-            accumulating = native_accumulation(pipeline, primitives, gates)
+            if fused_accumulation is not None:
+                accumulating = bind_accumulation(pipeline, fused_accumulation, gates)
         key = None
         if any(o.stochastic_rounding for o in parameter_options):
             key = rounding_key(counters["rounding_seed"], gates.updates_done)
@@ -203,13 +209,47 @@ def accumulate(
         return Accumulated(list(gradients), [])
     update_grads, sums = [], []
     for gradient, state, dtype in zip(gradients, states, dtypes, strict=True):
-        scaled = gradient.astype(dtype)
-        if pipeline.loss_scale_factor is not None:
-            scaled = scaled / mx.array(pipeline.loss_scale_factor, dtype)
-        summed = scaled + state[ACCUMULATOR].astype(dtype)
+        mean, summed = accumulate_tensor(
+            gradient,
+            state[ACCUMULATOR],
+            pipeline.loss_scale_factor,
+            pipeline.gradient_accumulation_steps,
+            dtype,
+        )
         sums.append(summed)
-        update_grads.append(summed / mx.array(pipeline.gradient_accumulation_steps, dtype))
+        update_grads.append(mean)
     return Accumulated(update_grads, sums)
+
+
+def accumulate_tensor(
+    gradient: mx.array,
+    accumulator: mx.array,
+    loss_scale: float | None,
+    steps: int,
+    dtype: mx.Dtype,
+) -> tuple[mx.array, mx.array]:
+    """One parameter's ``(mean, summed)`` in ``dtype``: ``summed = gradient / loss_scale +
+    accumulator`` (no division without ``loss_scale``), ``mean = summed / steps``."""
+    scaled = gradient.astype(dtype)
+    if loss_scale is not None:
+        scaled = scaled / mx.array(loss_scale, dtype)
+    summed = scaled + accumulator.astype(dtype)
+    return summed / mx.array(steps, dtype), summed
+
+
+def carry_tensor(
+    summed: mx.array,
+    accumulator: mx.array,
+    applies: mx.array,
+    skip: mx.array | None,
+    dtype: mx.Dtype,
+) -> mx.array:
+    """One parameter's new accumulator, in the accumulator's dtype: emptied at the end of a
+    cycle (``applies``), the sum otherwise, the old one when the call is skipped."""
+    new_accumulator = mx.where(applies, mx.zeros_like(summed), summed)
+    if skip is not None:
+        new_accumulator = mx.where(skip, accumulator.astype(dtype), new_accumulator)
+    return new_accumulator.astype(accumulator.dtype)
 
 
 def unscaled(pipeline: PipelineConfig, gradient: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -255,7 +295,9 @@ def gradient_statistics(
     or with accumulation the accumulated sums over the steps. ``None`` when nothing reads it.
 
     One native node for the whole step with ``native`` (which reads the gradients and
-    accumulators itself); otherwise the same matrix from MLX ops on ``accumulated``."""
+    accumulators itself); otherwise the same matrix from MLX ops on ``accumulated``, or where
+    the update accumulates itself (``accumulated`` is ``None``) on :func:`accumulate`'s mean,
+    which only the statistics then read."""
     clips = pipeline.clipnorm is not None or pipeline.global_clipnorm is not None
     if not (clips or pipeline.skip_nonfinite):
         return None
@@ -275,6 +317,8 @@ def gradient_statistics(
             pipeline.gradient_accumulation_steps or 0,
             int(scaled_norm),
         )
+    if accumulated is None:
+        accumulated = accumulate(pipeline, gradients, states, dtypes)
     if pipeline.global_clipnorm is not None:
         # Every norm of a global clip is taken in one dtype.
         dtypes = [norm_dtype(dtypes)] * len(dtypes)
@@ -406,25 +450,21 @@ def carry_accumulators(
     for summed, state, new_state, dtype in zip(
         accumulated.sums, states, new_states, dtypes, strict=True
     ):
-        new_accumulator = mx.where(gates.applies, mx.zeros_like(summed), summed)
-        if gates.skip is not None:
-            new_accumulator = mx.where(
-                gates.skip, state[ACCUMULATOR].astype(dtype), new_accumulator
-            )
-        new_state[ACCUMULATOR] = new_accumulator.astype(state[ACCUMULATOR].dtype)
+        new_state[ACCUMULATOR] = carry_tensor(
+            summed, state[ACCUMULATOR], gates.applies, gates.skip, dtype
+        )
     return new_states
 
 
-def native_accumulation(
-    pipeline: PipelineConfig, native: NativePipeline, gates: Gates
-) -> Callable | None:
-    """The native update that accumulates as its first stage, bound to this step's gates
-    (float32 (applies, skip)); ``None`` without accumulation."""
-    if not pipeline.accumulates:
-        return None
+def bind_accumulation(
+    pipeline: PipelineConfig, accumulating_update: Callable, gates: Gates
+) -> Callable:
+    """The fused update that accumulates as its first stage (the native primitive's or a
+    kernel path's), bound to this step's gates (float32 (applies, skip)) and the
+    configuration's loss scale (0: none) and steps."""
     skip = mx.array(False) if gates.skip is None else gates.skip
     return functools.partial(
-        native.accumulating_update,
+        accumulating_update,
         gates=mx.stack([gates.applies, skip]).astype(mx.float32),
         loss_scale=pipeline.loss_scale_factor or 0.0,
         accumulation_steps=pipeline.gradient_accumulation_steps,
@@ -515,8 +555,8 @@ def update_parameters(
     """The last stages, in the path's fused update of each parameter: weight decay, the
     RMSprop update and the EMA. Stores each new state buffer in ``new_states``. Each update is
     told the parameter's position in the list (``index``: it seeds stochastic rounding and
-    selects the parameter's row of the clip factors). ``accumulating``: the native update
-    that accumulates first (:func:`native_accumulation`), which replaces ``update`` and stores
+    selects the parameter's row of the clip factors). ``accumulating``: the fused update
+    that accumulates first (:func:`bind_accumulation`), which replaces ``update`` and stores
     each new accumulator too."""
     new_parameters = []
     # Only clipping by each parameter's own norm has per-parameter factors.

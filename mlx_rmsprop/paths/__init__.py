@@ -28,6 +28,7 @@ import mlx.core as mx
 from ..reference import rmsprop_reference
 from ..spec import UpdateFn, UpdateOptions
 from . import native, probe
+from .kernels.source import Variant
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,17 @@ class UpdatePath:
     ``load`` returns the per-parameter update function, or raises ``RuntimeError`` saying why
     this machine cannot run the path. ``compile_step`` wraps the whole optimizer step in
     ``mx.compile`` (one compiled call per step instead of one Python dispatch per parameter).
+    ``load_accumulating``, where the path has one, returns its update with Keras' gradient
+    accumulation as the first stage (signature of
+    :func:`~mlx_rmsprop.paths.kernels.launch.accumulating_reference`); the native path's is
+    part of its pipeline primitives instead.
     """
 
     name: str
     load: Callable[[], UpdateFn]
     compile_step: bool
     description: str
+    load_accumulating: Callable[[], Callable] | None = None
 
 
 def _load_metal() -> UpdateFn:
@@ -57,6 +63,18 @@ def _load_cuda() -> UpdateFn:
     return cuda.load()
 
 
+def _load_metal_accumulating() -> Callable:
+    from .kernels import metal
+
+    return metal.load_accumulating()
+
+
+def _load_cuda_accumulating() -> Callable:
+    from .kernels import cuda
+
+    return cuda.load_accumulating()
+
+
 # The kernel paths compile the whole step too: each kernel call builds its generated source
 # string and Python sets up every launch; under mx.compile that happens once, at trace time.
 PATHS: dict[str, UpdatePath] = {
@@ -66,8 +84,16 @@ PATHS: dict[str, UpdatePath] = {
     "compiled": UpdatePath(
         "compiled", lambda: rmsprop_reference, True, "the reference math under mx.compile"
     ),
-    "metal": UpdatePath("metal", _load_metal, True, "one Metal kernel launch per parameter"),
-    "cuda": UpdatePath("cuda", _load_cuda, True, "one CUDA kernel launch per parameter"),
+    "metal": UpdatePath(
+        "metal",
+        _load_metal,
+        True,
+        "one Metal kernel launch per parameter",
+        _load_metal_accumulating,
+    ),
+    "cuda": UpdatePath(
+        "cuda", _load_cuda, True, "one CUDA kernel launch per parameter", _load_cuda_accumulating
+    ),
     "native": UpdatePath(
         "native",
         native.load,
@@ -91,6 +117,15 @@ def resolve(fused: str | bool) -> tuple[UpdatePath, UpdateFn]:
     """
     path, update = _resolved(fused)
     return path, _with_storage(update)
+
+
+def resolve_accumulating(path: UpdatePath, fused: str | bool) -> Callable | None:
+    """``path``'s accumulating update as ``fused`` resolved it (each kernel variant proven as
+    :func:`resolve` proves the update's), or ``None`` where the path has none: the step then
+    accumulates with MLX ops before the update."""
+    if path.load_accumulating is None:
+        return None
+    return _proven_accumulating(path.name, path.load_accumulating(), fall_back=fused == "auto")
 
 
 def _takes_index(update: UpdateFn) -> bool:
@@ -166,18 +201,66 @@ def _proven(name: str, update: UpdateFn, fall_back: bool) -> UpdateFn:
             call = plan(options, scalars, parameter, gradient, state, index, factors)
         else:
             call = None
-        if call is not None:
-            verdict = probe.kernel_verdict(name, call.variant, update, fall_back)
-            if verdict is not None:
-                if not fall_back:
-                    raise RuntimeError(
-                        f"fused={name!r}: the kernel for {probe.describe(call.variant)} cannot "
-                        f"be used on this device: {verdict}"
-                    )
-                return rmsprop_reference(
-                    options, scalars, parameter, gradient, state, index=index, factors=factors
-                )
+        if call is not None and not _admitted(name, call.variant, update, fall_back):
+            return rmsprop_reference(
+                options, scalars, parameter, gradient, state, index=index, factors=factors
+            )
         return update(options, scalars, parameter, gradient, state, index=index, factors=factors)
+
+    return proven
+
+
+def _admitted(name: str, variant: Variant, update: UpdateFn, fall_back: bool) -> bool:
+    """Whether the kernel of ``name`` may run ``variant`` (``update`` runs its probe); without
+    ``fall_back`` a refusal raises ``RuntimeError``."""
+    verdict = probe.kernel_verdict(name, variant, update, fall_back)
+    if verdict is not None and not fall_back:
+        raise RuntimeError(
+            f"fused={name!r}: the kernel for {probe.describe(variant)} cannot be used on this "
+            f"device: {verdict}"
+        )
+    return verdict is None
+
+
+def _proven_accumulating(name: str, accumulating_update: Callable, fall_back: bool) -> Callable:
+    """:func:`_proven` for the accumulating update: each accumulating kernel variant is probed
+    on its first use (with the probe's own gates, loss scale and steps: the kernel takes them
+    as inputs, so one verdict holds for every configuration); a refused one runs
+    ``accumulating_reference``."""
+    from .kernels.launch import (
+        Accumulation,
+        accumulating_reference,
+        plan,
+        with_accumulator_in_state,
+    )
+
+    def proven(
+        options: UpdateOptions,
+        scalars: mx.array,
+        parameter: mx.array,
+        gradient: mx.array,
+        state: dict[str, mx.array],
+        accumulator: mx.array,
+        gates: mx.array,
+        loss_scale: float,
+        accumulation_steps: int,
+        *,
+        index: int = 0,
+        factors: mx.array | None = None,
+    ) -> tuple[mx.array, dict[str, mx.array], mx.array]:
+        arguments = (options, scalars, parameter, gradient, state, accumulator, gates)
+        arguments += (loss_scale, accumulation_steps)
+        call = None
+        if parameter.size:
+            accumulation = Accumulation(accumulator, gates, loss_scale, accumulation_steps)
+            call = plan(options, scalars, parameter, gradient, state, index, factors, accumulation)
+        if call is not None:
+            probed = with_accumulator_in_state(
+                accumulating_update, *probe.accumulation_constants(call.variant)
+            )
+            if not _admitted(name, call.variant, probed, fall_back):
+                return accumulating_reference(*arguments, index=index, factors=factors)
+        return accumulating_update(*arguments, index=index, factors=factors)
 
     return proven
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..reference import rmsprop_reference
 from ..spec import (
+    ACCUMULATOR,
     FLAGS,
     NUM_SCALARS,
     QUANTIZED_KEYS,
@@ -30,6 +31,7 @@ from ..spec import (
 )
 from ..storage import quantize
 from ..tolerance import compare
+from .kernels.launch import accumulating_reference, with_accumulator_in_state
 from .kernels.source import METAL_CONSTANT_BELOW, Variant
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ def quantized_state(
             stored[key], stored[scale_key(key)] = codes, scales
         elif key in state:
             stored[key] = state[key]
+    if ACCUMULATOR in state:  # an accumulating variant's: never quantized
+        stored[ACCUMULATOR] = state[ACCUMULATOR]
     return stored
 
 
@@ -124,15 +128,51 @@ def clip_factors(rows: int) -> mx.array:
     return mx.array([[0.5 + 0.0625 * k, 1.25 + 0.25 * k] for k in range(rows)], mx.float32)
 
 
-def update_arguments(variant: Variant) -> dict[str, object]:
+# Verification's gradient accumulation: cycles of 3 calls, a loss scale of 4 (none for the
+# small size class, so both branches of the stage run); per step (applies, skip) of STEPS
+# steps: an accumulating call, a skipped one, the end of the cycle.
+ACCUMULATION_STEPS = 3
+ACCUMULATION_LOSS_SCALE = 4.0
+ACCUMULATION_GATES = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0))
+
+
+def accumulation_constants(variant: Variant) -> tuple[float, int]:
+    """(loss scale, steps) of verification's accumulating updates for ``variant`` (loss scale
+    0: none)."""
+    return (0.0 if variant.small else ACCUMULATION_LOSS_SCALE), ACCUMULATION_STEPS
+
+
+def accumulator_values(seed: int, shape: int | tuple[int, ...]) -> np.ndarray:
+    """A running sum's values for verification: a generator of its own, so that adding the
+    accumulator leaves every other input as it was."""
+    return np.random.default_rng(seed + 7919).uniform(-2.0, 2.0, shape)
+
+
+def update_arguments(variant: Variant, step: int = 1) -> dict[str, object]:
     """The keyword arguments of verification's update calls: ``index`` where it matters
     (stochastic rounding, per-parameter clip factors), so that paths without it still take the
     other variants; with factors, a matrix whose row ``index`` is neither its first nor its
-    last (3 rows where the variant's matrix has fewer than 8 elements)."""
+    last (3 rows where the variant's matrix has fewer than 8 elements); for an accumulating
+    variant this step's ``gates`` (ACCUMULATION_GATES)."""
+    arguments: dict[str, object] = {}
     if variant.factors:
         rows, index = (3, 1) if variant.small_factors else (INDEX + 2, INDEX)
-        return {"index": index, "factors": clip_factors(rows)}
-    return {"index": INDEX} if variant.options.stochastic_rounding else {}
+        arguments = {"index": index, "factors": clip_factors(rows)}
+    elif variant.options.stochastic_rounding:
+        arguments = {"index": INDEX}
+    if variant.accumulates:
+        gates = ACCUMULATION_GATES[(step - 1) % len(ACCUMULATION_GATES)]
+        arguments["gates"] = mx.array(gates, mx.float32)
+    return arguments
+
+
+def reference_update(variant: Variant) -> Callable:
+    """What ``variant``'s outputs are compared with: ``rmsprop_reference``, or for an
+    accumulating variant ``accumulating_reference`` with the accumulator in the state
+    (``with_accumulator_in_state``, verification's loss scale and steps)."""
+    if not variant.accumulates:
+        return rmsprop_reference
+    return with_accumulator_in_state(accumulating_reference, *accumulation_constants(variant))
 
 
 def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
@@ -166,6 +206,10 @@ def probe_inputs(variant: Variant) -> tuple[mx.array, mx.array, dict[str, mx.arr
         )
 
     state = {key: array(key) for key in variant.options.state_keys if key in values}
+    if variant.accumulates:
+        values[ACCUMULATOR] = accumulator_values(0, shape)
+        dtypes[ACCUMULATOR] = variant.accumulator_dtype
+        state[ACCUMULATOR] = array(ACCUMULATOR)
     return array("parameter"), array("gradient"), quantized_state(variant, state)
 
 
@@ -175,17 +219,16 @@ def difference(update: Callable, variant: Variant, rtol: float | None = None) ->
     first difference. ``rtol`` overrides the tolerance table (0: bit for bit). Errors the
     update raises propagate (the caller knows what they mean for its path)."""
     parameter, gradient, state = probe_inputs(variant)
+    reference = reference_update(variant)
     for step in range(1, STEPS + 1):
         scalars = step_scalars(step)
-        arguments = update_arguments(variant)
+        arguments = update_arguments(variant, step)
         new_parameter, new_state = update(
             variant.options, scalars, parameter, gradient, state, **arguments
         )
         mx.eval(new_parameter, new_state)
         with mx.stream(mx.cpu):
-            expected = rmsprop_reference(
-                variant.options, scalars, parameter, gradient, state, **arguments
-            )
+            expected = reference(variant.options, scalars, parameter, gradient, state, **arguments)
         actual = {"parameter": new_parameter, **new_state}
         for name, value in {"parameter": expected[0], **expected[1]}.items():
             mismatch = compare(actual[name], value, rtol=rtol)
@@ -242,6 +285,8 @@ def describe(variant: Variant) -> str:
     )
     size = f"<{METAL_CONSTANT_BELOW}" if variant.small else f">={METAL_CONSTANT_BELOW}"
     factors = ", per-parameter clip factors" if variant.factors else ""
+    if variant.accumulates:
+        factors += f", accumulating in {str(variant.accumulator_dtype).split('.')[-1]}"
     return (
         f"{'+'.join(on) or 'no options'}, parameter/gradient/state {dtypes}, {size} elements"
         f"{factors}"

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
 from ...reference import rmsprop_reference
-from ...spec import EMA, QUANTIZED_KEYS, UpdateFn, UpdateOptions, scale_key
+from ...spec import ACCUMULATOR, EMA, QUANTIZED_KEYS, UpdateFn, UpdateOptions, scale_key
+from ...step import accumulate_tensor, carry_tensor, compute_dtype
 from .source import KERNEL_DTYPES, METAL_CONSTANT_BELOW, Variant
 
 # MLX takes each grid dimension as an int, and array dimensions are 32-bit too.
@@ -92,8 +94,24 @@ class KernelCall:
     threadgroup: tuple[int, int, int] = THREADGROUP
 
     def unpack(self, outputs: list[mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
-        """``(new_parameter, new_state)`` from the kernel's outputs."""
-        return outputs[0], dict(zip(self.variant.options.state_keys, outputs[1:], strict=True))
+        """``(new_parameter, new_state)`` from the kernel's outputs; an accumulating kernel's
+        new accumulator under ACCUMULATOR in the state."""
+        return outputs[0], dict(zip(self.variant.state_names, outputs[1:], strict=True))
+
+
+class Accumulation(NamedTuple):
+    """What an accumulating kernel takes beside the update's arguments (the native path's
+    ``accumulating_update`` arguments): the parameter's ``accumulator``, this step's float32
+    ``gates`` (applies, skip), the ``loss_scale`` (0: none) and the number of ``steps``."""
+
+    accumulator: mx.array
+    gates: mx.array
+    loss_scale: float
+    steps: int
+
+    def constants(self) -> mx.array:
+        """The kernel's float32 ``accumulation`` input, (loss scale, steps): a constant."""
+        return mx.array([self.loss_scale, self.steps], mx.float32)
 
 
 def _float_state_dtype(options: UpdateOptions, state: dict[str, mx.array]) -> mx.Dtype | None:
@@ -154,14 +172,18 @@ def plan(
     state: dict[str, mx.array],
     index: int = 0,
     factors: mx.array | None = None,
+    accumulation: Accumulation | None = None,
 ) -> KernelCall | None:
     """The launch for a non-empty parameter, or ``None`` when an input has a dtype the kernel
-    does not compute with (float64 runs, complex), the float state buffers differ in dtype, or
-    8-bit state is not in its format. ``index``: the parameter's position in the step (the
+    does not compute with (float64 runs, complex), the float state buffers differ in dtype,
+    8-bit state is not in its format, or the accumulator is not a kernel dtype of the
+    parameter's shape. ``index``: the parameter's position in the step (the
     stochastic rounding hash reads it, and it selects the row of ``factors``), passed as a
     one-element uint32 input array. ``factors``: the step's per-parameter clip factors, a
     (parameters, 2) matrix passed whole (no per-parameter slice node); the kernel reads its
-    row ``index`` in place of the scalars' clip entries, as ``rmsprop_reference`` does."""
+    row ``index`` in place of the scalars' clip entries, as ``rmsprop_reference`` does.
+    ``accumulation``: the kernel accumulates first (Keras' gradient accumulation) and returns
+    the new accumulator too (:func:`accumulating_reference`'s values)."""
     check_factors(index, factors)
     state_dtype = _float_state_dtype(options, state)
     if (
@@ -170,6 +192,13 @@ def plan(
         or gradient.dtype not in KERNEL_DTYPES
         or state_dtype is None
         or (options.quantized_state and not _quantized_state_fits(options, parameter, state))
+        or (
+            accumulation is not None
+            and (
+                accumulation.accumulator.dtype not in KERNEL_DTYPES
+                or accumulation.accumulator.shape != parameter.shape
+            )
+        )
     ):
         return None
     quantized = options.quantized_state
@@ -192,6 +221,7 @@ def plan(
         small_scales=quantized and blocks < METAL_CONSTANT_BELOW,
         factors=factors is not None,
         small_factors=factors is not None and factors.size < METAL_CONSTANT_BELOW,
+        accumulator_dtype=None if accumulation is None else accumulation.accumulator.dtype,
     )
     shape = kernel_shape(parameter.shape)
     scales = {scale_key(key) for key in QUANTIZED_KEYS}
@@ -203,13 +233,25 @@ def plan(
     # `index` is a constant array (no graph node); `factors` the caller's matrix itself.
     index_input = (mx.array([index], dtype=mx.uint32),) if variant.positioned else ()
     factor_input = (factors,) if factors is not None else ()
+    accumulation_inputs = ()
+    if accumulation is not None:
+        gates = accumulation.gates.astype(mx.float32)
+        accumulation_inputs = (flat(accumulation.accumulator), gates, accumulation.constants())
     output_shapes = tuple(
         (blocks,) if name in scales else tuple(parameter.shape)
-        for name in ("parameter", *options.state_keys)
+        for name in ("parameter", *variant.state_names)
     )
     return KernelCall(
         variant=variant,
-        inputs=(flat(parameter), flat(gradient), *buffers, scalars, *index_input, *factor_input),
+        inputs=(
+            flat(parameter),
+            flat(gradient),
+            *buffers,
+            scalars,
+            *index_input,
+            *factor_input,
+            *accumulation_inputs,
+        ),
         grid=grid_for(parameter.size, options.block_size if quantized else 0),
         output_shapes=output_shapes,
         threadgroup=threadgroup_for(options),
@@ -252,5 +294,118 @@ def make_update(launch: Callable[[KernelCall], list[mx.array]]) -> UpdateFn:
                 options, scalars, parameter, gradient, state, index=index, factors=factors
             )
         return call.unpack(launch(call))
+
+    return update
+
+
+def accumulating_reference(
+    options: UpdateOptions,
+    scalars: mx.array,
+    parameter: mx.array,
+    gradient: mx.array,
+    state: dict[str, mx.array],
+    accumulator: mx.array,
+    gates: mx.array,
+    loss_scale: float,
+    accumulation_steps: int,
+    *,
+    index: int = 0,
+    factors: mx.array | None = None,
+) -> tuple[mx.array, dict[str, mx.array], mx.array]:
+    """The accumulating update from MLX ops, with the native path's ``accumulating_update``
+    signature: ``(new parameter, new state, new accumulator)``, the values of
+    :func:`mlx_rmsprop.step.accumulate`, :func:`mlx_rmsprop.step.carry_accumulators` and
+    ``rmsprop_reference`` on the mean. What an accumulating kernel is compared with, and what
+    runs a parameter the kernel does not take."""
+    dtype = compute_dtype(options, parameter, gradient, {**state, ACCUMULATOR: accumulator})
+    mean, summed = accumulate_tensor(
+        gradient, accumulator, loss_scale or None, accumulation_steps, dtype
+    )
+    new_accumulator = carry_tensor(summed, accumulator, gates[0] != 0, gates[1] != 0, dtype)
+    new_parameter, new_state = rmsprop_reference(
+        options, scalars, parameter, mean, state, index=index, factors=factors
+    )
+    return new_parameter, new_state, new_accumulator
+
+
+def make_accumulating_update(launch: Callable[[KernelCall], list[mx.array]]) -> Callable:
+    """The accumulating update (signature of :func:`accumulating_reference`) running ``launch``
+    once per parameter: no launch for an empty parameter, :func:`accumulating_reference` where
+    ``plan`` declines."""
+
+    def accumulating_update(
+        options: UpdateOptions,
+        scalars: mx.array,
+        parameter: mx.array,
+        gradient: mx.array,
+        state: dict[str, mx.array],
+        accumulator: mx.array,
+        gates: mx.array,
+        loss_scale: float,
+        accumulation_steps: int,
+        *,
+        index: int = 0,
+        factors: mx.array | None = None,
+    ) -> tuple[mx.array, dict[str, mx.array], mx.array]:
+        check_factors(index, factors)
+        if parameter.size == 0:
+            return parameter, {key: state[key] for key in options.state_keys}, accumulator
+        accumulation = Accumulation(accumulator, gates, loss_scale, accumulation_steps)
+        call = plan(options, scalars, parameter, gradient, state, index, factors, accumulation)
+        if call is None:
+            return accumulating_reference(
+                options,
+                scalars,
+                parameter,
+                gradient,
+                state,
+                accumulator,
+                gates,
+                loss_scale,
+                accumulation_steps,
+                index=index,
+                factors=factors,
+            )
+        new_parameter, new_state = call.unpack(launch(call))
+        return new_parameter, new_state, new_state.pop(ACCUMULATOR)
+
+    return accumulating_update
+
+
+def with_accumulator_in_state(
+    accumulating_update: Callable, loss_scale: float, accumulation_steps: int
+) -> UpdateFn:
+    """``accumulating_update`` (signature of :func:`accumulating_reference`) for a fixed
+    ``loss_scale`` and ``accumulation_steps``, as an update with the signature of
+    ``rmsprop_reference`` plus the keyword ``gates``, whose state holds the accumulator under
+    ACCUMULATOR, the new one too: verification compares every output of an accumulating kernel
+    like every state buffer."""
+
+    def update(
+        options: UpdateOptions,
+        scalars: mx.array,
+        parameter: mx.array,
+        gradient: mx.array,
+        state: dict[str, mx.array],
+        *,
+        gates: mx.array,
+        index: int = 0,
+        factors: mx.array | None = None,
+    ) -> tuple[mx.array, dict[str, mx.array]]:
+        buffers = {key: state[key] for key in options.state_keys}
+        new_parameter, new_state, new_accumulator = accumulating_update(
+            options,
+            scalars,
+            parameter,
+            gradient,
+            buffers,
+            state[ACCUMULATOR],
+            gates,
+            loss_scale,
+            accumulation_steps,
+            index=index,
+            factors=factors,
+        )
+        return new_parameter, {**new_state, ACCUMULATOR: new_accumulator}
 
     return update

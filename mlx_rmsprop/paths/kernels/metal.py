@@ -8,13 +8,16 @@ from functools import cache
 import mlx.core as mx
 
 from ...spec import UpdateFn
-from .launch import KernelCall, launch_with, make_update
+from .launch import KernelCall, launch_with, make_accumulating_update, make_update
 from .source import kernel_arguments
 
 
 @cache
 def kernel_object(
-    state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+    state_keys: tuple[str, ...],
+    rounding: bool = False,
+    factors: bool = False,
+    accumulating: bool = False,
 ) -> Callable:
     """Built once per buffer layout, with or without stochastic rounding and with or without
     per-parameter clip factors (each changes the inputs: ``index``, ``factors``): dtypes and
@@ -27,13 +30,19 @@ def kernel_object(
     among them), and a matrix made from them for every call would be the per-parameter graph
     node the factors input exists to remove. Whether an optimizer clips by each parameter's
     norm is fixed by its configuration, so each optimizer still uses one kernel object per
-    layout."""
-    return mx.fast.metal_kernel(**kernel_arguments("metal", state_keys, rounding, factors))
+    layout. Accumulating gradients (Keras' gradient accumulation) likewise: its kernel takes
+    the accumulator, the gates and (loss scale, steps) as inputs (source.ACCUMULATION_LINES)
+    and writes the new accumulator, and whether an optimizer accumulates is fixed too."""
+    return mx.fast.metal_kernel(
+        **kernel_arguments("metal", state_keys, rounding, factors, accumulating)
+    )
 
 
 def launch(call: KernelCall, verbose: bool = False) -> list[mx.array]:
     variant = call.variant
-    kernel = kernel_object(variant.options.state_keys, variant.rounding, variant.factors)
+    kernel = kernel_object(
+        variant.options.state_keys, variant.rounding, variant.factors, variant.accumulates
+    )
     return launch_with(kernel, call, verbose)
 
 
@@ -45,3 +54,11 @@ def load() -> UpdateFn:
             "the Metal kernel needs an Apple-silicon Mac"
         )
     return make_update(launch)
+
+
+def load_accumulating() -> Callable:
+    """The accumulating update for ``fused="metal"`` (signature of
+    :func:`~mlx_rmsprop.paths.kernels.launch.accumulating_reference`); raises
+    ``RuntimeError`` where :func:`load` does."""
+    load()
+    return make_accumulating_update(launch)

@@ -20,6 +20,7 @@ from importlib import resources
 import mlx.core as mx
 
 from ...spec import (
+    ACCUMULATOR,
     BLOCK_SIZES,
     EMA,
     FLAGS,
@@ -46,6 +47,9 @@ KERNEL_NAME = "rmsprop"
 # arguments only (mlx/backend/cuda/custom_kernel.cpp, CustomKernel::eval_gpu passes name_ to
 # cu::get_jit_module), and both kernels take the same template arguments.
 FACTORS_KERNEL_NAME = "rmsprop_factors"
+# Likewise the kernels that accumulate gradients (Keras' gradient_accumulation_steps) have
+# inputs of their own and take their name's suffix.
+ACCUMULATING_SUFFIX = "_accumulating"
 BODY_RESOURCE = "rmsprop_update.inc"
 # Dtypes the kernel computes with; anything else (float64, complex) takes the reference math.
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -236,12 +240,22 @@ HASH_CONSTANTS = (
 MAX_BLOCK_SIZE = max(BLOCK_SIZES)
 
 
+# The inputs of an accumulating kernel, after the others, named like the arguments of the
+# native path's accumulating update: the running sum, this step's float32 gates (applies,
+# skip) and the optimizer's float32 (loss scale, steps) (ACCUMULATION_LINES).
+ACCUMULATION_INPUTS = ("accumulator", "gates", "accumulation")
+
+
 def input_names(
-    state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+    state_keys: tuple[str, ...],
+    rounding: bool = False,
+    factors: bool = False,
+    accumulating: bool = False,
 ) -> tuple[str, ...]:
     """Kernel inputs, named like the arguments of ``rmsprop_reference``: ``index`` only where
     something reads it (stochastic rounding, the row of ``factors``), ``factors`` only when
-    the parameter is clipped by its own norm."""
+    the parameter is clipped by its own norm, ACCUMULATION_INPUTS only when gradients
+    accumulate."""
     positioned = ("index",) if rounding or factors else ()
     return (
         "parameter",
@@ -250,16 +264,20 @@ def input_names(
         "scalars",
         *positioned,
         *(("factors",) if factors else ()),
+        *(ACCUMULATION_INPUTS if accumulating else ()),
     )
 
 
-def kernel_name(factors: bool = False) -> str:
-    """The ``name=`` of the kernel object (see FACTORS_KERNEL_NAME)."""
-    return FACTORS_KERNEL_NAME if factors else KERNEL_NAME
+def kernel_name(factors: bool = False, accumulating: bool = False) -> str:
+    """The ``name=`` of the kernel object (see FACTORS_KERNEL_NAME, ACCUMULATING_SUFFIX)."""
+    name = FACTORS_KERNEL_NAME if factors else KERNEL_NAME
+    return name + (ACCUMULATING_SUFFIX if accumulating else "")
 
 
-def output_names(state_keys: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f"new_{name}" for name in ("parameter", *state_keys))
+def output_names(state_keys: tuple[str, ...], accumulating: bool = False) -> tuple[str, ...]:
+    """``new_<buffer>`` per output; an accumulating kernel's last is ``new_accumulator``."""
+    names = ("parameter", *state_keys, *(("accumulator",) if accumulating else ()))
+    return tuple(f"new_{name}" for name in names)
 
 
 def quantized_layout(state_keys: tuple[str, ...]) -> bool:
@@ -282,7 +300,10 @@ class Variant:
     ``factors``: the kernel reads ``scale_gradient``'s clip multiplier and divisor from row
     ``index`` of the ``factors`` input, a float32 (parameters, 2) matrix (clipping by each
     parameter's own norm), instead of from the scalars vector; ``small_factors``: that matrix
-    has fewer than 8 elements (at most 3 parameters), so MLX passes it in ``constant``."""
+    has fewer than 8 elements (at most 3 parameters), so MLX passes it in ``constant``.
+
+    ``accumulator_dtype``: the kernel accumulates gradients (Keras' gradient accumulation) in
+    an accumulator of this dtype (template parameter A), ``None`` when it does not."""
 
     options: UpdateOptions
     parameter_dtype: mx.Dtype = mx.float32
@@ -292,9 +313,11 @@ class Variant:
     small_scales: bool = False
     factors: bool = False
     small_factors: bool = False
+    accumulator_dtype: mx.Dtype | None = None
 
     def __post_init__(self) -> None:
-        for role in ("parameter", "gradient", "state"):
+        roles = ("parameter", "gradient", "state", *(("accumulator",) if self.accumulates else ()))
+        for role in roles:
             dtype = getattr(self, f"{role}_dtype")
             if dtype not in KERNEL_DTYPES:
                 raise ValueError(
@@ -319,6 +342,12 @@ class Variant:
         return self.options.stochastic_rounding
 
     @property
+    def accumulates(self) -> bool:
+        """Whether the kernel accumulates gradients (it then reads ACCUMULATION_INPUTS and
+        writes ``new_accumulator``)."""
+        return self.accumulator_dtype is not None
+
+    @property
     def positioned(self) -> bool:
         """Whether the kernel takes the ``index`` input (stochastic rounding, factors)."""
         return self.rounding or self.factors
@@ -335,23 +364,39 @@ class Variant:
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return input_names(self.options.state_keys, self.rounding, self.factors)
+        return input_names(self.options.state_keys, self.rounding, self.factors, self.accumulates)
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return output_names(self.options.state_keys)
+        return output_names(self.options.state_keys, self.accumulates)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The state entries of the outputs after the parameter: ``state_keys``, then
+        ACCUMULATOR when the kernel accumulates."""
+        return (*self.options.state_keys, *((ACCUMULATOR,) if self.accumulates else ()))
 
     @property
     def input_dtypes(self) -> tuple[mx.Dtype, ...]:
         states = tuple(self._state_dtype(key) for key in self.options.state_keys)
         index = (mx.uint32,) if self.positioned else ()
         factors = (mx.float32,) if self.factors else ()
-        return (self.parameter_dtype, self.gradient_dtype, *states, mx.float32, *index, *factors)
+        accumulation = (self.accumulator_dtype, mx.float32, mx.float32) if self.accumulates else ()
+        return (
+            self.parameter_dtype,
+            self.gradient_dtype,
+            *states,
+            mx.float32,
+            *index,
+            *factors,
+            *accumulation,
+        )
 
     @property
     def output_dtypes(self) -> tuple[mx.Dtype, ...]:
         states = tuple(self._state_dtype(key) for key in self.options.state_keys)
-        return (self.parameter_dtype, *states)
+        accumulator = (self.accumulator_dtype,) if self.accumulates else ()
+        return (self.parameter_dtype, *states, *accumulator)
 
     @property
     def input_sizes_small(self) -> tuple[bool, ...]:
@@ -367,6 +412,9 @@ class Variant:
             small.append(True)
         if self.factors:
             small.append(self.small_factors)
+        if self.accumulates:
+            # The accumulator has the parameter's size; gates and (loss scale, steps) two each.
+            small += [self.small, True, True]
         return tuple(small)
 
     def template_args(self) -> list[tuple[str, mx.Dtype | bool]]:
@@ -378,6 +426,8 @@ class Variant:
             ("Q", self.moment_dtype),
         ]
         args += [(name.upper(), getattr(self.options, name)) for name in FLAGS]
+        if self.accumulates:
+            args.append(("A", self.accumulator_dtype))
         return args
 
 
@@ -421,9 +471,46 @@ FACTOR_LINES = (
 )
 
 
+# The accumulation stage's values (the body's Keras' gradient accumulation, before its
+# sections). Gates are per step, so
+# an input array; the loss scale and the number of steps are fixed per optimizer and could be
+# compiled in, but as an input too (the float32 `accumulation` vector the launcher makes once
+# per configuration, a constant and no graph node) one kernel object and one compiled instance
+# per layout serve every optimizer: MLX's template arguments take no float, and source text
+# holding the loss scale would build and compile a kernel per loss scale and step count (on
+# CUDA about a second of NVRTC per variant and process, mlx_rmsprop/paths/kernels/cuda.py).
+# Both are rounded to float32 as the reference rounds them (mx.array(loss_scale, float32),
+# mx.array(steps, float32): exact for steps up to 2^24).
+ACCUMULATION_LINES = (
+    "constexpr bool ACCUMULATES = true;",
+    "const bool accumulation_applies = gates[0] != 0.0f;",
+    "const bool accumulation_skip = gates[1] != 0.0f;",
+    "const float loss_scale = accumulation[0];",
+    "const float accumulation_steps = accumulation[1];",
+)
+# Without accumulation the body still names these (its `if constexpr` branches are parsed).
+NO_ACCUMULATION_LINES = {
+    backend: (
+        "constexpr bool ACCUMULATES = false;",
+        "using A = float;",
+        absent[0].format(type="A", name="accumulator"),
+        absent[1].format(type="A", name="accumulator"),
+        "constexpr bool accumulation_applies = false;",
+        "constexpr bool accumulation_skip = false;",
+        "constexpr float loss_scale = 0.0f;",
+        "constexpr float accumulation_steps = 1.0f;",
+    )
+    for backend, absent in ABSENT_BUFFERS.items()
+}
+
+
 @cache
 def kernel_body(
-    backend: str, state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+    backend: str,
+    state_keys: tuple[str, ...],
+    rounding: bool = False,
+    factors: bool = False,
+    accumulating: bool = False,
 ) -> str:
     """The ``source=`` argument of the kernel object: prologue (the arithmetic primitives and
     the other backend spellings, the index and threadgroup lines, the scalars, the parameter's
@@ -431,10 +518,11 @@ def kernel_body(
 
     It depends on the backend, on which state buffers exist (``UpdateOptions.state_keys``,
     which also tell 8-bit state), on whether the kernel rounds stochastically and on whether
-    it reads per-parameter clip factors (``index`` and ``factors`` inputs), not on dtypes or
-    on the other flags (those are template arguments), nor on the block size (the threadgroup
-    size), nor on any per-step number: one kernel object serves every step of every optimizer
-    with that layout."""
+    it reads per-parameter clip factors (``index`` and ``factors`` inputs) and on whether it
+    accumulates gradients (ACCUMULATION_INPUTS), not on dtypes or on the other flags (those are
+    template arguments), nor on the block size (the threadgroup size), nor on any per-step or
+    per-configuration number: one kernel object serves every step of every optimizer with that
+    layout."""
     _check_backend(backend)
     quantized = quantized_layout(state_keys)
     lines = [PRIMITIVES[backend], SPELLINGS[backend], INDEX_LINES[backend], GROUP_LINES[backend]]
@@ -447,6 +535,7 @@ def kernel_body(
     lines.append(f"const uint32_t parameter_position = {position};")
     if factors:
         lines += FACTOR_LINES
+    lines += ACCUMULATION_LINES if accumulating else NO_ACCUMULATION_LINES[backend]
     lines.append(f"constexpr uint32_t kMaxBlockSize = {MAX_BLOCK_SIZE}u;")
     lines += [f"constexpr uint32_t {name} = {value:#x}u;" for name, value in HASH_CONSTANTS]
     lines += _table_lines(backend, quantized)
@@ -461,23 +550,29 @@ def kernel_body(
 
 
 def kernel_arguments(
-    backend: str, state_keys: tuple[str, ...], rounding: bool = False, factors: bool = False
+    backend: str,
+    state_keys: tuple[str, ...],
+    rounding: bool = False,
+    factors: bool = False,
+    accumulating: bool = False,
 ) -> dict[str, object]:
     """The constructor arguments of the kernel object (``mx.fast.metal_kernel`` or
     ``mx.fast.cuda_kernel``) for one buffer layout, with or without stochastic rounding, with
-    or without per-parameter clip factors."""
+    or without per-parameter clip factors, accumulating gradients or not."""
     return {
-        "name": kernel_name(factors),
-        "input_names": list(input_names(state_keys, rounding, factors)),
-        "output_names": list(output_names(state_keys)),
-        "source": kernel_body(backend, state_keys, rounding, factors),
+        "name": kernel_name(factors, accumulating),
+        "input_names": list(input_names(state_keys, rounding, factors, accumulating)),
+        "output_names": list(output_names(state_keys, accumulating)),
+        "source": kernel_body(backend, state_keys, rounding, factors, accumulating),
         "ensure_row_contiguous": True,
     }
 
 
 def variant_body(variant: Variant, backend: str) -> str:
     """``kernel_body`` of the kernel object that runs ``variant``."""
-    return kernel_body(backend, variant.options.state_keys, variant.rounding, variant.factors)
+    return kernel_body(
+        backend, variant.options.state_keys, variant.rounding, variant.factors, variant.accumulates
+    )
 
 
 @cache
@@ -500,7 +595,8 @@ def _metal_template_value(value: mx.Dtype | bool) -> str:
 
 def metal_kernel_name(variant: Variant) -> str:
     template = "<" + ", ".join(_metal_template_value(v) for _, v in variant.template_args()) + ">"
-    name = f"custom_kernel_{kernel_name(variant.factors)}_" + _template_hash(template)
+    name = f"custom_kernel_{kernel_name(variant.factors, variant.accumulates)}_"
+    name += _template_hash(template)
     for dtype, small in zip(variant.input_dtypes, variant.input_sizes_small, strict=True):
         name += "_" + METAL_TYPES[dtype] + ("c" if small else "")
     for dtype in variant.output_dtypes:
@@ -519,7 +615,7 @@ def cuda_kernel_name(variant: Variant) -> str:
             suffix += "_" + METAL_TYPES[value]
         else:
             suffix += "_t" if value else "_f"
-    return f"custom_kernel_{kernel_name(variant.factors)}{suffix}"
+    return f"custom_kernel_{kernel_name(variant.factors, variant.accumulates)}{suffix}"
 
 
 def metal_translation_unit(variant: Variant) -> str:

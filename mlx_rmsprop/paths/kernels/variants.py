@@ -17,7 +17,10 @@ Linux) runs:
 - the kernels reading per-parameter clip factors (:func:`factor_variants`): every buffer
   layout, with and without stochastic rounding, with every flag on, in both address-space
   classes of the factors matrix. Reading the factors does not depend on the other flags or
-  the dtypes, so those take turns instead of being crossed.
+  the dtypes, so those take turns instead of being crossed;
+- the kernels accumulating gradients (:func:`accumulating_variants`): every buffer layout,
+  with and without stochastic rounding, with every flag on, in both size classes, the
+  accumulator's dtype, the dtype combination and reading clip factors taking turns.
 """
 
 from __future__ import annotations
@@ -140,6 +143,37 @@ def factor_variants() -> list[Variant]:
     return variants
 
 
+def accumulating_variants() -> list[Variant]:
+    """The kernels that accumulate gradients first: for every (buffer layout, stochastic
+    rounding) the option set with every flag on, in both size classes; the accumulator's dtype
+    (each of KERNEL_DTYPES), the dtype combination, 8-bit state's block size and scale class
+    and reading the clip factors from the factors matrix (every other layout, Keras' clipnorm
+    with accumulation) take turns. The stage reads the accumulator, the gates and (loss scale,
+    steps) whatever the other flags, so those are not crossed."""
+    layouts = sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
+    combinations = dtype_combinations()
+    variants = []
+    for k, (keys, rounding) in enumerate(layouts):
+        for small in (False, True):
+            turn = 2 * k + small
+            variant = plan_variant(
+                every_flag_on(keys, rounding),
+                combinations[turn % len(combinations)],
+                small=small,
+                turn=turn,
+            )
+            factors = k % 2 == 1
+            variants.append(
+                dataclasses.replace(
+                    variant,
+                    accumulator_dtype=KERNEL_DTYPES[(k + small) % len(KERNEL_DTYPES)],
+                    factors=factors,
+                    small_factors=factors and small,
+                )
+            )
+    return variants
+
+
 def verification_plan() -> list[Variant]:
     """Every variant verification runs (see the module docstring), without repeats."""
     plan = [Variant(options) for options in option_space()]
@@ -149,4 +183,5 @@ def verification_plan() -> list[Variant]:
             for row, options in enumerate(pairwise_option_sets(storage=True))
         ]
     plan += factor_variants()
+    plan += accumulating_variants()
     return list(dict.fromkeys(plan))

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from mlx_rmsprop.paths.kernels.source import Variant, cuda_kernel_name, translation_unit
-from mlx_rmsprop.paths.kernels.variants import factor_variants
+from mlx_rmsprop.paths.kernels.variants import accumulating_variants, factor_variants
 from mlx_rmsprop.spec import UpdateOptions
 
 from locations import SUPPORT
@@ -26,8 +26,10 @@ CUDA_SHIM = SUPPORT / "cuda_shim"
 @pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")
 def test_cuda_translation_units_compile_with_nvcc(tmp_path):
     # Variants that differ only in block size (the threadgroup size) share one kernel, and so
-    # do the two address-space classes of the clip factors (CUDA has none).
-    units = {translation_unit(v, "cuda"): v for v in [*cuda_variants(), *factor_variants()]}
+    # do the two address-space classes of the clip factors (CUDA has none). The accumulating
+    # kernels are compiled too.
+    variants = [*cuda_variants(), *factor_variants(), *accumulating_variants()]
+    units = {translation_unit(v, "cuda"): v for v in variants}
     variants = list(units.values())
     names = [cuda_kernel_name(v) for v in variants]
     assert len(set(names)) == len(variants)  # distinct sources have distinct names

@@ -213,14 +213,16 @@ def test_plan_counts():
     # Every option set once in float32, then the pairwise sets of the whole space (storage
     # flags included) for the 15 dtype combinations and 2 address-space classes, less the
     # float32 large-array rows the first part already holds, then the kernels reading clip
-    # factors: every (buffer layout, stochastic rounding) in both classes of the matrix.
+    # factors: every (buffer layout, stochastic rounding) in both classes of the matrix, then
+    # the accumulating kernels: every (buffer layout, stochastic rounding) in both size classes.
     assert len(dtype_combinations()) == 15
     plan = verification_plan()
     pairwise = pairwise_option_sets(storage=True)
     repeats = sum(1 for o in pairwise if not (o.quantized_state or o.stochastic_rounding))
     layouts = {(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)}
-    factors = 2 * len(layouts)
-    assert len(plan) == len(option_space()) + 15 * 2 * len(pairwise) - repeats + factors
+    factors = accumulating = 2 * len(layouts)
+    expected = len(option_space()) + 15 * 2 * len(pairwise) - repeats + factors + accumulating
+    assert len(plan) == expected
     for storage in (False, True):
         covered = set()
         for options in pairwise_option_sets(storage):
@@ -807,7 +809,7 @@ def test_clip_factors_every_layout(backend):
     # layout, with and without stochastic rounding, both address-space classes of the matrix)
     # on two shapes of their size classes, 3 steps, at a row neither first nor last
     # (probe.update_arguments): bit for bit the reference's.
-    plan = [v for v in verification_plan() if v.factors]
+    plan = [v for v in verification_plan() if v.factors and not v.accumulates]
     assert plan == factor_variants()
     assert {v.small_factors for v in plan} == {False, True}
     assert {v.small for v in plan} == {False, True}

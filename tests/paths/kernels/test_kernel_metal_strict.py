@@ -30,6 +30,7 @@ import pytest
 
 from mlx_rmsprop.paths.kernels.source import Variant, body_text, kernel_body, translation_unit
 from mlx_rmsprop.paths.kernels.variants import (
+    accumulating_variants,
     every_flag_on,
     factor_variants,
     pairwise_option_sets,
@@ -148,6 +149,7 @@ def representative_variants() -> list[Variant]:
             quantized = options.quantized_state
             variants.append(Variant(options, small=small, small_scales=quantized and small))
     variants += factor_variants()
+    variants += accumulating_variants()
     return list(dict.fromkeys(variants))
 
 

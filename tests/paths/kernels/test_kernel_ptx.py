@@ -46,14 +46,20 @@ ALL_QUANTIZED = (
 def representative_variants() -> list[Variant]:
     """The pairwise option sets (storage flags included) in float32, and every buffer with
     every flag on, float and 8-bit, rounding stochastically to bfloat16/float16, the latter
-    also reading per-parameter clip factors."""
+    also reading per-parameter clip factors and also accumulating gradients (into bfloat16,
+    float16 and float32 accumulators)."""
     variants = [Variant(options) for options in pairwise_option_sets(storage=True)]
     variants += [
         Variant(every_flag_on(ALL_BUFFERS), mx.bfloat16, mx.float16, mx.float32),
         Variant(every_flag_on(ALL_BUFFERS, True), mx.bfloat16, mx.float16, mx.float16),
         Variant(every_flag_on(ALL_QUANTIZED, True), mx.float16, mx.float32, mx.bfloat16),
     ]
-    variants += [dataclasses.replace(v, factors=True) for v in variants[-3:]]
+    every = variants[-3:]
+    variants += [dataclasses.replace(v, factors=True) for v in every]
+    variants += [
+        dataclasses.replace(v, accumulator_dtype=dtype)
+        for v, dtype in zip(every, (mx.bfloat16, mx.float16, mx.float32), strict=True)
+    ]
     return list(dict.fromkeys(variants))
 
 

@@ -29,7 +29,7 @@ from mlx_rmsprop.paths.kernels.variants import (
 from mlx_rmsprop.spec import FLAGS, REQUIREMENTS, Scalar, UpdateOptions, option_space
 
 GENERATED = re.compile(
-    r"Generated source code for `rmsprop(?:_factors)?`:\n```\n(.*?)\n```\n", re.S
+    r"Generated source code for `rmsprop(?:_factors)?(?:_accumulating)?`:\n```\n(.*?)\n```\n", re.S
 )
 
 

@@ -476,7 +476,9 @@ class Emulator:
             call.grid,
             threadgroup=call.threadgroup,
             order=order,
-            factors_shape=call.inputs[-1].shape if variant.factors else (),
+            factors_shape=(
+                call.inputs[variant.input_names.index("factors")].shape if variant.factors else ()
+            ),
         )
         return [
             _from_numpy(values, dtype).reshape(shape)
@@ -490,7 +492,8 @@ def cuda_variants() -> list[Variant]:
     """Every dtype combination with the pairwise option sets (storage flags included, as the
     verification plan takes them), and every buffer layout, with and without stochastic
     rounding, with every flag on that it allows (the address-space class does not exist on
-    CUDA). The kernels reading per-parameter clip factors are ``factor_variants``."""
+    CUDA). The kernels reading per-parameter clip factors are ``factor_variants``, the
+    accumulating ones ``accumulating_variants``."""
     variants = [
         plan_variant(options, dtypes, False, k + row)
         for k, dtypes in enumerate(dtype_combinations())
