@@ -269,6 +269,7 @@ class RMSprop(Optimizer):
         "_update",
         "_traces",
         "_accumulating_update",
+        "_native_pipeline",
         "_compile_step",
         "_step_functions",
         "_leaves",
@@ -282,26 +283,28 @@ class RMSprop(Optimizer):
         # function is traced, which mx.compile does again for inputs of shapes or dtypes it
         # has not seen: how a step that skipped the checks (_cached_step) learns that the
         # trees changed.
+        # Every update function the step calls is counted, the accumulating ones included.
         traces = self._traces = [0]
 
-        def counted_update(*args: Any, **kwargs: Any) -> Any:
-            traces[0] += 1
-            return update(*args, **kwargs)
+        def counted(function: Callable) -> Callable:
+            def counted_call(*args: Any, **kwargs: Any) -> Any:
+                traces[0] += 1
+                return function(*args, **kwargs)
 
-        self._update = counted_update
+            return counted_call
+
+        self._update = counted(update)
         # The kernel paths' update that accumulates gradients itself (None on the others, and
-        # where nothing accumulates).
+        # where nothing accumulates), and the native pipeline, whose update accumulates too.
         accumulating = None
         if self._config.pipeline.accumulates:
             accumulating = paths.resolve_accumulating(path, self._config.fused)
-        self._accumulating_update = None
-        if accumulating is not None:
-
-            def counted_accumulating_update(*args: Any, **kwargs: Any) -> Any:
-                traces[0] += 1
-                return accumulating(*args, **kwargs)
-
-            self._accumulating_update = counted_accumulating_update
+        self._accumulating_update = None if accumulating is None else counted(accumulating)
+        self._native_pipeline = None
+        if self._path == "native":
+            self._native_pipeline = native.PIPELINE._replace(
+                accumulating_update=counted(native.PIPELINE.accumulating_update)
+            )
         # The last step's leaves, with their step function as payload (_cached_step).
         self._leaves: LeafCache | None = None
         # One step function per weight-decay exclusion pattern and per-parameter options over
@@ -717,7 +720,7 @@ class RMSprop(Optimizer):
                 parameter_options=tuple(
                     self._config.parameter_options(*flags) for flags in storage
                 ),
-                native=native.PIPELINE if self._path == "native" else None,
+                native=self._native_pipeline,
                 accumulating_update=self._accumulating_update,
             )
         return self._step_functions[key]

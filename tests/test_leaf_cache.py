@@ -234,10 +234,18 @@ def test_moved_keys_keep_their_own_weight_decay_exclusion():
 
 
 @pytest.mark.parametrize("fused", CACHED_PATHS)
-def test_a_dtype_change_the_checks_accept_takes_the_step_function_for_it(fused):
+@pytest.mark.parametrize("accumulation", [None, 2], ids=["plain", "accumulating"])
+def test_a_dtype_change_the_checks_accept_takes_the_step_function_for_it(fused, accumulation):
     # bfloat16 parameters round stochastically, float32 ones do not: another step function.
+    # With accumulation the update that accumulates must be counted as traced too.
     def run(cached):
-        optimizer = RMSprop(0.1, stochastic_rounding=True, rounding_seed=7, fused=fused)
+        optimizer = RMSprop(
+            0.1,
+            stochastic_rounding=True,
+            rounding_seed=7,
+            fused=fused,
+            gradient_accumulation_steps=accumulation,
+        )
         current = {"w": mx.ones((8,)) / 3}
         for step in range(4):
             if not cached:
