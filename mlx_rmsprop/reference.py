@@ -212,17 +212,3 @@ def rmsprop_reference(
         else:
             stored[key] = store(value, state[key].dtype, 1 + options.state_keys.index(key))
     return store(p_new, parameter.dtype, 0), stored
-
-
-def spliced_scalars(scalars: mx.array, index: int, factors: mx.array | None) -> mx.array:
-    """``scalars`` with the clip entries taken from row ``index`` of ``factors`` (as
-    :func:`rmsprop_reference` reads them), for a body that reads only the scalars vector."""
-    if factors is None:
-        return scalars
-    return mx.concatenate(
-        [
-            scalars[: int(Scalar.CLIP_MULTIPLIER)],
-            factors[index].astype(scalars.dtype),
-            scalars[int(Scalar.CLIP_DIVISOR) + 1 :],
-        ]
-    )

@@ -154,8 +154,8 @@ std::vector<mx::array> RMSpropUpdate::spliced(const std::vector<mx::array>& inpu
   if (!has_factors_) {
     return inputs;
   }
-  // reference.py's spliced_scalars: the scalars with the factors' row `index` in place of the
-  // clip entries (pure data movement, so the derivatives pass through unchanged).
+  // The scalars with the factors' row `index` in place of the clip entries, the values the
+  // reference reads (pure data movement, so the derivatives pass through unchanged).
   const mx::array& scalars = inputs[0];
   const mx::array& factors = inputs.back();
   const int rows = factors.ndim() - 2; // batched factors have a leading axis
