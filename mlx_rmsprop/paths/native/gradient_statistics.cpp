@@ -432,7 +432,7 @@ void GradientStatistics::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
     }
     if (accumulation_steps_ != 0) {
       for (int t = 0; t < tensors_; ++t) {
-        holds.push_back(std::make_shared<InputHold>(inputs[tensors_ + t]));
+        holds.push_back(std::make_shared<InputHold>(inputs[tensors_ + t], stream().index));
       }
     }
     out.inputs().clear(); // `inputs` is this list: not read below

@@ -23,10 +23,11 @@ namespace mx = mlx::core;
 
 class InputHold {
  public:
-  // Holds `input`'s data; InputHold::release(input) drops the hold. A second hold on data
-  // already held is not registered: it keeps the data until it is destroyed.
-  explicit InputHold(const mx::array& input)
-      : key_(input.data_shared_ptr().get()), data_(input.data_shared_ptr()) {
+  // Holds `input`'s data for a task on stream `stream` (Stream::index);
+  // InputHold::release(input, stream) drops the hold. A second hold on data already held is
+  // not registered: it keeps the data until it is destroyed (no in-place update then).
+  InputHold(const mx::array& input, int stream)
+      : key_(input.data_shared_ptr().get()), stream_(stream), data_(input.data_shared_ptr()) {
     std::lock_guard<std::mutex> lock(registry_mutex());
     registry().emplace(key_, this);
   }
@@ -40,14 +41,16 @@ class InputHold {
   InputHold(const InputHold&) = delete;
   InputHold& operator=(const InputHold&) = delete;
 
-  // Drops the hold on `input`'s data, if a live InputHold has one. The caller must itself hold
-  // `input` (so the data outlives the release) and run on the stream after the holder's task.
-  static void release(const mx::array& input) {
+  // Drops the hold on `input`'s data, if a live InputHold has one for a task on `stream`. The
+  // caller must itself hold `input` (so the data outlives the release) and depend on the
+  // holder's output, so that its task runs after the holder's on that stream; on another
+  // stream the hold stays (the tasks' order there is not known).
+  static void release(const mx::array& input, int stream) {
     std::shared_ptr<mx::array::Data> dropped;
     {
       std::lock_guard<std::mutex> lock(registry_mutex());
       auto found = registry().find(input.data_shared_ptr().get());
-      if (found == registry().end()) {
+      if (found == registry().end() || found->second->stream_ != stream) {
         return;
       }
       dropped = std::move(found->second->data_);
@@ -57,16 +60,19 @@ class InputHold {
   }
 
  private:
+  // Never destroyed: a hold may be dropped at exit, by a task MLX's stream thread still runs
+  // after static destructors (MLX leaks its scheduler for the same reason).
   static std::unordered_map<const mx::array::Data*, InputHold*>& registry() {
-    static std::unordered_map<const mx::array::Data*, InputHold*> holds;
-    return holds;
+    static auto* holds = new std::unordered_map<const mx::array::Data*, InputHold*>();
+    return *holds;
   }
   static std::mutex& registry_mutex() {
-    static std::mutex mutex;
-    return mutex;
+    static auto* mutex = new std::mutex();
+    return *mutex;
   }
 
   const mx::array::Data* key_;
+  int stream_;
   std::shared_ptr<mx::array::Data> data_;
 };
 

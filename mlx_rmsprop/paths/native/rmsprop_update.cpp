@@ -3,6 +3,7 @@
 #include "rmsprop_update.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <sstream>
 #include <stdexcept>
@@ -674,18 +675,18 @@ std::vector<mx::array> rmsprop_update(
   }
 
   require(
+      accumulation.steps == 0 || accumulation.steps >= 2,
+      "accumulation_steps must be 0 (off) or at least 2, got " +
+          std::to_string(accumulation.steps));
+  require(
+      std::isfinite(accumulation.loss_scale) && accumulation.loss_scale >= 0.0,
+      "loss_scale must be finite and >= 0 (0: none), got " +
+          std::to_string(accumulation.loss_scale));
+  require(
       accumulation.on() == accumulator.has_value() &&
           accumulation.on() == accumulation_gates.has_value(),
-      "accumulator and accumulation_gates must be given exactly when accumulation.steps > 0");
+      "accumulator and accumulation_gates must be given exactly when accumulation_steps > 0");
   if (accumulation.on()) {
-    require(
-        accumulation.steps >= 2,
-        "accumulation.steps must be 0 (off) or at least 2, got " +
-            std::to_string(accumulation.steps));
-    require(
-        accumulation.loss_scale >= 0.0,
-        "accumulation.loss_scale must be >= 0 (0: none), got " +
-            std::to_string(accumulation.loss_scale));
     require(
         accumulator->shape() == parameter.shape() && is_floating(accumulator->dtype()),
         "accumulator must be a floating array shaped like the parameter (" +
@@ -760,7 +761,7 @@ void RMSpropUpdate::eval_cpu(
   // The statistics pass that read the accumulator before this node lets go of it here: this
   // node holds it, and its task runs after theirs (input_hold.h).
   if (accumulation_.on() && !tracing) {
-    InputHold::release(inputs[accumulator_input]);
+    InputHold::release(inputs[accumulator_input], stream().index);
   }
 
   // Donation first: taking any further reference to an input makes it non-donatable.

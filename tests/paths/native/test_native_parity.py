@@ -486,6 +486,60 @@ def test_bad_arguments_name_the_argument_and_value(case):
     assert str(error.value).startswith("[rmsprop_update] " + message)
 
 
+_ACCUMULATION_ERRORS = {
+    "negative steps": (
+        {"accumulation_steps": -3},
+        "accumulation_steps must be 0 (off) or at least 2, got -3",
+    ),
+    "one step": ({"accumulation_steps": 1}, "accumulation_steps must be 0 (off) or at least 2"),
+    "infinite loss scale": (
+        {"accumulation_steps": 2, "loss_scale": float("inf")},
+        "loss_scale must be finite and >= 0 (0: none), got inf",
+    ),
+    "negative loss scale": (
+        {"accumulation_steps": 2, "loss_scale": -1.0},
+        "loss_scale must be finite and >= 0 (0: none), got -1",
+    ),
+    "no accumulator": (
+        {"accumulation_steps": 2},
+        "accumulator and accumulation_gates must be given exactly when accumulation_steps > 0",
+    ),
+    "accumulator without steps": (
+        {"accumulator": "zeros"},
+        "accumulator and accumulation_gates must be given exactly when accumulation_steps > 0",
+    ),
+    "accumulator shape": (
+        {"accumulation_steps": 2, "accumulator": "short"},
+        "accumulator must be a floating array shaped like the parameter (shape (4,) and dtype "
+        "float32), got shape (3,) and dtype float32",
+    ),
+    "gates": (
+        {"accumulation_steps": 2, "accumulator": "zeros", "accumulation_gates": "int"},
+        "accumulation_gates must be a float32 vector of 2 entries (applies, skip), got shape "
+        "(2,) and dtype int32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_ACCUMULATION_ERRORS))
+def test_bad_accumulation_arguments_name_the_argument_and_value(case):
+    from mlx_rmsprop.paths.native import _ext
+
+    settings, message = _ACCUMULATION_ERRORS[case]
+    arrays = {
+        "zeros": mx.zeros((4,)),
+        "short": mx.zeros((3,)),
+        "int": mx.zeros((2,), mx.int32),
+    }
+    kwargs = {key: arrays.get(value, value) for key, value in settings.items()}
+    if kwargs.get("accumulator") is not None and "accumulation_gates" not in kwargs:
+        kwargs["accumulation_gates"] = mx.zeros((2,))
+    scalars = scalars_for(UpdateOptions())
+    with pytest.raises(ValueError) as error:
+        _ext.update(scalars, mx.zeros((4,)), mx.ones((4,)), [mx.zeros((4,))], 0, **kwargs)
+    assert str(error.value).startswith("[rmsprop_update] " + message)
+
+
 def test_optimizer_steps_update_parameters_and_state_in_place():
     # Through RMSprop: the whole step is one compiled call, and no leftover reference to the
     # old parameters (or state) may keep MLX from donating them.
