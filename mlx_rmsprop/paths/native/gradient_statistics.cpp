@@ -114,29 +114,48 @@ struct Settings {
 constexpr int64_t kChunk = 1024;
 static_assert(kChunk % kLanes == 0 && kBlock % kChunk == 0, "chunks are whole rows of lanes");
 
-// z for elements [start, start + n) of `tensor` into `z`, in pipeline.py's order:
-// ((g / loss_scale) + accumulator) / accumulation_steps, each step only when configured.
-void reduced_values(
+// z for elements [start, start + n) of `tensor`, in pipeline.py's order:
+// ((g / loss_scale) + accumulator) / accumulation_steps, each step only when configured. Returns
+// the gradient itself where it is float32 and nothing applies to it, else `stage` (n
+// elements); float32 inputs are read where they lie, the others converted into staging.
+const float* reduced_values(
     const Tensor& tensor,
     const Settings& settings,
     int64_t start,
     int64_t n,
-    float* z) {
-  load(tensor.gradient, start, n, z);
+    float* stage) {
+  auto direct = [start](const Source& src) -> const float* {
+    return src.dtype == mx::float32 ? static_cast<const float*>(src.data) + start : nullptr;
+  };
+  const float* g = direct(tensor.gradient);
+  if (settings.loss_scale == 0.0f && settings.accumulation_steps == 0.0f && g != nullptr) {
+    return g;
+  }
+  if (g == nullptr) {
+    load(tensor.gradient, start, n, stage);
+    g = stage;
+  }
   if (settings.loss_scale != 0.0f) {
     const float divisor = settings.loss_scale;
     for (int64_t i = 0; i < n; ++i) {
-      z[i] = z[i] / divisor;
+      stage[i] = g[i] / divisor;
     }
+    g = stage;
   }
   if (settings.accumulation_steps != 0.0f) {
-    alignas(64) float stage[kChunk];
-    load(tensor.accumulator, start, n, stage);
+    alignas(64) float accumulator_stage[kChunk];
+    const float* accumulator = direct(tensor.accumulator);
+    if (accumulator == nullptr) {
+      load(tensor.accumulator, start, n, accumulator_stage);
+      accumulator = accumulator_stage;
+    }
     const float steps = settings.accumulation_steps;
     for (int64_t i = 0; i < n; ++i) {
-      z[i] = (z[i] + stage[i]) / steps;
+      stage[i] = (g[i] + accumulator[i]) / steps;
     }
+    g = stage;
   }
+  return g;
 }
 
 // The lanes of one block: running sums of z^2 ((z / divisor)^2 when scaled), and for the
@@ -189,10 +208,10 @@ struct Lanes {
 // magnitude and non-finite flag; with a divisor, the sum of (z / divisor)^2.
 void block_pass(const Tensor& tensor, const Settings& settings, Block& block, float divisor) {
   Lanes lanes;
-  alignas(64) float z[kChunk];
+  alignas(64) float stage[kChunk];
   for (int64_t done = 0; done < block.size; done += kChunk) {
     const int64_t n = std::min(kChunk, block.size - done);
-    reduced_values(tensor, settings, block.start + done, n, z);
+    const float* z = reduced_values(tensor, settings, block.start + done, n, stage);
     if (divisor == 0.0f) {
       lanes.add<false>(z, n, 1.0f);
     } else {
