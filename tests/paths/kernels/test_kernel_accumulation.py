@@ -83,6 +83,23 @@ def run_variant(emulator: Emulator, variant, shape, seed: int) -> None:
         parameter, state = new_parameter, new_state
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulating_storage_variants_at_every_shape(backend):
+    # The plan's accumulating kernels with 8-bit state or stochastic rounding at every shape of
+    # their size classes (the test below takes two): bit for bit, the accumulator included.
+    variants = [
+        v
+        for v in accumulating_variants()
+        if v.options.quantized_state or v.options.stochastic_rounding
+    ]
+    assert variants
+    emulator = Emulator(variants, BUILD_DIR, backend=backend)
+    for k, variant in enumerate(variants):
+        for j, shape in enumerate(shapes_for(variant)):
+            run_variant(emulator, variant, shape, seed=k + j)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accumulating_kernels_every_layout(backend):
     # The plan's accumulating kernels (every buffer layout, with and without stochastic
