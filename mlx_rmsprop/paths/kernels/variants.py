@@ -122,23 +122,30 @@ def plan_variant(
     return Variant(options, *dtypes, small, small_scales=small or turn % 2 == 0)
 
 
+def _layouts() -> list[tuple[tuple[str, ...], bool]]:
+    """Every (buffer layout, stochastic rounding) of the option space, in a fixed order."""
+    return sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
+
+
+def _every_flag_variant(keys: tuple[str, ...], rounding: bool, small: bool, turn: int) -> Variant:
+    """The option set with every flag on for this layout, as :func:`plan_variant` makes it for
+    row ``turn``, the dtype combination taking turns."""
+    combinations = dtype_combinations()
+    return plan_variant(
+        every_flag_on(keys, rounding), combinations[turn % len(combinations)], small, turn
+    )
+
+
 def factor_variants() -> list[Variant]:
     """The kernels that read per-parameter clip factors: for every (buffer layout, stochastic
     rounding) the option set with every flag on, once with a factors matrix of 8 elements or
     more and once with fewer (Metal's ``constant`` address space), the dtype combination,
     the parameter's size class and 8-bit state's block size and scale class taking turns."""
-    layouts = sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
-    combinations = dtype_combinations()
     variants = []
-    for k, (keys, rounding) in enumerate(layouts):
+    for k, (keys, rounding) in enumerate(_layouts()):
         for small_factors in (False, True):
             turn = 2 * k + small_factors
-            variant = plan_variant(
-                every_flag_on(keys, rounding),
-                combinations[turn % len(combinations)],
-                small=turn % 3 == 0,
-                turn=turn,
-            )
+            variant = _every_flag_variant(keys, rounding, small=turn % 3 == 0, turn=turn)
             variants.append(dataclasses.replace(variant, factors=True, small_factors=small_factors))
     return variants
 
@@ -150,18 +157,11 @@ def accumulating_variants() -> list[Variant]:
     and reading the clip factors from the factors matrix (every other layout, Keras' clipnorm
     with accumulation) take turns. The stage reads the accumulator, the gates and (loss scale,
     steps) whatever the other flags, so those are not crossed."""
-    layouts = sorted({(o.state_keys, o.stochastic_rounding) for o in option_space(storage=True)})
-    combinations = dtype_combinations()
     variants = []
-    for k, (keys, rounding) in enumerate(layouts):
+    for k, (keys, rounding) in enumerate(_layouts()):
         for small in (False, True):
             turn = 2 * k + small
-            variant = plan_variant(
-                every_flag_on(keys, rounding),
-                combinations[turn % len(combinations)],
-                small=small,
-                turn=turn,
-            )
+            variant = _every_flag_variant(keys, rounding, small=small, turn=turn)
             factors = k % 2 == 1
             variants.append(
                 dataclasses.replace(
