@@ -28,6 +28,7 @@ import pytest
 from mlx_rmsprop import RMSprop, paths, pipeline
 from mlx_rmsprop.check import step_scalars
 from mlx_rmsprop.paths import native
+from mlx_rmsprop.paths.kernels.launch import accumulating_reference
 from mlx_rmsprop.paths.native import build, cache
 from mlx_rmsprop.paths.native.sources import source_digest
 from mlx_rmsprop.reference import rmsprop_reference
@@ -65,15 +66,6 @@ def _stand_in() -> types.ModuleType:
     module.worker_threads = lambda: 2
     module.set_statistics_ops = lambda ops: setattr(module, "statistics_ops", ops)
 
-    def accumulate(gradient, accumulator, gates, loss_scale, steps, dtype):
-        value = gradient.astype(dtype)
-        if loss_scale:
-            value = value / mx.array(loss_scale, dtype)
-        summed = value + accumulator.astype(dtype)
-        kept = mx.where(gates[0] != 0, mx.zeros_like(summed), summed)
-        kept = mx.where(gates[1] != 0, accumulator.astype(dtype), kept)
-        return summed / mx.array(steps, dtype), kept.astype(accumulator.dtype)
-
     def update(
         scalars,
         gradient,
@@ -92,26 +84,27 @@ def _stand_in() -> types.ModuleType:
             **{name: bool(flags & bit) for name, bit in module.FLAG_BITS.items()},
             block_size=block_size,
         )
-        kept = []
+        state = dict(zip(options.state_keys, state, strict=True))
         if accumulation_steps:
-            gradient, new_accumulator = accumulate(
+            new_parameter, new_state, new_accumulator = accumulating_reference(
+                options,
+                scalars,
+                parameter,
                 gradient,
+                state,
                 accumulator,
                 accumulation_gates,
                 loss_scale,
                 accumulation_steps,
-                scalars.dtype,
+                index=index,
+                factors=factors,
             )
             kept = [new_accumulator]
-        new_parameter, new_state = rmsprop_reference(
-            options,
-            scalars,
-            parameter,
-            gradient,
-            dict(zip(options.state_keys, state, strict=True)),
-            index=index,
-            factors=factors,
-        )
+        else:
+            new_parameter, new_state = rmsprop_reference(
+                options, scalars, parameter, gradient, state, index=index, factors=factors
+            )
+            kept = []
         return [new_parameter, *(new_state[key] for key in options.state_keys), *kept]
 
     def gradient_statistics(gradients, accumulators, loss_scale, steps, scaled_norm):
