@@ -3,6 +3,7 @@
 // the new one, so the mean gradient it steps with never leaves the chunk being updated.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -34,30 +35,69 @@ struct Accumulation {
 };
 
 // --- accumulate ---
-// In place on one chunk of `n` elements in the compute type C, step.py's order:
+// One chunk of `n` elements in the compute type C, step.py's order:
 //   summed = g / loss_scale + accumulator      (the division only when loss_scale != 0)
-//   g <- summed / steps                         (the gradient the update sees)
-//   accumulator <- skip ? accumulator : (applies ? 0 : summed)
+//   mean = summed / steps                       (the gradient the update sees)
+//   accumulator_out = skip ? accumulator : (applies ? 0 : summed)
+// `mean` is null on a call whose update gate is closed, which never reads it; it is then not
+// computed. `accumulator_out` may be `accumulator` itself (the buffer rewritten in place): a
+// skipped call then writes nothing, and the mean is computed before the accumulator changes.
+template <bool kScaled, typename C>
+inline C summed_at(const C* g, const C* accumulator, int64_t i, C loss_scale) {
+  return (kScaled ? g[i] / loss_scale : g[i]) + accumulator[i];
+}
+
+template <bool kScaled, typename C>
+inline void accumulate_loops(
+    int64_t n,
+    C loss_scale,
+    C steps,
+    bool applies,
+    bool skip,
+    const C* g,
+    const C* accumulator,
+    C* __restrict mean,
+    C* accumulator_out) {
+  if (mean != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      mean[i] = summed_at<kScaled>(g, accumulator, i, loss_scale) / steps;
+    }
+  }
+  if (skip) {
+    if (accumulator_out != accumulator) {
+      std::copy(accumulator, accumulator + n, accumulator_out);
+    }
+  } else if (applies) {
+    std::fill(accumulator_out, accumulator_out + n, C(0));
+  } else if (accumulator_out == accumulator) {
+    // One pointer for the read and the write, so the loop vectorises without an alias check.
+    C* in_place = accumulator_out;
+    for (int64_t i = 0; i < n; ++i) {
+      in_place[i] = summed_at<kScaled>(g, in_place, i, loss_scale);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      accumulator_out[i] = summed_at<kScaled>(g, accumulator, i, loss_scale);
+    }
+  }
+}
+
 template <typename C>
 inline void accumulate_chunk(
     int64_t n,
     const Accumulation& accumulation,
     bool applies,
     bool skip,
-    C* __restrict g,
-    C* __restrict accumulator) {
+    const C* g,
+    const C* accumulator,
+    C* mean,
+    C* accumulator_out) {
   const C loss_scale = static_cast<C>(accumulation.loss_scale);
   const C steps = static_cast<C>(accumulation.steps);
   if (accumulation.loss_scale != 0.0) {
-    for (int64_t i = 0; i < n; ++i) {
-      g[i] = g[i] / loss_scale;
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const C old = accumulator[i];
-    const C summed = g[i] + old;
-    g[i] = summed / steps;
-    accumulator[i] = skip ? old : (applies ? C(0) : summed);
+    accumulate_loops<true>(n, loss_scale, steps, applies, skip, g, accumulator, mean, accumulator_out);
+  } else {
+    accumulate_loops<false>(n, loss_scale, steps, applies, skip, g, accumulator, mean, accumulator_out);
   }
 }
 

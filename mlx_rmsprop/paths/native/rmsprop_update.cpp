@@ -283,7 +283,8 @@ void update_range(
     int64_t begin,
     int64_t end) {
   alignas(64) C gradient_stage[kMaxChunk];
-  alignas(64) C accumulator_stage[kMaxChunk];
+  // Accumulation's staged gradient and accumulator, when not in the compute type.
+  alignas(64) C accumulation_stage[2][kMaxChunk];
   alignas(64) C in_stage[kMaxBuffers][kMaxChunk];
   alignas(64) C out_stage[kMaxBuffers][kMaxChunk];
   const mx::Dtype compute = plan.compute;
@@ -326,17 +327,33 @@ void update_range(
       }
     }
     if (accumulating) {
-      // Every call accumulates, whether or not the update applies.
-      load_as(plan.gradient, plan.gradient_dtype, start, n, gradient_stage);
-      load_as(plan.accumulator, plan.accumulator_dtype, start, n, accumulator_stage);
+      // Every call accumulates, whether or not the update applies. Float buffers in the
+      // compute type are read and written where they lie (the accumulator in place when MLX
+      // donated it); the mean is computed only when the update reads it.
+      const C* raw = plan.gradient_dtype == compute
+          ? static_cast<const C*>(plan.gradient) + start
+          : (load_as(plan.gradient, plan.gradient_dtype, start, n, accumulation_stage[0]),
+             accumulation_stage[0]);
+      const bool accumulator_direct = plan.accumulator_dtype == compute;
+      const C* accumulator = accumulator_direct
+          ? static_cast<const C*>(plan.accumulator) + start
+          : (load_as(plan.accumulator, plan.accumulator_dtype, start, n, accumulation_stage[1]),
+             accumulation_stage[1]);
+      C* accumulator_out = accumulator_direct
+          ? static_cast<C*>(plan.accumulator_out) + start
+          : accumulation_stage[1];
       accumulate_chunk(
           n,
           plan.accumulation,
           plan.accumulation_applies,
           plan.accumulation_skip,
-          gradient_stage,
-          accumulator_stage);
-      store_nearest(accumulator_stage, plan.accumulator_out, plan.accumulator_dtype, start, n);
+          raw,
+          accumulator,
+          apply ? gradient_stage : nullptr,
+          accumulator_out);
+      if (!accumulator_direct) {
+        store_nearest(accumulator_out, plan.accumulator_out, plan.accumulator_dtype, start, n);
+      }
     }
     const int a = plan.grad_avg, m = plan.momentum;
     if (apply) {
