@@ -40,6 +40,12 @@ class PipelineConfig:
         return self.gradient_accumulation_steps is not None
 
     @property
+    def reads_statistics(self) -> bool:
+        """Some stage reads the gradients' statistics (norms, the non-finite flag)."""
+        clips = self.clipnorm is not None or self.global_clipnorm is not None
+        return clips or self.skip_nonfinite
+
+    @property
     def gated(self) -> bool:
         """Some steps must leave the parameters and the state as they were."""
         return self.accumulates or self.skip_nonfinite or self.guard_learning_rate

@@ -10,11 +10,14 @@ import gc
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop, spec
 from mlx_rmsprop.reference import rmsprop_reference
 from mlx_rmsprop.spec import Scalar
 from mlx_rmsprop.step import rounding_key
+
+from native_available import native_path
 
 
 @pytest.mark.parametrize("fused", [False, "compiled"], ids=lambda f: f"fused={f}")
@@ -186,3 +189,96 @@ def test_a_path_without_index_hands_storage_parameters_to_the_reference():
         assert mx.array_equal(got[key], want[key]).item(), key
     # Only the parameter with neither 8-bit state nor stochastic rounding reached the path.
     assert len(calls) == 1 and not calls[0].quantized_state and not calls[0].stochastic_rounding
+
+
+# --- a step compiled in chunks (step.COMPILE_CHUNK) ---
+
+CHUNK_CONFIGURATIONS = {
+    "plain": {},
+    "full": {
+        "use_ema": True,
+        "skip_nonfinite": True,
+        "clipnorm": 0.5,
+        "gradient_accumulation_steps": 2,
+    },
+    "global": {"global_clipnorm": 0.5, "gradient_accumulation_steps": 3, "loss_scale_factor": 4.0},
+    "storage": {
+        "momentum": 0.9,
+        "state_bits": 8,
+        "state_block_size": 32,
+        "min_quantized_size": 64,
+        "stochastic_rounding": True,
+        "skip_nonfinite": True,
+    },
+}
+# Seven parameters: with chunks of 3 the step compiles a head and functions for [0, 3), [3, 6)
+# and [6, 7).
+CHUNK_SHAPES = [(3,), (4, 5), (64,), (2, 3, 4), (), (96,), (17,)]
+
+
+def chunk_run(monkeypatch, chunk: int, fused, configuration: str, float64_from: int | None):
+    """Parameters and state after 6 steps (a NaN gradient at the fourth); from step
+    ``float64_from`` on, parameter 4 and its gradient are float64 (the tree leaves the native
+    pipeline, and the head's scalars vectors change)."""
+    from mlx_rmsprop import step
+
+    monkeypatch.setattr(step, "COMPILE_CHUNK", chunk)
+    rng = np.random.default_rng(7)
+    dtypes = [mx.float32, mx.bfloat16, mx.float32, mx.float16, mx.float32, mx.bfloat16, mx.float32]
+    params = {
+        f"p{i}": mx.array(rng.standard_normal(shape), dtype)
+        for i, (shape, dtype) in enumerate(zip(CHUNK_SHAPES, dtypes, strict=True))
+    }
+    optimizer = RMSprop.from_keras(
+        learning_rate=0.05, fused=fused, **CHUNK_CONFIGURATIONS[configuration]
+    )
+    for number in range(6):
+        grads = {
+            name: mx.array(rng.standard_normal(p.shape), p.dtype) for name, p in params.items()
+        }
+        if number == 3:
+            grads["p2"] = mx.full((64,), float("nan"))
+        if float64_from is not None and number >= float64_from:
+            params["p4"] = params["p4"].astype(mx.float64)
+            grads["p4"] = grads["p4"].astype(mx.float64)
+        params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, optimizer.state)
+    return dict(tree_flatten((params, optimizer.state)))
+
+
+@pytest.mark.parametrize("float64_from", [None, 0, 2], ids=["float32", "float64", "to_float64"])
+@pytest.mark.parametrize("configuration", CHUNK_CONFIGURATIONS)
+@pytest.mark.parametrize("fused", [native_path(), "compiled"])
+def test_a_step_compiled_in_chunks_equals_one_compiled_step(
+    monkeypatch, fused, configuration, float64_from
+):
+    whole = chunk_run(monkeypatch, 1024, fused, configuration, float64_from)
+    chunked = chunk_run(monkeypatch, 3, fused, configuration, float64_from)
+    assert chunked.keys() == whole.keys()
+    for key, expected in whole.items():
+        assert chunked[key].dtype == expected.dtype, key
+        assert mx.array_equal(chunked[key], expected, equal_nan=True).item(), key
+
+
+@pytest.mark.parametrize("fused", [native_path(), "compiled"])
+def test_a_chunk_is_traced_again_only_when_its_own_parameters_change(monkeypatch, fused):
+    # The optimizer learns that trees changed from the updates traced (each traced update is
+    # counted): a dtype change in parameter 4 traces its chunk, [3, 6), and no other.
+    from mlx_rmsprop import step
+
+    monkeypatch.setattr(step, "COMPILE_CHUNK", 3)
+    params = {f"p{i}": mx.zeros(shape) for i, shape in enumerate(CHUNK_SHAPES)}
+    grads = {name: mx.full(p.shape, 0.5) for name, p in params.items()}
+    optimizer = RMSprop.from_keras(learning_rate=0.1, fused=fused, **CHUNK_CONFIGURATIONS["full"])
+    params = optimizer.apply_gradients(grads, params)
+    mx.eval(params, optimizer.state)
+    assert optimizer._traces[0] == len(CHUNK_SHAPES)
+    params = optimizer.apply_gradients(grads, params)
+    mx.eval(params, optimizer.state)
+    assert optimizer._traces[0] == len(CHUNK_SHAPES)
+    params["p4"] = params["p4"].astype(mx.bfloat16)
+    grads["p4"] = grads["p4"].astype(mx.bfloat16)
+    params = optimizer.apply_gradients(grads, params)
+    mx.eval(params, optimizer.state)
+    assert optimizer._traces[0] == len(CHUNK_SHAPES) + 3
+    assert params["p4"].dtype == mx.bfloat16
