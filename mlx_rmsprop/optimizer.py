@@ -143,7 +143,8 @@ class RMSprop(Optimizer):
             launch per parameter (Apple GPU); ``"cuda"`` the same kernel body on MLX's CUDA
             backend; ``"native"`` one fused C++ MLX operation per parameter on the CPU (built
             at install time); ``"compiled"``, not fused: the reference math as separate MLX
-            ops, the whole step under ``mx.compile``; ``False``, neither fused nor compiled:
+            ops, the whole step under ``mx.compile`` (per 1,024 parameters of a larger
+            tree); ``False``, neither fused nor compiled:
             the reference math as plain MLX ops.
         skip_nonfinite: when a step's gradients hold any NaN or Inf, or a value computed on
             the way to the update does (the gradient with the loss scale divided out, an

@@ -2,13 +2,14 @@
 
 One call covers the whole tree so that the compiled path costs one compiled-function call per
 step rather than one per parameter (200 tensors of 2^10 floats: 2.5 ms against 11 ms, measured
-on the 2-core Linux CI machine). :func:`make_step_function` builds it from the stages below,
-in Keras' order: the loss scale and accumulation (:func:`accumulate`), clipping by norm
+on the 2-core Linux CI machine); a tree of more than ``COMPILE_CHUNK`` parameters costs one
+call per chunk of them, after an uncompiled head. :func:`make_step_function` builds it from
+the stages below, in Keras' order. The head reads the whole tree: the loss scale and
+accumulation of the statistics (:func:`accumulate`), clipping by norm
 (:func:`gradient_statistics`, :func:`clip_factors`), the skip decision, counters and gates
-(:func:`nonfinite`, :func:`count`, :func:`carry_accumulators`), the per-step scalars
-(:class:`StepScalars`) and
-one fused update per parameter (:func:`update_parameters`), which does weight decay, the
-update itself and the EMA.
+(:func:`nonfinite`, :func:`count`) and the per-step scalars (:class:`StepScalars`). Then one
+fused update per parameter (:func:`update_parameters`) does the accumulation (or
+:func:`carry_accumulators` beside it), weight decay, the update itself and the EMA.
 """
 
 from __future__ import annotations
@@ -368,7 +369,7 @@ class _ChunkedStep:
         # The head runs uncompiled: its per-parameter work is one statistics node, which
         # MLX's compile passes would take about 25 us per parameter to process (20,000
         # parameters: 0.59 s compiled, 0.10 s uncompiled), against a few whole-tree ops.
-        shared, new_counters, _ = stages.head(
+        shared, new_counters, accumulated = stages.head(
             route, counters, *stages.head_inputs(gradients, states), dtypes
         )
         names = stages.vector_names(dtypes)
@@ -387,17 +388,28 @@ class _ChunkedStep:
                 updates = self._chunks[(route, first)] = mx.compile(
                     functools.partial(self._updates_fn, route, first)
                 )
+            # The head's MLX-ops accumulation, where it made one for the statistics.
+            carried = ([], [])
+            if accumulated is not None:
+                carried = (accumulated.gradients[first:last], accumulated.sums[first:last])
             chunk_parameters, chunk_states = updates(
-                chunk_shared, parameters[first:last], gradients[first:last], states[first:last]
+                chunk_shared,
+                parameters[first:last],
+                gradients[first:last],
+                states[first:last],
+                carried,
             )
             new_parameters += chunk_parameters
             new_states += chunk_states
         return new_parameters, new_states, new_counters
 
-    def _updates_fn(self, route, first, shared, parameters, gradients, states):
+    def _updates_fn(self, route, first, shared, parameters, gradients, states, carried):
         stages = self._stages
         dtypes = stages.dtypes(parameters, gradients, states, first)
-        return stages.updates(route, first, shared, parameters, gradients, states, dtypes)
+        accumulated = Accumulated(*carried) if carried[0] else None
+        return stages.updates(
+            route, first, shared, parameters, gradients, states, dtypes, accumulated
+        )
 
 
 class Accumulated(NamedTuple):
@@ -509,9 +521,9 @@ def gradient_statistics(
     or with accumulation the accumulated sums over the steps. ``None`` when nothing reads it.
 
     One native node for the whole step with ``native`` (which reads the gradients and
-    accumulators itself); otherwise the same matrix from MLX ops on ``accumulated``, or where
-    the update accumulates itself (``accumulated`` is ``None``) on :func:`accumulate`'s mean,
-    which only the statistics then read."""
+    accumulators itself); otherwise the same matrix from MLX ops on ``accumulated`` or, when
+    that is ``None``, on :func:`accumulate`'s values computed here (the gradients themselves
+    without accumulation)."""
     if not pipeline.reads_statistics:
         return None
     scaled_norm = (

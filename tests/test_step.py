@@ -202,6 +202,8 @@ CHUNK_CONFIGURATIONS = {
         "gradient_accumulation_steps": 2,
     },
     "global": {"global_clipnorm": 0.5, "gradient_accumulation_steps": 3, "loss_scale_factor": 4.0},
+    # Accumulation that no statistics read: the head takes no per-parameter input.
+    "accumulation": {"gradient_accumulation_steps": 2, "loss_scale_factor": 4.0, "use_ema": True},
     "storage": {
         "momentum": 0.9,
         "state_bits": 8,
@@ -219,10 +221,15 @@ CHUNK_SHAPES = [(3,), (4, 5), (64,), (2, 3, 4), (), (96,), (17,)]
 def chunk_run(monkeypatch, chunk: int, fused, configuration: str, float64_from: int | None):
     """Parameters and state after 6 steps (a NaN gradient at the fourth); from step
     ``float64_from`` on, parameter 4 and its gradient are float64 (the tree leaves the native
-    pipeline, and the head's scalars vectors change)."""
-    from mlx_rmsprop import step
+    pipeline, and the head's scalars vectors change). ``fused="kernel"``: the compiled path
+    with the kernel paths' accumulating update (their reference, on the CPU)."""
+    from mlx_rmsprop import paths, step
+    from mlx_rmsprop.paths.kernels.launch import accumulating_reference
 
     monkeypatch.setattr(step, "COMPILE_CHUNK", chunk)
+    if fused == "kernel":
+        monkeypatch.setattr(paths, "resolve_accumulating", lambda *_: accumulating_reference)
+        fused = "compiled"
     rng = np.random.default_rng(7)
     dtypes = [mx.float32, mx.bfloat16, mx.float32, mx.float16, mx.float32, mx.bfloat16, mx.float32]
     params = {
@@ -248,7 +255,7 @@ def chunk_run(monkeypatch, chunk: int, fused, configuration: str, float64_from: 
 
 @pytest.mark.parametrize("float64_from", [None, 0, 2], ids=["float32", "float64", "to_float64"])
 @pytest.mark.parametrize("configuration", CHUNK_CONFIGURATIONS)
-@pytest.mark.parametrize("fused", [native_path(), "compiled"])
+@pytest.mark.parametrize("fused", [native_path(), "compiled", "kernel"])
 def test_a_step_compiled_in_chunks_equals_one_compiled_step(
     monkeypatch, fused, configuration, float64_from
 ):

@@ -37,7 +37,8 @@ class UpdatePath:
 
     ``load`` returns the per-parameter update function, or raises ``RuntimeError`` saying why
     this machine cannot run the path. ``compile_step`` wraps the whole optimizer step in
-    ``mx.compile`` (one compiled call per step instead of one Python dispatch per parameter).
+    ``mx.compile`` (one compiled call per step, or per 1,024 parameters of a larger tree,
+    instead of one Python dispatch per parameter).
     ``load_accumulating``, where the path has one, returns its update with Keras' gradient
     accumulation as the first stage (signature of
     :func:`~mlx_rmsprop.paths.kernels.launch.accumulating_reference`); the native path's is

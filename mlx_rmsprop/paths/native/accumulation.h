@@ -54,7 +54,7 @@ inline void accumulate_loops(
     C steps,
     bool applies,
     bool skip,
-    const C* g,
+    const C* __restrict g,
     const C* accumulator,
     C* __restrict mean,
     C* accumulator_out) {
@@ -70,7 +70,8 @@ inline void accumulate_loops(
   } else if (applies) {
     std::fill(accumulator_out, accumulator_out + n, C(0));
   } else if (accumulator_out == accumulator) {
-    // One pointer for the read and the write, so the loop vectorises without an alias check.
+    // One pointer for the read and the write (the gradient is never the accumulator's
+    // buffer), so the loop vectorises without an alias check.
     C* in_place = accumulator_out;
     for (int64_t i = 0; i < n; ++i) {
       in_place[i] = summed_at<kScaled>(g, in_place, i, loss_scale);
