@@ -65,8 +65,9 @@ class Implementation:
     """A row label of the results, what it is, and how to set it up.
 
     ``role`` is a stable identifier that the JSON and the target checks use (``mlx-eager``,
-    ``mlx-compiled``, ``path:<name>``, ``user-compiled``, ``torch-foreach``, ``torch-loop``,
-    ``optax``). ``status`` is ``"ok"``, ``"not installed"`` or ``"unavailable: <reason>"``.
+    ``mlx-compiled``, ``mlx-floor``, ``path:<name>``, ``user-compiled``, ``torch-foreach``,
+    ``torch-loop``, ``optax``). ``status`` is ``"ok"``, ``"not installed"`` or
+    ``"unavailable: <reason>"``.
     """
 
     name: str
@@ -108,6 +109,7 @@ def _prepare_mlx(
     workload: Workload,
     data: WorkloadData,
     compiled: bool,
+    state_moved: bool = True,
 ) -> Prepared:
     dtype = getattr(mx, workload.dtype)
     names = [f"t{index:05d}" for index in range(workload.tensors)]
@@ -150,7 +152,7 @@ def _prepare_mlx(
     return Prepared(
         step=step,
         next_gradients=next_gradients,
-        bytes_moved=bytes_moved(parameters, gradients, state_buffers),
+        bytes_moved=bytes_moved(parameters, gradients, state_buffers if state_moved else []),
         device=str(mx.default_device()),
         first_step_s=first_step_s,
         mlx_resident=sum(array.nbytes for array in parameters + gradients + state_buffers),
@@ -169,6 +171,27 @@ def builtin(compiled: bool) -> Implementation:
     return Implementation(
         name="MLX RMSprop, mx.compile" if compiled else "MLX RMSprop, eager",
         role="mlx-compiled" if compiled else "mlx-eager",
+        status=OK,
+        prepare=prepare,
+        configurations=frozenset({"plain"}),
+    )
+
+
+def mlx_floor() -> Implementation:
+    """Not RMSprop: ``mlx.optimizers.SGD`` without momentum under ``mx.compile``, one
+    elementwise node with one output per parameter (an RMSprop step has two: the parameter and
+    ``v``). Its time on a tree of small tensors is MLX's own cost per tensor of a step, a
+    floor that no optimizer built from MLX arrays goes below."""
+
+    def prepare(workload, data, configuration) -> Prepared:
+        # SGD keeps a `v` per parameter that it never reads without momentum.
+        return _prepare_mlx(
+            lambda: mlx.optimizers.SGD(LEARNING_RATE), workload, data, True, state_moved=False
+        )
+
+    return Implementation(
+        name="floor: MLX SGD, mx.compile",
+        role="mlx-floor",
         status=OK,
         prepare=prepare,
         configurations=frozenset({"plain"}),

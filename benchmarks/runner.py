@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 from . import environment
-from .implementations import OK, Implementation, builtin, ours
+from .implementations import OK, Implementation, builtin, mlx_floor, ours
 from .peers import peers
 from .timing import (
     Bandwidth,
@@ -46,7 +46,7 @@ class Settings:
 
 def implementations(include_peers: bool) -> list[Implementation]:
     """Every row label of a run, the strongest baseline (MLX compiled) second."""
-    found = [builtin(compiled=False), builtin(compiled=True), *ours()]
+    found = [builtin(compiled=False), builtin(compiled=True), *ours(), mlx_floor()]
     return found + (peers() if include_peers else [])
 
 

@@ -141,7 +141,7 @@ def test_every_registered_path_and_peer_has_a_row_or_a_reason(tiny_run):
     roles = {impl["role"]: impl for impl in record["implementations"]}
     for name in paths.PATHS:
         assert f"path:{name}" in roles
-    assert {"mlx-eager", "mlx-compiled", "user-compiled"} <= set(roles)
+    assert {"mlx-eager", "mlx-compiled", "mlx-floor", "user-compiled"} <= set(roles)
     assert sum(impl["auto"] for impl in record["implementations"]) == 1
     for peer in ("torch-foreach", "torch-loop", "optax"):
         status = roles[peer]["status"]
@@ -161,9 +161,9 @@ def test_rows_cover_every_workload_and_configuration(tiny_run):
             plain = {r["role"] for r in rows if r["configuration"] == "plain"}
             both = {r["role"] for r in rows if r["configuration"] == "centered+momentum"}
             ours = {"path:reference", "path:compiled", "user-compiled"}
-            assert {"mlx-eager", "mlx-compiled"} | ours <= plain
-            # MLX's built-in has no centered or momentum variant.
-            assert ours <= both and not both & {"mlx-eager", "mlx-compiled"}
+            assert {"mlx-eager", "mlx-compiled", "mlx-floor"} | ours <= plain
+            # MLX's built-in has no centered or momentum variant (nor has the floor).
+            assert ours <= both and not both & {"mlx-eager", "mlx-compiled", "mlx-floor"}
 
 
 def test_bytes_are_counted_with_each_implementations_dtypes(tiny_run):
@@ -184,6 +184,8 @@ def test_bytes_are_counted_with_each_implementations_dtypes(tiny_run):
     # centered+momentum adds grad_avg and momentum_buffer, each read and written.
     assert bytes_of("path:compiled", "float32", "centered+momentum") == 9 * 4 * n
     assert bytes_of("mlx-eager", "float32", "plain", "200x2^10") == 5 * 4 * 200 * n
+    # The floor (SGD without momentum) reads parameter and gradient and writes the parameter.
+    assert bytes_of("mlx-floor", "float32", "plain") == 3 * 4 * n
 
 
 def test_figures_follow_from_the_samples(tiny_run):
