@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -167,30 +168,20 @@ def make_step_function(
     return _ChunkedStep(stages, COMPILE_CHUNK)
 
 
+@dataclass(frozen=True)
 class _StepStages:
     """The stages of one step function, split where a step compiled in chunks splits them:
     :meth:`head` (everything that reads the whole tree) and :meth:`updates` (the fused update
     of a run of parameters)."""
 
-    def __init__(
-        self,
-        options: UpdateOptions,
-        constants: Sequence[float],
-        pipeline: PipelineConfig,
-        update: UpdateFn,
-        decay_excluded: tuple[bool, ...],
-        parameter_options: tuple[UpdateOptions, ...],
-        native: NativePipeline | None,
-        accumulating_update: Callable | None,
-    ) -> None:
-        self.options = options
-        self.constants = constants
-        self.pipeline = pipeline
-        self.update = update
-        self.decay_excluded = decay_excluded
-        self.parameter_options = parameter_options
-        self.native = native
-        self.accumulating_update = accumulating_update
+    options: UpdateOptions
+    constants: Sequence[float]
+    pipeline: PipelineConfig
+    update: UpdateFn
+    decay_excluded: tuple[bool, ...]
+    parameter_options: tuple[UpdateOptions, ...]
+    native: NativePipeline | None
+    accumulating_update: Callable | None
 
     def dtypes(
         self,
