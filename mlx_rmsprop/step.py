@@ -227,8 +227,7 @@ class _StepStages:
         :meth:`vector_names`), the clipnorm ``factors`` matrix, and with accumulation the
         bool gates ``applies`` and (where calls can be skipped) ``skip``, and
         ``accumulation_gates`` (float32 (applies, skip)). ``accumulated``: the gradients and
-        sums of an accumulation done with MLX ops
-        for the statistics here, or ``None``.
+        sums of an accumulation done with MLX ops for the statistics here, or ``None``.
 
         ``gradients`` and ``states`` may be empty where the pipeline reads no statistics
         (:meth:`head_inputs`); ``dtypes`` always covers every parameter."""
