@@ -1,5 +1,8 @@
 // Python module mlx_rmsprop.paths.native._ext. Import mlx.core first: its nanobind domain ("mlx")
 // registers the mx.array type this module's functions take and return.
+#include <atomic>
+#include <vector>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/optional.h>
@@ -115,6 +118,27 @@ NB_MODULE(_ext, m) {
       [] { return mlx_rmsprop::WorkerPool::instance().sleeping(); },
       "Worker threads blocked on their condition variable now (all of them once the pool "
       "has been idle longer than its bounded spin).");
+  m.def(
+      "worker_pool_misruns",
+      [](int jobs, int parts) {
+        // Each part records its run in its own counter; a part of a later job that ran during
+        // an earlier one, or twice, or never, shows as a counter that is not the job number.
+        std::vector<std::atomic<int>> runs(static_cast<size_t>(parts));
+        int64_t misruns = 0;
+        for (int job = 1; job <= jobs; ++job) {
+          mlx_rmsprop::WorkerPool::instance().run(
+              parts, [&](int part) { runs[part].fetch_add(1, std::memory_order_relaxed); });
+          for (auto& count : runs) {
+            misruns += count.load(std::memory_order_relaxed) != job;
+          }
+        }
+        return misruns;
+      },
+      "jobs"_a,
+      "parts"_a,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "Runs `jobs` jobs of `parts` trivial parts on the worker pool, back to back; returns how "
+      "often a part had not run exactly once when its job returned (a test of the pool).");
 
   // Both tables expand the X-macros of spec.h, generated from mlx_rmsprop/spec.py; the loader
   // compares them with the Python spec before it trusts a build.

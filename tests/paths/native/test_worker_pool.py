@@ -1,13 +1,16 @@
-"""The native update's worker pool spins only briefly after a job (worker_pool.h, kSpinTime):
-an idle process's workers sleep on their condition variable and use no CPU, and the updates
-it splits across them give the reference's bits."""
+"""The native update's worker pool (worker_pool.h): every part of a job runs exactly once
+before the job returns, whatever the number of parts and callers; the pool spins only
+briefly after a job (kSpinTime), so an idle process's workers sleep on their condition
+variable and use no CPU; and the updates it splits across them give the reference's bits."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop
@@ -69,3 +72,30 @@ def test_split_updates_give_the_reference_bits():
     for a, b in zip(tree_flatten(ours), tree_flatten(reference), strict=True):
         assert a[0] == b[0]
         assert np.array_equal(np.array(a[1]), np.array(b[1])), a[0]
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7, 64, 1000])
+def test_every_part_runs_once_per_job(parts):
+    # Jobs back to back: workers still claiming from one job meet the next one's ticket.
+    assert native._loaded().worker_pool_misruns(jobs=2000, parts=parts) == 0
+
+
+def test_a_job_larger_than_one_ticket_runs_in_batches():
+    # The ticket counts up to 2^20 parts; a larger job runs as consecutive batches.
+    assert native._loaded().worker_pool_misruns(jobs=2, parts=(1 << 20) + 5) == 0
+
+
+def test_concurrent_callers_each_run_their_parts():
+    # A second caller finds the pool owned and runs its parts itself.
+    extension = native._loaded()
+    results = []
+
+    def caller():
+        results.append(extension.worker_pool_misruns(jobs=500, parts=16))
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [0, 0, 0]
