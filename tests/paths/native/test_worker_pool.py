@@ -5,6 +5,8 @@ variable and use no CPU; and the updates it splits across them give the referenc
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 
@@ -15,7 +17,9 @@ from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop
 from mlx_rmsprop.paths import native
+from mlx_rmsprop.paths.native import sources
 
+from locations import SUPPORT
 from native_available import requires_native
 
 pytestmark = requires_native
@@ -99,3 +103,36 @@ def test_concurrent_callers_each_run_their_parts():
     for thread in threads:
         thread.join()
     assert results == [0, 0, 0]
+
+
+# More workers than this machine has cores, so threads are preempted mid-claim.
+RACE_CHECK_WORKERS = 7
+
+
+@pytest.mark.slow
+def test_the_pool_has_no_data_race_under_thread_sanitizer(tmp_path):
+    # worker_pool.h alone, compiled with ThreadSanitizer and a fixed pool size, running the
+    # jobs of the tests above (tests/support/worker_pool_race.cpp).
+    header = (sources.SOURCE_DIR / "worker_pool.h").read_text()
+    pool_size = "new WorkerPool(usable_cores() - 1)"
+    assert pool_size in header, "worker_pool.h no longer sizes its pool as this test expects"
+    (tmp_path / "worker_pool.h").write_text(
+        header.replace(pool_size, f"new WorkerPool({RACE_CHECK_WORKERS})")
+    )
+    executable = tmp_path / "worker_pool_race"
+    build = subprocess.run(
+        ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{tmp_path}"]
+        + [str(SUPPORT / "worker_pool_race.cpp"), "-o", str(executable)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run(
+        [str(executable)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"},
+    )
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert run.returncode == 0 and run.stdout.strip() == "misruns 0", run.stdout + run.stderr
