@@ -1,8 +1,5 @@
 // Python module mlx_rmsprop.paths.native._ext. Import mlx.core first: its nanobind domain ("mlx")
 // registers the mx.array type this module's functions take and return.
-#include <atomic>
-#include <vector>
-
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/optional.h>
@@ -13,6 +10,7 @@
 #include "rmsprop_update.h"
 #include "spec.h"
 #include "worker_pool.h"
+#include "worker_pool_check.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -120,20 +118,7 @@ NB_MODULE(_ext, m) {
       "has been idle longer than its bounded spin).");
   m.def(
       "worker_pool_misruns",
-      [](int jobs, int parts) {
-        // Each part records its run in its own counter; a part of a later job that ran during
-        // an earlier one, or twice, or never, shows as a counter that is not the job number.
-        std::vector<std::atomic<int>> runs(static_cast<size_t>(parts));
-        int64_t misruns = 0;
-        for (int job = 1; job <= jobs; ++job) {
-          mlx_rmsprop::WorkerPool::instance().run(
-              parts, [&](int part) { runs[part].fetch_add(1, std::memory_order_relaxed); });
-          for (auto& count : runs) {
-            misruns += count.load(std::memory_order_relaxed) != job;
-          }
-        }
-        return misruns;
-      },
+      &mlx_rmsprop::worker_pool_misruns,
       "jobs"_a,
       "parts"_a,
       nb::call_guard<nb::gil_scoped_release>(),

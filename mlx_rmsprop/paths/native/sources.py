@@ -28,6 +28,7 @@ SOURCE_FILES = (
     "transforms.cpp",
     "update_kernel.h",
     "worker_pool.h",
+    "worker_pool_check.h",
 )
 
 

@@ -111,14 +111,17 @@ RACE_CHECK_WORKERS = 7
 
 @pytest.mark.slow
 def test_the_pool_has_no_data_race_under_thread_sanitizer(tmp_path):
-    # worker_pool.h alone, compiled with ThreadSanitizer and a fixed pool size, running the
-    # jobs of the tests above (tests/support/worker_pool_race.cpp).
+    # The pool's headers alone, compiled with ThreadSanitizer and a fixed pool size, running
+    # the jobs of the tests above (tests/support/worker_pool_race.cpp). Both headers are
+    # copied: worker_pool_check.h includes worker_pool.h from its own directory.
     header = (sources.SOURCE_DIR / "worker_pool.h").read_text()
     pool_size = "new WorkerPool(usable_cores() - 1)"
     assert pool_size in header, "worker_pool.h no longer sizes its pool as this test expects"
     (tmp_path / "worker_pool.h").write_text(
         header.replace(pool_size, f"new WorkerPool({RACE_CHECK_WORKERS})")
     )
+    check = sources.SOURCE_DIR / "worker_pool_check.h"
+    (tmp_path / check.name).write_text(check.read_text())
     executable = tmp_path / "worker_pool_race"
     build = subprocess.run(
         ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{tmp_path}"]
