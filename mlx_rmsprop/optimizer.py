@@ -141,11 +141,11 @@ class RMSprop(Optimizer):
             ``"auto"`` (default) the first of ``"metal"``, ``"cuda"``, ``"native"``,
             ``"compiled"`` that runs on this machine; ``"metal"`` one fused Metal kernel
             launch per parameter (Apple GPU); ``"cuda"`` the same kernel body on MLX's CUDA
-            backend; ``"native"`` one fused C++ MLX operation per parameter on the CPU (built
-            at install time); ``"compiled"``, not fused: the reference math as separate MLX
-            ops, the whole step under ``mx.compile`` (per 1,024 parameters of a larger
-            tree); ``False``, neither fused nor compiled:
-            the reference math as plain MLX ops.
+            backend; ``"native"`` fused C++ MLX operations on the CPU, each updating up to
+            8 parameters (built at install time); ``"compiled"``, not fused: the reference
+            math as separate MLX ops, the whole step under ``mx.compile`` (per 1,024
+            parameters of a larger tree); ``False``, neither fused nor compiled: the
+            reference math as plain MLX ops.
         skip_nonfinite: when a step's gradients hold any NaN or Inf, or a value computed on
             the way to the update does (the gradient with the loss scale divided out, an
             accumulated sum, a clip factor), leave every parameter and state buffer as it was
@@ -303,9 +303,13 @@ class RMSprop(Optimizer):
         self._accumulating_update = None if accumulating is None else counted(accumulating)
         self._native_pipeline = None
         if self._path == "native":
-            self._native_pipeline = native.PIPELINE._replace(
-                accumulating_update=counted(native.PIPELINE.accumulating_update)
-            )
+
+            def counted_updates(parameter_options: Any, *args: Any, **kwargs: Any) -> Any:
+                # Builds several parameters' updates: each one counts.
+                traces[0] += len(parameter_options)
+                return native.PIPELINE.updates(parameter_options, *args, **kwargs)
+
+            self._native_pipeline = native.PIPELINE._replace(updates=counted_updates)
         # The last step's leaves, with their step function as payload (_cached_step).
         self._leaves: LeafCache | None = None
         # One step function per weight-decay exclusion pattern and per-parameter options over

@@ -40,14 +40,15 @@ class NativePipeline(NamedTuple):
 
     ``statistics(gradients, accumulators, loss_scale, accumulation_steps, scaled_norm)``: the
     statistics matrix of :func:`~mlx_rmsprop.pipeline.statistics_ops`, one node per step.
-    ``accumulating_update(options, scalars, parameter, gradient, state, accumulator, gates,
-    loss_scale, accumulation_steps, *, index, factors)``: the update with Keras' accumulation
-    as its first stage, ``(new parameter, new state, new accumulator)``, the values of
-    :func:`accumulate`, :func:`carry_accumulators` and the update on the mean, in one node
-    per parameter."""
+    ``updates(parameter_options, vectors, parameters, gradients, states, *, first, factors,
+    accumulation)``: the fused update of a run of parameters, several to a node, ``(new
+    parameters, new states)``, the values of :func:`update_parameters`. With ``accumulation``
+    = ``(gates, loss_scale, accumulation_steps)`` Keras' gradient accumulation is each
+    update's first stage: the values of :func:`accumulate`, :func:`carry_accumulators` and the
+    update on the mean, each new state holding the new accumulator too."""
 
     statistics: Callable[[list, list, float, int, int], mx.array]
-    accumulating_update: Callable[..., tuple[mx.array, dict, mx.array]]
+    updates: Callable[..., tuple[list[mx.array], list[dict]]]
 
 
 def compute_dtype(
@@ -129,9 +130,9 @@ def make_step_function(
     ``native``: the native pipeline primitives, used where every parameter computes in
     float32 from float32-or-narrower gradients and accumulators.
     ``accumulating_update``: the path's update with Keras' gradient accumulation as its first
-    stage (the kernel paths', signature of ``NativePipeline.accumulating_update``), used where
-    the native primitives are not: the step then runs no accumulation of its own before the
-    update (the statistics still take the accumulated values from MLX ops).
+    stage (signature of :func:`mlx_rmsprop.paths.native.accumulating_update`), used where the
+    native primitives are not: the step then runs no accumulation of its own before the update
+    (the statistics still take the accumulated values from MLX ops).
     ``compiled``: under ``mx.compile``, one function for up to ``COMPILE_CHUNK`` parameters,
     else a head and one function per ``COMPILE_CHUNK`` parameters (the same operations, the
     same results).
@@ -306,12 +307,32 @@ class _StepStages:
         these parameters) or, when ``None``, the same accumulation done again here."""
         pipeline = self.pipeline
         options = self.parameter_options[first : first + len(parameters)]
+        vectors = [shared["vectors"][name] for name in self.vector_names(dtypes, first)]
+        if route:
+            accumulation = None
+            if pipeline.accumulates:
+                accumulation = (
+                    shared["accumulation_gates"],
+                    pipeline.loss_scale_factor or 0.0,
+                    pipeline.gradient_accumulation_steps,
+                )
+            return self.native.updates(
+                options,
+                vectors,
+                parameters,
+                gradients,
+                states,
+                first=first,
+                factors=shared.get("factors"),
+                accumulation=accumulation,
+            )
         new_states: list[dict] = [dict() for _ in states]
         accumulating = None
         if pipeline.accumulates:
-            fused = self.native.accumulating_update if route else self.accumulating_update
-            if fused is not None:
-                accumulating = bind_accumulation(pipeline, fused, shared["accumulation_gates"])
+            if self.accumulating_update is not None:
+                accumulating = bind_accumulation(
+                    pipeline, self.accumulating_update, shared["accumulation_gates"]
+                )
             else:
                 if accumulated is None:
                     accumulated = accumulate(pipeline, gradients, states, dtypes)
@@ -319,11 +340,10 @@ class _StepStages:
                     accumulated, states, new_states, shared["applies"], shared.get("skip"), dtypes
                 )
                 gradients = accumulated.gradients
-        vectors = shared["vectors"]
         new_parameters = update_parameters(
             options,
             self.update,
-            [vectors[name] for name in self.vector_names(dtypes, first)],
+            vectors,
             parameters,
             gradients,
             states,

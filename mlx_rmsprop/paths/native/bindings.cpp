@@ -6,6 +6,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "gradient_statistics.h"
 #include "rmsprop_update.h"
 #include "spec.h"
@@ -73,6 +76,69 @@ NB_MODULE(_ext, m) {
       "update first accumulates (Keras' gradient accumulation; `loss_scale` 0 when off): "
       "`accumulator` and `accumulation_gates` (float32 (applies, skip)) are read, and the new "
       "accumulator is the last output.");
+
+  m.def(
+      "update_group",
+      [](const std::vector<mlx::core::array>& scalars,
+         const std::vector<mlx::core::array>& gradients,
+         const std::vector<mlx::core::array>& parameters,
+         const std::vector<std::vector<mlx::core::array>>& states,
+         const std::vector<uint32_t>& flags,
+         const std::vector<int>& block_sizes,
+         const std::vector<int64_t>& indices,
+         const std::optional<mlx::core::array>& factors,
+         int accumulation_steps,
+         double loss_scale,
+         const std::vector<mlx::core::array>& accumulators,
+         const std::optional<mlx::core::array>& accumulation_gates) {
+        const size_t count = parameters.size();
+        const mlx_rmsprop::Accumulation accumulation{accumulation_steps, loss_scale};
+        if (scalars.size() != count || gradients.size() != count || states.size() != count ||
+            flags.size() != count || block_sizes.size() != count || indices.size() != count ||
+            accumulators.size() != (accumulation.on() ? count : 0)) {
+          throw std::invalid_argument(
+              "[rmsprop_update] update_group takes one scalars, gradient, state, flags, "
+              "block_size and index (and with accumulation, one accumulator) per parameter; "
+              "got " + std::to_string(count) + " parameters");
+        }
+        std::vector<mlx_rmsprop::UpdateNode> members;
+        members.reserve(count);
+        for (size_t m = 0; m < count; ++m) {
+          std::optional<mlx::core::array> accumulator;
+          if (accumulation.on()) {
+            accumulator = accumulators[m];
+          }
+          members.push_back(mlx_rmsprop::update_node(
+              scalars[m],
+              gradients[m],
+              parameters[m],
+              states[m],
+              flags[m],
+              block_sizes[m],
+              indices[m],
+              factors,
+              accumulation,
+              accumulator,
+              accumulation_gates));
+        }
+        return mlx_rmsprop::rmsprop_update_group(std::move(members));
+      },
+      "scalars"_a,
+      "gradients"_a,
+      "parameters"_a,
+      "states"_a,
+      "flags"_a,
+      "block_sizes"_a,
+      "indices"_a,
+      "factors"_a = nb::none(),
+      "accumulation_steps"_a = 0,
+      "loss_scale"_a = 0.0,
+      "accumulators"_a = std::vector<mlx::core::array>{},
+      "accumulation_gates"_a = nb::none(),
+      "Several parameters' updates as a single graph node on the CPU stream: the arguments of "
+      "`update`, one list entry per parameter (`factors`, the accumulation settings and its "
+      "gates are the step's, shared). Returns the outputs of each parameter's update in turn, "
+      "laid out as `update` returns them.");
 
   m.def(
       "gradient_statistics",

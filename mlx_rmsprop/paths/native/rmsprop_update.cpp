@@ -1,10 +1,13 @@
-// The RMSpropUpdate primitive: argument checks, output memory (in place when donated), and the
-// task that walks the elements in cache-sized chunks across the worker threads.
+// The RMSpropUpdate primitive and the group of them: argument checks, output memory (in place
+// when donated), and the task that walks the elements in cache-sized chunks across the worker
+// threads.
 #include "rmsprop_update.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -431,8 +434,14 @@ void update_range(
   }
 }
 
+// One plan ready to run: its update of elements [begin, end), and its size.
+struct PlanRun {
+  int64_t size = 0;
+  std::function<void(int64_t, int64_t)> range;
+};
+
 template <typename C>
-void run_plan(const Plan& plan) {
+PlanRun prepare_run(const Plan& plan) {
   StepScalars<C> s;
   const C* scalars = static_cast<const C*>(plan.scalars);
   for (int i = 0; i < kNumScalars; ++i) {
@@ -468,18 +477,42 @@ void run_plan(const Plan& plan) {
       rounding.salt[k] = rounding_salt(key, plan.index, plan.buffer[k].output);
     }
   }
+  return PlanRun{plan.size, [&plan, s, rounding, apply, core](int64_t begin, int64_t end) {
+                   update_range(plan, s, rounding, apply, core, begin, end);
+                 }};
+}
 
-  const int64_t size = plan.size;
-  if (size < kParallelThreshold) {
-    update_range(plan, s, rounding, apply, core, 0, size);
+// Runs every plan of a node. Below kParallelThreshold elements in all, one thread runs them
+// in turn. Otherwise each plan is cut into fixed-size parts, and the parts of all plans are
+// claimed one at a time across the workers: a thread whose core is busy with other work takes
+// fewer parts instead of holding up the step with a half of it, and a node of many small
+// parameters waits for the workers once, not once per parameter.
+void run_plans(const std::vector<Plan>& plans) {
+  std::vector<PlanRun> runs;
+  runs.reserve(plans.size());
+  int64_t total = 0;
+  for (const Plan& plan : plans) {
+    runs.push_back(plan.compute == mx::float64 ? prepare_run<double>(plan)
+                                               : prepare_run<float>(plan));
+    total += plan.size;
+  }
+  if (total < kParallelThreshold) {
+    for (const PlanRun& run : runs) {
+      run.range(0, run.size);
+    }
     return;
   }
-  // Fixed-size parts claimed one at a time: a thread whose core is busy with other work
-  // takes fewer parts instead of holding up the step with a half of it.
-  const int64_t parts = (size + kPartElements - 1) / kPartElements;
-  WorkerPool::instance().run(static_cast<int>(parts), [&](int part) {
-    const int64_t begin = part * kPartElements;
-    update_range(plan, s, rounding, apply, core, begin, std::min(size, begin + kPartElements));
+  // first_part[m]: the number of the first part of plan m; the last entry counts them all.
+  std::vector<int64_t> first_part(runs.size() + 1, 0);
+  for (size_t m = 0; m < runs.size(); ++m) {
+    first_part[m + 1] = first_part[m] + (runs[m].size + kPartElements - 1) / kPartElements;
+  }
+  WorkerPool::instance().run(static_cast<int>(first_part.back()), [&](int part) {
+    const size_t m = static_cast<size_t>(
+        std::upper_bound(first_part.begin(), first_part.end(), int64_t(part)) -
+        first_part.begin() - 1);
+    const int64_t begin = (part - first_part[m]) * kPartElements;
+    runs[m].range(begin, std::min(runs[m].size, begin + kPartElements));
   });
 }
 
@@ -595,7 +628,7 @@ const char* storage_loops_name() {
   return storage_loops().name;
 }
 
-std::vector<mx::array> rmsprop_update(
+UpdateNode update_node(
     const mx::array& scalars,
     const mx::array& gradient,
     const mx::array& parameter,
@@ -733,31 +766,99 @@ std::vector<mx::array> rmsprop_update(
     shapes.push_back(accumulator->shape());
     dtypes.push_back(accumulator->dtype());
   }
-  const mx::Stream stream = mx::to_stream(mx::Device::cpu);
-  return mx::array::make_arrays(
+  return UpdateNode{
+      std::move(inputs),
       std::move(shapes),
-      dtypes,
+      std::move(dtypes),
       std::make_shared<RMSpropUpdate>(
-          stream,
+          mx::to_stream(mx::Device::cpu),
           flags,
           block_size,
           static_cast<uint32_t>(index),
           factors.has_value(),
-          accumulation),
-      inputs);
+          accumulation)};
 }
 
-void RMSpropUpdate::eval_cpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  const int arrays = static_cast<int>(outputs.size());
+std::vector<mx::array> rmsprop_update(
+    const mx::array& scalars,
+    const mx::array& gradient,
+    const mx::array& parameter,
+    const std::vector<mx::array>& state,
+    uint32_t flags,
+    int block_size,
+    int64_t index,
+    const std::optional<mx::array>& factors,
+    const Accumulation& accumulation,
+    const std::optional<mx::array>& accumulator,
+    const std::optional<mx::array>& accumulation_gates) {
+  UpdateNode node = update_node(
+      scalars,
+      gradient,
+      parameter,
+      state,
+      flags,
+      block_size,
+      index,
+      factors,
+      accumulation,
+      accumulator,
+      accumulation_gates);
+  return mx::array::make_arrays(
+      std::move(node.shapes), node.dtypes, std::move(node.update), node.inputs);
+}
 
-  // array::make_arrays gives every output its own copy of the input list, so each input is
-  // referenced once per output and array::is_donatable() never holds for a multi-output node.
-  // MLX drops those copies right after this call (array::detach); dropping the other outputs'
-  // copies first lets an input nobody else holds be donated, as for a single-output op.
-  // Tracers keep their graph (MLX also keeps their inputs from being donated).
+std::vector<mx::array> rmsprop_update_group(std::vector<UpdateNode> members) {
+  require(!members.empty(), "a group needs at least one update");
+  // The node lays its members out last first. MLX's vjp adds the cotangents of an input that
+  // several members share (the scalars vector) in the order of the node's inputs; laid out
+  // last first, they add up in the order that a node per parameter gives (the graph walked
+  // backwards), which is the order of the reference's ops: gradients through a step, of the
+  // learning rate say, stay bit-identical to fused=False.
+  std::vector<mx::array> inputs;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  std::vector<RMSpropUpdateGroup::Member> parts;
+  parts.reserve(members.size());
+  for (auto node = members.rbegin(); node != members.rend(); ++node) {
+    parts.push_back({node->update, node->inputs.size(), node->shapes.size()});
+    inputs.insert(inputs.end(), node->inputs.begin(), node->inputs.end());
+    shapes.insert(shapes.end(), node->shapes.begin(), node->shapes.end());
+    dtypes.insert(dtypes.end(), node->dtypes.begin(), node->dtypes.end());
+  }
+  std::vector<mx::array> laid_out = mx::array::make_arrays(
+      std::move(shapes),
+      dtypes,
+      std::make_shared<RMSpropUpdateGroup>(mx::to_stream(mx::Device::cpu), std::move(parts)),
+      inputs);
+  // Back in the members' order.
+  std::vector<mx::array> outputs;
+  outputs.reserve(laid_out.size());
+  size_t end = laid_out.size();
+  for (const UpdateNode& node : members) {
+    const size_t begin = end - node.shapes.size();
+    outputs.insert(outputs.end(), laid_out.begin() + begin, laid_out.begin() + end);
+    end = begin;
+  }
+  return outputs;
+}
+
+namespace {
+
+// What one node's task runs: the strided inputs' gathers, then the plan of each parameter.
+struct UpdateTask {
+  std::vector<std::pair<mx::array, mx::array>> gathers;
+  std::vector<Plan> plans;
+  // The accumulation gates of each plan, read when the task runs (none without accumulation).
+  std::vector<std::optional<mx::array>> gates;
+};
+
+// Returns whether the node is being traced. Otherwise it drops every output's copy of the
+// input list but the one `inputs` is: array::make_arrays gives every output its own copy, so
+// each input is referenced once per output and array::is_donatable() never holds for a
+// multi-output node. MLX drops those copies right after eval_cpu (array::detach); dropping the
+// other outputs' copies first lets an input nobody else holds be donated, as for a
+// single-output op. Tracers keep their graph (MLX also keeps their inputs from being donated).
+bool release_input_copies(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const bool tracing = std::any_of(
       outputs.begin(), outputs.end(), [](const mx::array& out) { return out.is_tracer(); });
   if (!tracing) {
@@ -767,9 +868,25 @@ void RMSpropUpdate::eval_cpu(
       }
     }
   }
+  return tracing;
+}
+
+// Gives one parameter's outputs their memory and adds its plan to `task`. `inputs` and
+// `outputs` are the update's own (rmsprop_update's layout), views into its node's lists: a
+// copy of an input would be one more reference, and it could not be donated.
+void add_plan(
+    RMSpropUpdate& update,
+    std::span<const mx::array> inputs,
+    std::span<mx::array> outputs,
+    bool tracing,
+    mx::cpu::CommandEncoder& encoder,
+    UpdateTask& task) {
+  const uint32_t flags = update.flags();
+  const Accumulation& accumulation = update.accumulation();
+  const int arrays = static_cast<int>(outputs.size());
 
   // The inputs each output replaces: the parameter and state buffers, then the accumulator.
-  const int updated = arrays - (accumulation_.on() ? 1 : 0);
+  const int updated = arrays - (accumulation.on() ? 1 : 0);
   const int accumulator_input = static_cast<int>(inputs.size()) - 2;
   auto replaced = [&](int k) -> const mx::array& {
     return inputs[k < updated ? 2 + k : accumulator_input];
@@ -777,8 +894,8 @@ void RMSpropUpdate::eval_cpu(
 
   // The statistics pass that read the accumulator before this node lets go of it here: this
   // node holds it, and its task runs after theirs (input_hold.h).
-  if (accumulation_.on() && !tracing) {
-    InputHold::release(inputs[accumulator_input], stream().index);
+  if (accumulation.on() && !tracing) {
+    InputHold::release(inputs[accumulator_input], update.stream().index);
   }
 
   // Donation first: taking any further reference to an input makes it non-donatable.
@@ -794,41 +911,40 @@ void RMSpropUpdate::eval_cpu(
 
   // Strided inputs (transposes, broadcasts, slices) are gathered into row-major temporaries
   // at the start of the task; their outputs are fresh row-major arrays.
-  std::vector<std::pair<mx::array, mx::array>> gathers;
   auto row_major = [&](const mx::array& in) -> const void* {
     if (in.flags().row_contiguous) {
       return in.data<void>();
     }
     mx::array copy(in.shape(), in.dtype(), nullptr, {});
     copy.set_data(mx::allocator::malloc(copy.nbytes()));
-    gathers.emplace_back(in, copy);
+    task.gathers.emplace_back(in, copy);
     encoder.add_temporary(copy);
     return copy.data<void>();
   };
 
-  const bool quantized = flags_ & Flag::kQuantizedState;
+  const bool quantized = flags & Flag::kQuantizedState;
   Plan plan;
-  plan.flags = flags_;
+  plan.flags = flags;
   plan.size = static_cast<int64_t>(outputs[0].size());
-  plan.block_size = block_size_;
-  plan.chunk = quantized ? std::max<int64_t>(kChunk, block_size_) : kChunk;
-  plan.index = index_;
+  plan.block_size = update.block_size();
+  plan.chunk = quantized ? std::max<int64_t>(kChunk, plan.block_size) : kChunk;
+  plan.index = update.index();
   plan.compute = inputs[0].dtype();
   plan.scalars = inputs[0].data<void>();
   plan.scalar_stride = inputs[0].strides()[0];
-  if (has_factors_) {
+  if (update.has_factors()) {
     const mx::array& factors = inputs[2 + updated];
     plan.factors = factors.data<void>();
     plan.factors_double = factors.dtype() == mx::float64;
-    plan.factor_offset[0] = index_ * factors.strides()[0];
-    plan.factor_offset[1] = index_ * factors.strides()[0] + factors.strides()[1];
+    plan.factor_offset[0] = plan.index * factors.strides()[0];
+    plan.factor_offset[1] = plan.index * factors.strides()[0] + factors.strides()[1];
   }
   plan.gradient = row_major(inputs[1]);
   plan.gradient_dtype = inputs[1].dtype();
   plan.buffer[0] = Buffer{row_major(inputs[2]), outputs[0].data<void>(), inputs[2].dtype()};
   // Logical buffers: the parameter, then each state buffer; scales join their buffer's entry.
   int buffers = 1;
-  const std::vector<StateEntry> layout = state_layout(flags_);
+  const std::vector<StateEntry> layout = state_layout(flags);
   for (size_t e = 0; e < layout.size(); ++e) {
     const int output = static_cast<int>(e) + 1;
     const mx::array& in = inputs[2 + output];
@@ -855,36 +971,78 @@ void RMSpropUpdate::eval_cpu(
   }
   plan.buffers = buffers;
   std::optional<mx::array> gates;
-  if (accumulation_.on()) {
-    plan.accumulation = accumulation_;
+  if (accumulation.on()) {
+    plan.accumulation = accumulation;
     plan.accumulator = row_major(inputs[accumulator_input]);
     plan.accumulator_dtype = inputs[accumulator_input].dtype();
     plan.accumulator_out = outputs[updated].data<void>();
     gates = inputs.back();
   }
+  task.plans.push_back(plan);
+  task.gates.push_back(std::move(gates));
+}
 
+// Schedules the node's task on its stream: the gathers, then every plan.
+void dispatch_task(
+    mx::cpu::CommandEncoder& encoder,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    UpdateTask&& task) {
   for (const auto& in : inputs) {
     encoder.set_input_array(in);
   }
   for (auto& out : outputs) {
     encoder.set_output_array(out);
   }
-  encoder.dispatch([plan, gathers = std::move(gathers), gates]() mutable {
-    for (auto& [src, dst] : gathers) {
+  encoder.dispatch([task = std::move(task)]() mutable {
+    for (auto& [src, dst] : task.gathers) {
       gather(src, dst);
     }
-    if (gates) {
-      const float* gate = gates->data<float>();
-      const int64_t stride = gates->strides()[0];
-      plan.accumulation_applies = gate[kGateApplies * stride] != 0.0f;
-      plan.accumulation_skip = gate[kGateSkip * stride] != 0.0f;
+    for (size_t m = 0; m < task.plans.size(); ++m) {
+      if (const auto& gates = task.gates[m]) {
+        const float* gate = gates->data<float>();
+        const int64_t stride = gates->strides()[0];
+        task.plans[m].accumulation_applies = gate[kGateApplies * stride] != 0.0f;
+        task.plans[m].accumulation_skip = gate[kGateSkip * stride] != 0.0f;
+      }
     }
-    if (plan.compute == mx::float64) {
-      run_plan<double>(plan);
-    } else {
-      run_plan<float>(plan);
-    }
+    run_plans(task.plans);
   });
+}
+
+} // namespace
+
+void RMSpropUpdate::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const bool tracing = release_input_copies(inputs, outputs);
+  UpdateTask task;
+  add_plan(*this, inputs, outputs, tracing, encoder, task);
+  dispatch_task(encoder, inputs, outputs, std::move(task));
+}
+
+void RMSpropUpdateGroup::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const bool tracing = release_input_copies(inputs, outputs);
+  UpdateTask task;
+  task.plans.reserve(members_.size());
+  size_t input = 0;
+  size_t output = 0;
+  for (const Member& member : members_) {
+    add_plan(
+        *member.update,
+        std::span<const mx::array>(inputs).subspan(input, member.inputs),
+        std::span<mx::array>(outputs).subspan(output, member.outputs),
+        tracing,
+        encoder,
+        task);
+    input += member.inputs;
+    output += member.outputs;
+  }
+  dispatch_task(encoder, inputs, outputs, std::move(task));
 }
 
 void RMSpropUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -910,6 +1068,36 @@ bool RMSpropUpdate::is_equivalent(const mx::Primitive& other) const {
   return update != nullptr && update->flags_ == flags_ && update->block_size_ == block_size_ &&
       update->index_ == index_ && update->has_factors_ == has_factors_ &&
       update->accumulation_ == accumulation_;
+}
+
+void RMSpropUpdateGroup::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[rmsprop_update] the native update runs on the CPU stream only");
+}
+
+std::vector<mx::Shape> RMSpropUpdateGroup::output_shapes(const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  for_each_member(inputs, [&](const Member& member, std::vector<mx::array> own, size_t) {
+    for (auto& shape : member.update->output_shapes(own)) {
+      shapes.push_back(std::move(shape));
+    }
+  });
+  return shapes;
+}
+
+bool RMSpropUpdateGroup::is_equivalent(const mx::Primitive& other) const {
+  const auto* group = dynamic_cast<const RMSpropUpdateGroup*>(&other);
+  if (group == nullptr || group->members_.size() != members_.size()) {
+    return false;
+  }
+  for (size_t m = 0; m < members_.size(); ++m) {
+    const Member& mine = members_[m];
+    const Member& theirs = group->members_[m];
+    if (mine.inputs != theirs.inputs || mine.outputs != theirs.outputs ||
+        !mine.update->is_equivalent(*theirs.update)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 } // namespace mlx_rmsprop

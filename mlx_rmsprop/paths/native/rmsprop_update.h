@@ -1,8 +1,10 @@
 // The fused RMSprop update as an MLX primitive: one graph node that reads the scalars vector,
-// the gradient, the parameter and its state buffers and writes the new parameter and buffers.
+// the gradient, the parameter and its state buffers and writes the new parameter and buffers;
+// and the node that runs several parameters' updates as one.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -56,6 +58,35 @@ std::vector<mx::array> rmsprop_update(
     const Accumulation& accumulation = {},
     const std::optional<mx::array>& accumulator = std::nullopt,
     const std::optional<mx::array>& accumulation_gates = std::nullopt);
+
+class RMSpropUpdate;
+
+// One update before its node is made: its checked inputs, its outputs' shapes and dtypes, and
+// its primitive.
+struct UpdateNode {
+  std::vector<mx::array> inputs;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  std::shared_ptr<RMSpropUpdate> update;
+};
+
+// rmsprop_update's checks and node, not yet made into arrays.
+UpdateNode update_node(
+    const mx::array& scalars,
+    const mx::array& gradient,
+    const mx::array& parameter,
+    const std::vector<mx::array>& state,
+    uint32_t flags,
+    int block_size,
+    int64_t index,
+    const std::optional<mx::array>& factors = std::nullopt,
+    const Accumulation& accumulation = {},
+    const std::optional<mx::array>& accumulator = std::nullopt,
+    const std::optional<mx::array>& accumulation_gates = std::nullopt);
+
+// Several updates as one node (RMSpropUpdateGroup): the outputs of each member in turn, each
+// member's as rmsprop_update returns them. The members may differ in anything.
+std::vector<mx::array> rmsprop_update_group(std::vector<UpdateNode> members);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
 // (transforms.cpp): what the primitive's vjp, jvp and vmap differentiate or batch. Takes the
@@ -111,6 +142,18 @@ class RMSpropUpdate : public mx::Primitive {
   uint32_t flags() const {
     return flags_;
   }
+  int block_size() const {
+    return block_size_;
+  }
+  uint32_t index() const {
+    return index_;
+  }
+  bool has_factors() const {
+    return has_factors_;
+  }
+  const Accumulation& accumulation() const {
+    return accumulation_;
+  }
 
  private:
   // Throws std::invalid_argument when `transform` cannot follow the reference for a storage
@@ -135,6 +178,65 @@ class RMSpropUpdate : public mx::Primitive {
   uint32_t index_;
   bool has_factors_;
   Accumulation accumulation_;
+};
+
+// Several parameters' updates as one node: each member is an RMSpropUpdate with its inputs and
+// outputs, laid out one member after the other (rmsprop_update_group puts the last first).
+// Inputs that members share (the scalars vector, the factors, the gates) appear once per
+// member. The node's task cuts every member into parts and hands them all to the worker
+// threads at once, so a tree of many medium tensors waits for the workers once per group, not
+// once per tensor (mlx_rmsprop/paths/native/__init__.py: GROUP_PARAMETERS, with figures).
+class RMSpropUpdateGroup : public mx::Primitive {
+ public:
+  struct Member {
+    std::shared_ptr<RMSpropUpdate> update;
+    size_t inputs; // its inputs in the node's list
+    size_t outputs; // its outputs
+  };
+
+  RMSpropUpdateGroup(mx::Stream stream, std::vector<Member> members)
+      : mx::Primitive(stream), members_(std::move(members)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  // Each member's transform of its own inputs (RMSpropUpdate's), the results laid out as the
+  // node's.
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "RMSpropUpdateGroup";
+  }
+
+ private:
+  // Calls visit(member, its inputs, the position of its first input) for each member.
+  template <typename Visit>
+  void for_each_member(const std::vector<mx::array>& inputs, Visit visit) const {
+    size_t first = 0;
+    for (const Member& member : members_) {
+      visit(
+          member,
+          std::vector<mx::array>(
+              inputs.begin() + first, inputs.begin() + first + member.inputs),
+          first);
+      first += member.inputs;
+    }
+  }
+
+  std::vector<Member> members_;
 };
 
 // Threads a large update is split across (the caller's included).

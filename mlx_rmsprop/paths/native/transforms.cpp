@@ -1,4 +1,4 @@
-// Function transforms (vjp, jvp, vmap) of the RMSpropUpdate primitive.
+// Function transforms (vjp, jvp, vmap) of the RMSpropUpdate primitive, and of a group of them.
 //
 // The fused loop has no derivative of its own: the transforms run on `update_ops`, the update of
 // mlx_rmsprop/reference.py written with MLX ops, section by section and in the same order, so
@@ -7,6 +7,7 @@
 // traces costs what it cost before.
 #include "rmsprop_update.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -337,6 +338,98 @@ std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
   }
   // Scalars per batch entry: the ops broadcast each (B, 1, ...) scalar over its entry.
   return {update_ops(batched, flags_), out_axes};
+}
+
+// A group's transforms are its members': each transforms its own inputs, as its own node would.
+
+namespace {
+
+// The entries of `argnums` (node input numbers) that fall in [first, first + count): their
+// positions in `argnums` and their numbers within that range.
+std::pair<std::vector<size_t>, std::vector<int>> member_argnums(
+    const std::vector<int>& argnums,
+    size_t first,
+    size_t count) {
+  std::vector<size_t> positions;
+  std::vector<int> local;
+  for (size_t j = 0; j < argnums.size(); ++j) {
+    const size_t at = static_cast<size_t>(argnums[j]);
+    if (at >= first && at < first + count) {
+      positions.push_back(j);
+      local.push_back(static_cast<int>(at - first));
+    }
+  }
+  return {positions, local};
+}
+
+} // namespace
+
+std::vector<mx::array> RMSpropUpdateGroup::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  std::vector<std::pair<size_t, mx::array>> found;
+  size_t first_output = 0;
+  for_each_member(primals, [&](const Member& member, std::vector<mx::array> own, size_t first) {
+    const auto [positions, local] = member_argnums(argnums, first, member.inputs);
+    const auto from = static_cast<std::ptrdiff_t>(first_output);
+    const auto to = from + static_cast<std::ptrdiff_t>(member.outputs);
+    first_output += member.outputs;
+    if (local.empty()) {
+      return;
+    }
+    std::vector<mx::array> grads = member.update->vjp(
+        own,
+        std::vector<mx::array>(cotangents.begin() + from, cotangents.begin() + to),
+        local,
+        std::vector<mx::array>(outputs.begin() + from, outputs.begin() + to));
+    for (size_t j = 0; j < positions.size(); ++j) {
+      found.emplace_back(positions[j], grads[j]);
+    }
+  });
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) {
+    return a.first < b.first;
+  });
+  std::vector<mx::array> selected;
+  for (auto& [position, grad] : found) {
+    selected.push_back(grad);
+  }
+  return selected;
+}
+
+std::vector<mx::array> RMSpropUpdateGroup::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  std::vector<mx::array> result;
+  for_each_member(primals, [&](const Member& member, std::vector<mx::array> own, size_t first) {
+    const auto [positions, local] = member_argnums(argnums, first, member.inputs);
+    std::vector<mx::array> own_tangents;
+    for (size_t position : positions) {
+      own_tangents.push_back(tangents[position]);
+    }
+    for (auto& tangent : member.update->jvp(own, own_tangents, local)) {
+      result.push_back(std::move(tangent));
+    }
+  });
+  return result;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdateGroup::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  std::vector<mx::array> result;
+  std::vector<int> result_axes;
+  for_each_member(inputs, [&](const Member& member, std::vector<mx::array> own, size_t first) {
+    const auto from = static_cast<std::ptrdiff_t>(first);
+    const std::vector<int> own_axes(
+        axes.begin() + from, axes.begin() + from + static_cast<std::ptrdiff_t>(member.inputs));
+    auto [outputs, out_axes] = member.update->vmap(own, own_axes);
+    result.insert(result.end(), outputs.begin(), outputs.end());
+    result_axes.insert(result_axes.end(), out_axes.begin(), out_axes.end());
+  });
+  return {result, result_axes};
 }
 
 } // namespace mlx_rmsprop

@@ -16,6 +16,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop, pipeline
+from mlx_rmsprop.paths.native import GROUP_PARAMETERS
 
 from native_available import requires_native
 
@@ -161,9 +162,12 @@ def step_graph_nodes(tensors: int, **options) -> dict[str, int]:
 
 
 def nodes_per_tensor(**options) -> dict[str, float]:
-    small, large = step_graph_nodes(3, **options), step_graph_nodes(12, **options)
+    small, large = (
+        step_graph_nodes(GROUP_PARAMETERS, **options),
+        step_graph_nodes(3 * GROUP_PARAMETERS, **options),
+    )
     return {
-        label: (large.get(label, 0) - small.get(label, 0)) / 9
+        label: (large.get(label, 0) - small.get(label, 0)) / (2 * GROUP_PARAMETERS)
         for label in set(small) | set(large)
         if large.get(label, 0) != small.get(label, 0)
     }
@@ -172,10 +176,12 @@ def nodes_per_tensor(**options) -> dict[str, float]:
 @pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
 def test_one_reduction_node_per_step(clip):
     options = {**FULL_PIPELINE, clip: 1.0}
-    for tensors in (3, 12):
+    for tensors in (3, GROUP_PARAMETERS, GROUP_PARAMETERS + 1):
         counts = step_graph_nodes(tensors, **options)
         assert counts.get("GradientStatistics") == 1, counts
-        assert counts.get("RMSpropUpdate") == tensors, counts
+        # The updates are grouped, GROUP_PARAMETERS consecutive parameters to a node.
+        assert counts.get("RMSpropUpdateGroup") == -(-tensors // GROUP_PARAMETERS), counts
+        assert "RMSpropUpdate" not in counts, counts
 
 
 @pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
@@ -184,9 +190,10 @@ def test_graph_nodes_per_tensor(clip):
     # node for the step, and each update reads its clip factors by index.
     options = {key: value for key, value in FULL_PIPELINE.items()}
     del options["gradient_accumulation_steps"]
-    assert nodes_per_tensor(**options, **{clip: 1.0}) == {"RMSpropUpdate": 1.0}
+    group = {"RMSpropUpdateGroup": 1 / GROUP_PARAMETERS}
+    assert nodes_per_tensor(**options, **{clip: 1.0}) == group
     # Every option on: accumulation is a stage of the update, no node of its own.
-    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == {"RMSpropUpdate": 1.0}
+    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == group
 
 
 def two_accumulating_steps(fused):

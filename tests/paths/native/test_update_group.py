@@ -1,0 +1,321 @@
+"""Several parameters' native updates as one node (``native.updates``, ``_ext.update_group``)
+against one node per parameter (``native.update``, itself tested against the reference), bit
+for bit: members that differ in options, storage flags, dtypes, sizes and layout, over several
+steps; the clip factors and the accumulating update; the grouping bounds; in-place updates; the
+function transforms; and the binding's argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_native_parity import EVERYTHING, OPTION_SETS, _address, assert_same, scalars_for
+from test_native_storage import initial_state, step_scalars
+
+from mlx_rmsprop.paths import native
+from mlx_rmsprop.spec import ACCUMULATOR, UpdateOptions
+
+from native_available import requires_native
+
+pytestmark = requires_native
+
+EIGHT_BIT = UpdateOptions(momentum=True, quantized_state=True, block_size=64)
+ROUNDED = UpdateOptions(centered=True, stochastic_rounding=True)
+
+# (options, shape, parameter dtype, gradient dtype, state dtype, compute dtype): sizes on both
+# sides of a worker part (32,768 elements) and of the threaded threshold (65,536), 0-d, empty.
+MEMBERS = [
+    (OPTION_SETS["defaults"], (7,), mx.float32, mx.float32, mx.float32, mx.float32),
+    (EVERYTHING, (65536 + 37,), mx.bfloat16, mx.float16, mx.float32, mx.float32),
+    (OPTION_SETS["keras-like"], (), mx.float16, mx.float32, mx.float16, mx.float32),
+    (EIGHT_BIT, (3, 1000), mx.float32, mx.bfloat16, mx.float32, mx.float32),
+    (OPTION_SETS["torch-like"], (0, 3), mx.float32, mx.float32, mx.float32, mx.float32),
+    (ROUNDED, (2 * 32768 + 5,), mx.bfloat16, mx.float32, mx.bfloat16, mx.float32),
+    (OPTION_SETS["torch-like"], (513,), mx.float64, mx.float32, mx.float64, mx.float64),
+    (EVERYTHING, (40000,), mx.float32, mx.float32, mx.float32, mx.float32),
+]
+
+
+def make_members(members, seed, *, transposed=False, accumulator_dtype=None):
+    """Each member's (options, parameter, state, gradients for three steps, compute dtype,
+    accumulator or None). With ``transposed``, 2-d gradients are strided (a transpose)."""
+    rng = np.random.default_rng(seed)
+    made = []
+    for options, shape, parameter_dtype, gradient_dtype, state_dtype, compute in members:
+        parameter = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(parameter_dtype)
+        state = initial_state(options, shape, rng, state_dtype)
+        gradients = []
+        for step in range(3):
+            values = rng.standard_normal(shape[::-1] if transposed else shape) * 2.0 * 10.0**-step
+            gradient = mx.array(values.astype(np.float32)).astype(gradient_dtype)
+            gradients.append(gradient.T if transposed else gradient)
+        accumulator = None
+        if accumulator_dtype is not None:
+            accumulator = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(
+                accumulator_dtype
+            )
+        made.append((options, parameter, state, gradients, compute, accumulator))
+    return made
+
+
+def scalars_of(options, compute, step, member):
+    # Scalars that differ per member (the learning rate), as the members of a group may.
+    scalars = step_scalars(options, compute, step)
+    return scalars * mx.array(1.0 + member / 8, compute)
+
+
+def run_both(members, *, first=0, factors=None, gates=None, loss_scale=0.0, steps=2):
+    """Three steps of the group and of one node per parameter, each on its own outputs;
+    compares every parameter and state array after each step."""
+    parameters = [member[1] for member in members]
+    states = [dict(member[2]) for member in members]
+    if gates is not None:
+        for state, member in zip(states, members, strict=True):
+            state[ACCUMULATOR] = member[5]
+    ours = (parameters, states)
+    single = (parameters, states)
+    for step in range(1, 4):
+        options = [member[0] for member in members]
+        vectors = [scalars_of(member[0], member[4], step, m) for m, member in enumerate(members)]
+        gradients = [member[3][step - 1] for member in members]
+        accumulation = None if gates is None else (gates, loss_scale, steps)
+        ours = native.updates(
+            options,
+            vectors,
+            ours[0],
+            gradients,
+            ours[1],
+            first=first,
+            factors=factors,
+            accumulation=accumulation,
+        )
+        single = one_node_each(options, vectors, *single, gradients, first, factors, accumulation)
+        mx.eval(ours, single)
+        for m in range(len(members)):
+            what = f"step {step} member {m}"
+            assert_same(ours[0][m], single[0][m], f"{what} parameter")
+            assert list(ours[1][m]) == list(single[1][m]), what
+            for key in single[1][m]:
+                assert_same(ours[1][m][key], single[1][m][key], f"{what} {key}")
+    return ours
+
+
+def one_node_each(options, vectors, parameters, states, gradients, first, factors, accumulation):
+    new_parameters, new_states = [], []
+    by_index = {} if factors is None else {"factors": factors}
+    for m, (o, vector, parameter, state, gradient) in enumerate(
+        zip(options, vectors, parameters, states, gradients, strict=True)
+    ):
+        buffers = {key: state[key] for key in o.state_keys}
+        if accumulation is None:
+            new_parameter, new_state = native.update(
+                o, vector, parameter, gradient, buffers, index=first + m, **by_index
+            )
+        else:
+            gates, loss_scale, steps = accumulation
+            new_parameter, new_state, accumulator = native.accumulating_update(
+                o,
+                vector,
+                parameter,
+                gradient,
+                buffers,
+                state[ACCUMULATOR],
+                gates,
+                loss_scale,
+                steps,
+                index=first + m,
+                **by_index,
+            )
+            new_state = {**new_state, ACCUMULATOR: accumulator}
+        new_parameters.append(new_parameter)
+        new_states.append(new_state)
+    return new_parameters, new_states
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
+def test_mixed_members_match_one_node_per_parameter(transposed):
+    members = MEMBERS if not transposed else [m for m in MEMBERS if len(m[1]) == 2]
+    run_both(make_members(members, 1, transposed=transposed), first=5)
+
+
+@pytest.mark.parametrize("size", [3, 40000, 70000])
+def test_each_member_reads_its_own_clip_factors(size):
+    options = dataclasses.replace(OPTION_SETS["defaults"], scale_gradient=True)
+    members = [(options, (size + k,), *[mx.float32] * 4) for k in range(5)]
+    factors = mx.array(np.random.default_rng(2).uniform(0.2, 2.0, (9, 2)).astype(np.float32))
+    run_both(make_members(members, 2), first=3, factors=factors)
+
+
+@pytest.mark.parametrize("applies, skip", [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
+def test_accumulating_members_match_one_node_per_parameter(applies, skip):
+    members = [
+        (OPTION_SETS["keras-like"], (50000,), *[mx.float32] * 4),
+        (EVERYTHING, (17,), mx.bfloat16, mx.float16, mx.float32, mx.float32),
+        (OPTION_SETS["defaults"], (40000,), *[mx.float32] * 4),
+    ]
+    gates = mx.array([applies, skip], mx.float32)
+    run_both(make_members(members, 3, accumulator_dtype=mx.float32), gates=gates, loss_scale=4.0)
+
+
+def update_nodes(outputs) -> dict[str, int]:
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    text = dot.getvalue()
+    return {name: text.count(f'label ="{name}"') for name in ("RMSpropUpdateGroup",)}
+
+
+@pytest.mark.parametrize(
+    "count, size, nodes",
+    [
+        (1, 4, 1),
+        (native.GROUP_PARAMETERS, 4, 1),
+        (2 * native.GROUP_PARAMETERS + 1, 4, 3),
+        # Two of these reach GROUP_ELEMENTS.
+        (5, native.GROUP_ELEMENTS // 2 + 1, 3),
+        (2, native.GROUP_ELEMENTS, 2),
+    ],
+)
+def test_groups_are_bounded_by_parameters_and_elements(count, size, nodes):
+    options = UpdateOptions()
+    parameters = [mx.zeros((size,)) for _ in range(count)]
+    new_parameters, new_states = native.updates(
+        [options] * count,
+        [scalars_for(options)] * count,
+        parameters,
+        [mx.ones((size,))] * count,
+        [{"v": mx.zeros((size,))} for _ in range(count)],
+    )
+    assert update_nodes(new_parameters) == {"RMSpropUpdateGroup": nodes}
+    assert len(new_parameters) == len(new_states) == count
+
+
+def test_released_buffers_are_updated_in_place_and_held_ones_are_not():
+    options = UpdateOptions(momentum=True)
+    members = make_members([(options, (70000,), *[mx.float32] * 4)] * 3, 4)
+    parameters = [member[1] for member in members]
+    states = [member[2] for member in members]
+    gradients = [member[3][0] for member in members]
+    mx.eval(parameters, states, gradients)
+    held = np.array(parameters[1])
+    kept = parameters[1]
+    addresses = [
+        [_address(p), *(_address(s[key]) for key in options.state_keys)]
+        for p, s in zip(parameters, states, strict=True)
+    ]
+    vectors = [scalars_for(options)] * 3
+    del members
+    parameters, states = native.updates([options] * 3, vectors, parameters, gradients, states)
+    mx.eval(parameters, states)
+    after = [
+        [_address(p), *(_address(s[key]) for key in options.state_keys)]
+        for p, s in zip(parameters, states, strict=True)
+    ]
+    # The parameter the caller still holds keeps its values and gets new memory; everything
+    # else is updated where it lies.
+    assert after[0] == addresses[0] and after[2] == addresses[2]
+    assert after[1][0] != addresses[1][0] and after[1][1:] == addresses[1][1:]
+    np.testing.assert_array_equal(np.array(kept), held)
+
+
+def group_step(options):
+    """(parameters, gradients, *buffers) -> every output, for three parameters in one group."""
+    keys = options.state_keys
+
+    def step(p0, p1, p2, g0, g1, g2, *buffers):
+        states = [dict(zip(keys, buffers[k::3], strict=True)) for k in range(3)]
+        vectors = [scalars_for(options, step=2) * (1 + k) for k in range(3)]
+        new_parameters, new_states = native.updates(
+            [options] * 3, vectors, [p0, p1, p2], [g0, g1, g2], states
+        )
+        return new_parameters + [state[key] for key in keys for state in new_states]
+
+    return step
+
+
+def single_step(options):
+    keys = options.state_keys
+
+    def step(p0, p1, p2, g0, g1, g2, *buffers):
+        outputs = []
+        states = []
+        for k, (p, g) in enumerate(zip((p0, p1, p2), (g0, g1, g2), strict=True)):
+            state = dict(zip(keys, buffers[k::3], strict=True))
+            new_parameter, new_state = native.update(
+                options, scalars_for(options, step=2) * (1 + k), p, g, state, index=k
+            )
+            outputs.append(new_parameter)
+            states.append(new_state)
+        return outputs + [state[key] for key in keys for state in states]
+
+    return step
+
+
+def transform_inputs(options, seed):
+    members = make_members([(options, (5, 6), *[mx.float32] * 4)] * 3, seed)
+    parameters = [member[1] for member in members]
+    gradients = [member[3][0] for member in members]
+    buffers = [member[2][key] for key in options.state_keys for member in members]
+    return [*parameters, *gradients, *buffers]
+
+
+@pytest.mark.parametrize("name", ["defaults", "everything"])
+def test_transforms_are_the_members_transforms(name):
+    options = OPTION_SETS[name]
+    primals = transform_inputs(options, 5)
+    outputs = len(group_step(options)(*primals))
+    cotangents = [mx.full((5, 6), 0.25 * (k + 1)) for k in range(outputs)]
+
+    ours = mx.vjp(group_step(options), primals, cotangents)
+    expected = mx.vjp(single_step(options), primals, cotangents)
+    for part, (actual, wanted) in enumerate(zip(ours, expected, strict=True)):
+        for k, (a, e) in enumerate(zip(actual, wanted, strict=True)):
+            assert_same(a, e, f"vjp part {part} entry {k}")
+
+    # Derivatives with respect to one member's inputs only: the others' are zero.
+    only_second = mx.grad(
+        lambda p1: mx.sum(mx.stack(group_step(options)(primals[0], p1, *primals[2:])[:3]))
+    )(primals[1])
+    wanted = mx.grad(
+        lambda p1: mx.sum(mx.stack(single_step(options)(primals[0], p1, *primals[2:])[:3]))
+    )(primals[1])
+    assert_same(only_second, wanted, "grad of one member")
+
+    tangents = [mx.full((5, 6), 0.5 - 0.1 * k) for k in range(len(primals))]
+    ours = mx.jvp(group_step(options), primals, tangents)
+    expected = mx.jvp(single_step(options), primals, tangents)
+    for part, (actual, wanted) in enumerate(zip(ours, expected, strict=True)):
+        for k, (a, e) in enumerate(zip(actual, wanted, strict=True)):
+            assert_same(a, e, f"jvp part {part} entry {k}")
+
+    batched = [mx.stack([x, x * 0.5]) for x in primals]
+    ours = mx.vmap(group_step(options))(*batched)
+    expected = mx.vmap(single_step(options))(*batched)
+    for k, (a, e) in enumerate(zip(ours, expected, strict=True)):
+        assert_same(a, e, f"vmap output {k}")
+
+
+def test_group_binding_checks_its_lists():
+    extension = native._loaded()
+    options = UpdateOptions()
+    with pytest.raises(ValueError, match=r"update_group takes one scalars, gradient, .* got 2"):
+        extension.update_group(
+            [scalars_for(options)],
+            [mx.zeros(3)] * 2,
+            [mx.zeros(3)] * 2,
+            [[mx.zeros(3)]] * 2,
+            [0, 0],
+            [0, 0],
+            [0, 1],
+        )
+    # A bad member is refused with the message of the one-parameter update.
+    with pytest.raises(ValueError, match=r"\[rmsprop_update\] state\[0\] \(v\) must be a "):
+        native.updates(
+            [options] * 2,
+            [scalars_for(options)] * 2,
+            [mx.zeros(3), mx.zeros(4)],
+            [mx.zeros(3), mx.zeros(4)],
+            [{"v": mx.zeros(3)}, {"v": mx.zeros(5)}],
+        )
