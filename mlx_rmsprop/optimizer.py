@@ -141,11 +141,11 @@ class RMSprop(Optimizer):
             ``"auto"`` (default) the first of ``"metal"``, ``"cuda"``, ``"native"``,
             ``"compiled"`` that runs on this machine; ``"metal"`` one fused Metal kernel
             launch per parameter (Apple GPU); ``"cuda"`` the same kernel body on MLX's CUDA
-            backend; ``"native"`` fused C++ MLX operations on the CPU, each updating up to
-            8 parameters (built at install time); ``"compiled"``, not fused: the reference
-            math as separate MLX ops, the whole step under ``mx.compile`` (per 1,024
-            parameters of a larger tree); ``False``, neither fused nor compiled: the
-            reference math as plain MLX ops.
+            backend; ``"native"`` fused C++ MLX operations on the CPU, one per parameter
+            or per up to 8 medium ones (built at install time); ``"compiled"``, not fused:
+            the reference math as separate MLX ops, the whole step under ``mx.compile``
+            (per 1,024 parameters of a larger tree); ``False``, neither fused nor compiled:
+            the reference math as plain MLX ops.
         skip_nonfinite: when a step's gradients hold any NaN or Inf, or a value computed on
             the way to the update does (the gradient with the loss scale divided out, an
             accumulated sum, a clip factor), leave every parameter and state buffer as it was

@@ -99,7 +99,7 @@ PATHS: dict[str, UpdatePath] = {
         "native",
         native.load,
         True,
-        "native C++ MLX primitives on the CPU, up to 8 parameters each: SIMD, all cores, in place",
+        "native C++ MLX primitives on the CPU (medium tensors 8 to one): SIMD, all cores, in place",
     ),
 }
 # The paths whose update runs a GPU kernel: probed per kernel variant before use.

@@ -122,18 +122,42 @@ def accumulating_update(
     return outputs[0], dict(zip(options.state_keys, outputs[1:-1], strict=True)), outputs[-1]
 
 
-# Updates of consecutive parameters are built as one node (``_ext.update_group``) until it
-# holds GROUP_PARAMETERS of them or GROUP_ELEMENTS elements. A node per parameter hands each
-# parameter's parts to the worker threads and waits for them; a group waits once. On the 7B
-# LoRA tree (448 adapters of 65,536 to 176,128 elements, plain, float32; 2-core CI machine,
-# interleaved) evaluating a step took 23.9 ms with one parameter per node, 22.1 ms with 4,
-# 21.6 ms with 8 and 22.4 ms with 16: building the step costs more as groups grow (3.6, 3.9,
-# 4.2, 4.6 ms), as every output of a node holds a copy of the node's input list. On trees of
-# small tensors grouping changed nothing (200 of 1,024 elements; 10,000 of 4). A group's
-# outputs all exist while it runs, so GROUP_ELEMENTS bounds what it adds to a step's peak
-# memory where buffers cannot be updated in place.
+# Consecutive parameters that the worker threads split (PARALLEL_THRESHOLD elements or more)
+# are updated by one node (``_ext.update_group``), up to GROUP_PARAMETERS of them and
+# GROUP_ELEMENTS elements; every other parameter has a node of its own. A node per parameter
+# hands each split parameter's parts to the worker threads and waits for them; a group waits
+# once. On the 7B LoRA tree (448 adapters of 65,536 to 176,128 elements, plain, float32;
+# 2-core CI machine, interleaved) evaluating a step took 23.9 ms with one parameter per node,
+# 22.1 ms with 4, 21.6 ms with 8 and 22.4 ms with 16; building the step cost more as groups
+# grew (3.6, 3.9, 4.2, 4.6 ms), as every output of a node holds a copy of the node's input
+# list. Grouping parameters that are not split saved nothing to offset that (200 tensors of
+# 1,024 elements: 1.76 ms a step one per node, 1.82 ms eight per node). A group's outputs all
+# exist while it runs, so GROUP_ELEMENTS bounds what it adds to a step's peak memory where
+# buffers cannot be updated in place.
 GROUP_PARAMETERS = 8
 GROUP_ELEMENTS = 1 << 21
+
+
+def group_bounds(sizes: Sequence[int], split_from: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: the runs of parameters (``sizes``: their elements) that
+    :func:`updates` builds as one node each; ``split_from``: the elements from which the
+    worker threads split an update."""
+    bounds = []
+    start = 0
+    while start < len(sizes):
+        stop, elements = start + 1, sizes[start]
+        if sizes[start] >= split_from:
+            while (
+                stop < len(sizes)
+                and stop - start < GROUP_PARAMETERS
+                and sizes[stop] >= split_from
+                and elements + sizes[stop] <= GROUP_ELEMENTS
+            ):
+                elements += sizes[stop]
+                stop += 1
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def updates(
@@ -149,7 +173,7 @@ def updates(
 ) -> tuple[list[mx.array], list[dict[str, mx.array]]]:
     """:func:`update` (or with ``accumulation`` = ``(gates, loss_scale, accumulation_steps)``,
     :func:`accumulating_update`) of each parameter, with ``vectors[i]`` its scalars and
-    ``first + i`` its index, built as few nodes as GROUP_PARAMETERS and GROUP_ELEMENTS allow:
+    ``first + i`` its index, in the nodes :func:`group_bounds` gives:
     ``(new parameters, new states)``, each new state holding the options' state keys and, when
     accumulating, the new accumulator. The results are those of one node per parameter."""
     extension = _loaded()
@@ -160,14 +184,8 @@ def updates(
     if accumulation is not None:
         gates, loss_scale, steps = accumulation
         accumulators = [state[ACCUMULATOR] for state in states]
-    start = 0
-    while start < len(parameters):
-        stop, elements = start, 0
-        while stop < len(parameters) and stop - start < GROUP_PARAMETERS:
-            elements += parameters[stop].size
-            stop += 1
-            if elements >= GROUP_ELEMENTS:
-                break
+    sizes = [parameter.size for parameter in parameters]
+    for start, stop in group_bounds(sizes, extension.PARALLEL_THRESHOLD):
         members = parameter_options[start:stop]
         outputs = extension.update_group(
             list(vectors[start:stop]),
@@ -196,7 +214,6 @@ def updates(
                 new_state[ACCUMULATOR] = outputs[at]
                 at += 1
             new_states.append(new_state)
-        start = stop
     return new_parameters, new_states
 
 

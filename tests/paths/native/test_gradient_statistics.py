@@ -16,7 +16,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rmsprop import RMSprop, pipeline
-from mlx_rmsprop.paths.native import GROUP_PARAMETERS
 
 from native_available import requires_native
 
@@ -162,12 +161,9 @@ def step_graph_nodes(tensors: int, **options) -> dict[str, int]:
 
 
 def nodes_per_tensor(**options) -> dict[str, float]:
-    small, large = (
-        step_graph_nodes(GROUP_PARAMETERS, **options),
-        step_graph_nodes(3 * GROUP_PARAMETERS, **options),
-    )
+    small, large = step_graph_nodes(3, **options), step_graph_nodes(12, **options)
     return {
-        label: (large.get(label, 0) - small.get(label, 0)) / (2 * GROUP_PARAMETERS)
+        label: (large.get(label, 0) - small.get(label, 0)) / 9
         for label in set(small) | set(large)
         if large.get(label, 0) != small.get(label, 0)
     }
@@ -176,12 +172,11 @@ def nodes_per_tensor(**options) -> dict[str, float]:
 @pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
 def test_one_reduction_node_per_step(clip):
     options = {**FULL_PIPELINE, clip: 1.0}
-    for tensors in (3, GROUP_PARAMETERS, GROUP_PARAMETERS + 1):
+    for tensors in (3, 12):
         counts = step_graph_nodes(tensors, **options)
         assert counts.get("GradientStatistics") == 1, counts
-        # The updates are grouped, GROUP_PARAMETERS consecutive parameters to a node.
-        assert counts.get("RMSpropUpdateGroup") == -(-tensors // GROUP_PARAMETERS), counts
-        assert "RMSpropUpdate" not in counts, counts
+        # Tensors this small each have a node of their own (native.group_bounds).
+        assert counts.get("RMSpropUpdateGroup") == tensors, counts
 
 
 @pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
@@ -190,10 +185,9 @@ def test_graph_nodes_per_tensor(clip):
     # node for the step, and each update reads its clip factors by index.
     options = {key: value for key, value in FULL_PIPELINE.items()}
     del options["gradient_accumulation_steps"]
-    group = {"RMSpropUpdateGroup": 1 / GROUP_PARAMETERS}
-    assert nodes_per_tensor(**options, **{clip: 1.0}) == group
+    assert nodes_per_tensor(**options, **{clip: 1.0}) == {"RMSpropUpdateGroup": 1.0}
     # Every option on: accumulation is a stage of the update, no node of its own.
-    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == group
+    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == {"RMSpropUpdateGroup": 1.0}
 
 
 def two_accumulating_steps(fused):

@@ -1,8 +1,11 @@
 """Several parameters' native updates as one node (``native.updates``, ``_ext.update_group``)
 against one node per parameter (``native.update``, itself tested against the reference), bit
 for bit: members that differ in options, storage flags, dtypes, sizes and layout, over several
-steps; the clip factors and the accumulating update; the grouping bounds; in-place updates; the
-function transforms; and the binding's argument checks."""
+steps; the clip factors and the accumulating update; in-place updates; the function
+transforms; the binding's argument checks; and which parameters share a node.
+
+The node must be right for any members, so most tests group every parameter they update
+(``one_group``), whatever the size rule of ``native.group_bounds`` would do."""
 
 from __future__ import annotations
 
@@ -21,6 +24,13 @@ from mlx_rmsprop.spec import ACCUMULATOR, UpdateOptions
 from native_available import requires_native
 
 pytestmark = requires_native
+
+
+@pytest.fixture
+def one_group(monkeypatch):
+    """``native.updates`` builds all the parameters it is given as one node."""
+    monkeypatch.setattr(native, "group_bounds", lambda sizes, split_from: [(0, len(sizes))])
+
 
 EIGHT_BIT = UpdateOptions(momentum=True, quantized_state=True, block_size=64)
 ROUNDED = UpdateOptions(centered=True, stochastic_rounding=True)
@@ -136,13 +146,13 @@ def one_node_each(options, vectors, parameters, states, gradients, first, factor
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
-def test_mixed_members_match_one_node_per_parameter(transposed):
+def test_mixed_members_match_one_node_per_parameter(transposed, one_group):
     members = MEMBERS if not transposed else [m for m in MEMBERS if len(m[1]) == 2]
     run_both(make_members(members, 1, transposed=transposed), first=5)
 
 
 @pytest.mark.parametrize("size", [3, 40000, 70000])
-def test_each_member_reads_its_own_clip_factors(size):
+def test_each_member_reads_its_own_clip_factors(size, one_group):
     options = dataclasses.replace(OPTION_SETS["defaults"], scale_gradient=True)
     members = [(options, (size + k,), *[mx.float32] * 4) for k in range(5)]
     factors = mx.array(np.random.default_rng(2).uniform(0.2, 2.0, (9, 2)).astype(np.float32))
@@ -150,7 +160,7 @@ def test_each_member_reads_its_own_clip_factors(size):
 
 
 @pytest.mark.parametrize("applies, skip", [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
-def test_accumulating_members_match_one_node_per_parameter(applies, skip):
+def test_accumulating_members_match_one_node_per_parameter(applies, skip, one_group):
     members = [
         (OPTION_SETS["keras-like"], (50000,), *[mx.float32] * 4),
         (EVERYTHING, (17,), mx.bfloat16, mx.float16, mx.float32, mx.float32),
@@ -160,39 +170,56 @@ def test_accumulating_members_match_one_node_per_parameter(applies, skip):
     run_both(make_members(members, 3, accumulator_dtype=mx.float32), gates=gates, loss_scale=4.0)
 
 
-def update_nodes(outputs) -> dict[str, int]:
+def update_nodes(outputs) -> int:
     dot = io.StringIO()
     mx.export_to_dot(dot, *outputs)
-    text = dot.getvalue()
-    return {name: text.count(f'label ="{name}"') for name in ("RMSpropUpdateGroup",)}
+    return dot.getvalue().count('label ="RMSpropUpdateGroup"')
+
+
+SPLIT = 65536  # what the module reports as PARALLEL_THRESHOLD (checked below)
+LIMIT = native.GROUP_ELEMENTS
 
 
 @pytest.mark.parametrize(
-    "count, size, nodes",
+    "sizes, bounds",
     [
-        (1, 4, 1),
-        (native.GROUP_PARAMETERS, 4, 1),
-        (2 * native.GROUP_PARAMETERS + 1, 4, 3),
-        # Two of these reach GROUP_ELEMENTS.
-        (5, native.GROUP_ELEMENTS // 2 + 1, 3),
-        (2, native.GROUP_ELEMENTS, 2),
+        ([], []),
+        ([4], [(0, 1)]),
+        # Parameters the workers do not split each have a node.
+        ([4, 4, 4], [(0, 1), (1, 2), (2, 3)]),
+        ([SPLIT - 1, SPLIT - 1], [(0, 1), (1, 2)]),
+        # Split ones group, GROUP_PARAMETERS at most, and a small one ends a group.
+        ([SPLIT] * 3 + [4] + [SPLIT] * 2, [(0, 3), (3, 4), (4, 6)]),
+        ([SPLIT] * 17, [(0, 8), (8, 16), (16, 17)]),
+        # No group passes GROUP_ELEMENTS; a larger parameter is alone.
+        ([LIMIT // 2] * 3, [(0, 2), (2, 3)]),
+        ([LIMIT // 2 + 1] * 2, [(0, 1), (1, 2)]),
+        ([SPLIT, 2 * LIMIT, SPLIT], [(0, 1), (1, 2), (2, 3)]),
     ],
 )
-def test_groups_are_bounded_by_parameters_and_elements(count, size, nodes):
+def test_group_bounds(sizes, bounds):
+    assert native.GROUP_PARAMETERS == 8
+    assert native.group_bounds(sizes, SPLIT) == bounds
+
+
+def test_a_step_builds_the_nodes_group_bounds_gives():
+    assert native._loaded().PARALLEL_THRESHOLD == SPLIT
+    sizes = [SPLIT] * 10 + [7, 3] + [2 * SPLIT] * 2
     options = UpdateOptions()
-    parameters = [mx.zeros((size,)) for _ in range(count)]
     new_parameters, new_states = native.updates(
-        [options] * count,
-        [scalars_for(options)] * count,
-        parameters,
-        [mx.ones((size,))] * count,
-        [{"v": mx.zeros((size,))} for _ in range(count)],
+        [options] * len(sizes),
+        [scalars_for(options)] * len(sizes),
+        [mx.zeros((size,)) for size in sizes],
+        [mx.ones((size,)) for size in sizes],
+        [{"v": mx.zeros((size,))} for size in sizes],
     )
-    assert update_nodes(new_parameters) == {"RMSpropUpdateGroup": nodes}
-    assert len(new_parameters) == len(new_states) == count
+    # (0, 8), (8, 10), (10, 11), (11, 12), (12, 14)
+    assert update_nodes(new_parameters) == 5
+    assert [p.size for p in new_parameters] == sizes
+    assert [list(state) for state in new_states] == [["v"]] * len(sizes)
 
 
-def test_released_buffers_are_updated_in_place_and_held_ones_are_not():
+def test_released_buffers_are_updated_in_place_and_held_ones_are_not(one_group):
     options = UpdateOptions(momentum=True)
     members = make_members([(options, (70000,), *[mx.float32] * 4)] * 3, 4)
     parameters = [member[1] for member in members]
@@ -262,7 +289,7 @@ def transform_inputs(options, seed):
 
 
 @pytest.mark.parametrize("name", ["defaults", "everything"])
-def test_transforms_are_the_members_transforms(name):
+def test_transforms_are_the_members_transforms(name, one_group):
     options = OPTION_SETS[name]
     primals = transform_inputs(options, 5)
     outputs = len(group_step(options)(*primals))
@@ -319,3 +346,60 @@ def test_group_binding_checks_its_lists():
             [mx.zeros(3), mx.zeros(4)],
             [{"v": mx.zeros(3)}, {"v": mx.zeros(5)}],
         )
+
+
+def split_tree(count: int, seed: int) -> dict[str, mx.array]:
+    rng = np.random.default_rng(seed)
+    shapes = [(256, 256), (16, 4100), (300, 300)]
+    return {
+        f"p{k}": mx.array(rng.standard_normal(shapes[k % 3]).astype(np.float32))
+        for k in range(count)
+    }
+
+
+@pytest.mark.parametrize("config", ["plain", "full"])
+def test_optimizer_steps_on_grouped_parameters_match_plain_ops(config):
+    from mlx_rmsprop import RMSprop
+
+    options = {}
+    if config == "full":
+        options = {
+            "use_ema": True,
+            "skip_nonfinite": True,
+            "clipnorm": 1.0,
+            "gradient_accumulation_steps": 2,
+        }
+    params = split_tree(11, 6)  # two groups of 8 and 3
+    trajectories = []
+    for fused in ("native", False):
+        optimizer = RMSprop.from_keras(learning_rate=0.01, momentum=0.5, fused=fused, **options)
+        current = params
+        for step in range(4):
+            current = optimizer.apply_gradients(split_tree(11, 10 + step), current)
+            mx.eval(current, optimizer.state)
+        trajectories.append((current, optimizer.state))
+    (ours, ours_state), (plain, plain_state) = trajectories
+    for key in plain:
+        assert_same(ours[key], plain[key], key)
+        for name, buffer in plain_state[key].items():
+            assert_same(ours_state[key][name], buffer, f"{key} {name}")
+
+
+def test_learning_rate_gradient_through_grouped_updates_matches_plain_ops():
+    # Members share the scalars vector: its cotangents must add up in the reference's order.
+    from mlx_rmsprop import RMSprop
+
+    params, grads = split_tree(5, 7), split_tree(5, 8)
+
+    def loss(fused):
+        def of(learning_rate):
+            optimizer = RMSprop(learning_rate, centered=True, fused=fused)
+            new = optimizer.apply_gradients(grads, params)
+            return sum(mx.sum(new[key] * new[key]) for key in new)
+
+        return of
+
+    learning_rate = mx.array(0.05)
+    assert_same(
+        mx.grad(loss("native"))(learning_rate), mx.grad(loss(False))(learning_rate), "d/dlr"
+    )
