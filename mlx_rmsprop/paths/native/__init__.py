@@ -124,16 +124,16 @@ def accumulating_update(
 
 # Consecutive parameters that the worker threads split (PARALLEL_THRESHOLD elements or more)
 # are updated by one node (``_ext.update_group``), up to GROUP_PARAMETERS of them and
-# GROUP_ELEMENTS elements; every other parameter has a node of its own. A node per parameter
-# hands each split parameter's parts to the worker threads and waits for them; a group waits
-# once. On the 7B LoRA tree (448 adapters of 65,536 to 176,128 elements, plain, float32;
-# 2-core CI machine, interleaved) evaluating a step took 23.9 ms with one parameter per node,
-# 22.1 ms with 4, 21.6 ms with 8 and 22.4 ms with 16; building the step cost more as groups
-# grew (3.6, 3.9, 4.2, 4.6 ms), as every output of a node holds a copy of the node's input
-# list. Grouping parameters that are not split saved nothing to offset that (200 tensors of
-# 1,024 elements: 1.76 ms a step one per node, 1.82 ms eight per node). A group's outputs all
-# exist while it runs, so GROUP_ELEMENTS bounds what it adds to a step's peak memory where
-# buffers cannot be updated in place.
+# GROUP_ELEMENTS elements; every other parameter has a node of its own (``_ext.update``). A
+# node per parameter hands each split parameter's parts to the worker threads and waits for
+# them; a group waits once. On the 7B LoRA tree (448 adapters of 65,536 to 176,128 elements,
+# plain, float32; 2-core CI machine, interleaved) evaluating a step took 23.9 ms with one
+# parameter per node, 22.1 ms with 4, 21.6 ms with 8 and 22.4 ms with 16; building the step
+# cost more as groups grew (3.6, 3.9, 4.2, 4.6 ms), as every output of a node holds a copy of
+# the node's input list. Grouping parameters that are not split saved nothing to offset that
+# (200 tensors of 1,024 elements: 1.76 ms a step one per node, 1.82 ms eight per node). A
+# group's outputs all exist while it runs, so GROUP_ELEMENTS bounds what it adds to a step's
+# peak memory where buffers cannot be updated in place.
 GROUP_PARAMETERS = 8
 GROUP_ELEMENTS = 1 << 21
 
@@ -187,23 +187,40 @@ def updates(
     sizes = [parameter.size for parameter in parameters]
     for start, stop in group_bounds(sizes, extension.PARALLEL_THRESHOLD):
         members = parameter_options[start:stop]
-        outputs = extension.update_group(
-            list(vectors[start:stop]),
-            list(gradients[start:stop]),
-            list(parameters[start:stop]),
-            [
-                [state[key] for key in options.state_keys]
-                for options, state in zip(members, states[start:stop], strict=True)
-            ],
-            [_flags(options) for options in members],
-            [options.block_size for options in members],
-            list(range(first + start, first + stop)),
-            factors,
-            int(steps),
-            float(loss_scale),
-            accumulators[start:stop],
-            gates,
-        )
+        buffers = [
+            [state[key] for key in options.state_keys]
+            for options, state in zip(members, states[start:stop], strict=True)
+        ]
+        if stop - start == 1:
+            outputs = extension.update(
+                vectors[start],
+                gradients[start],
+                parameters[start],
+                buffers[0],
+                _flags(members[0]),
+                members[0].block_size,
+                first + start,
+                factors,
+                int(steps),
+                float(loss_scale),
+                accumulators[start] if accumulators else None,
+                gates,
+            )
+        else:
+            outputs = extension.update_group(
+                list(vectors[start:stop]),
+                list(gradients[start:stop]),
+                list(parameters[start:stop]),
+                buffers,
+                [_flags(options) for options in members],
+                [options.block_size for options in members],
+                list(range(first + start, first + stop)),
+                factors,
+                int(steps),
+                float(loss_scale),
+                accumulators[start:stop],
+                gates,
+            )
         at = 0
         for options in members:
             keys = options.state_keys

@@ -175,8 +175,7 @@ def test_one_reduction_node_per_step(clip):
     for tensors in (3, 12):
         counts = step_graph_nodes(tensors, **options)
         assert counts.get("GradientStatistics") == 1, counts
-        # Tensors this small each have a node of their own (native.group_bounds).
-        assert counts.get("RMSpropUpdateGroup") == tensors, counts
+        assert counts.get("RMSpropUpdate") == tensors, counts
 
 
 @pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
@@ -185,9 +184,9 @@ def test_graph_nodes_per_tensor(clip):
     # node for the step, and each update reads its clip factors by index.
     options = {key: value for key, value in FULL_PIPELINE.items()}
     del options["gradient_accumulation_steps"]
-    assert nodes_per_tensor(**options, **{clip: 1.0}) == {"RMSpropUpdateGroup": 1.0}
+    assert nodes_per_tensor(**options, **{clip: 1.0}) == {"RMSpropUpdate": 1.0}
     # Every option on: accumulation is a stage of the update, no node of its own.
-    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == {"RMSpropUpdateGroup": 1.0}
+    assert nodes_per_tensor(**FULL_PIPELINE, **{clip: 1.0}) == {"RMSpropUpdate": 1.0}
 
 
 def two_accumulating_steps(fused):
