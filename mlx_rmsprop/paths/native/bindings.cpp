@@ -42,7 +42,7 @@ NB_MODULE(_ext, m) {
          double loss_scale,
          const std::optional<mlx::core::array>& accumulator,
          const std::optional<mlx::core::array>& accumulation_gates) {
-        return mlx_rmsprop::rmsprop_update(
+        return mlx_rmsprop::rmsprop_update(mlx_rmsprop::update_node(
             scalars,
             gradient,
             parameter,
@@ -53,7 +53,7 @@ NB_MODULE(_ext, m) {
             factors,
             mlx_rmsprop::Accumulation{accumulation_steps, loss_scale},
             accumulator,
-            accumulation_gates);
+            accumulation_gates));
       },
       "scalars"_a,
       "gradient"_a,

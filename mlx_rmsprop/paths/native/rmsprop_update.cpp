@@ -779,30 +779,7 @@ UpdateNode update_node(
           accumulation)};
 }
 
-std::vector<mx::array> rmsprop_update(
-    const mx::array& scalars,
-    const mx::array& gradient,
-    const mx::array& parameter,
-    const std::vector<mx::array>& state,
-    uint32_t flags,
-    int block_size,
-    int64_t index,
-    const std::optional<mx::array>& factors,
-    const Accumulation& accumulation,
-    const std::optional<mx::array>& accumulator,
-    const std::optional<mx::array>& accumulation_gates) {
-  UpdateNode node = update_node(
-      scalars,
-      gradient,
-      parameter,
-      state,
-      flags,
-      block_size,
-      index,
-      factors,
-      accumulation,
-      accumulator,
-      accumulation_gates);
+std::vector<mx::array> rmsprop_update(UpdateNode node) {
   return mx::array::make_arrays(
       std::move(node.shapes), node.dtypes, std::move(node.update), node.inputs);
 }

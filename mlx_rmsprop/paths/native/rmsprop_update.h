@@ -34,31 +34,6 @@ int state_buffer_count(uint32_t flags);
 // stochastic_rounding, float32 arithmetic and a float16/bfloat16 output.
 bool stochastic_stores(uint32_t flags, const std::vector<mx::array>& inputs);
 
-// Builds the update node on the CPU stream. Returns {new parameter, new state arrays...},
-// each with the shape and dtype of the array it replaces. Arithmetic runs in scalars.dtype
-// (float32 or float64). With quantized_state, v, grad_avg and momentum_buffer are uint8 codes
-// with float32 scales per `block_size` elements; `index` is the parameter's position in the
-// step, which stochastic rounding hashes. `factors`: a (parameters, 2) float32/float64 matrix
-// whose row `index` replaces the scalars' CLIP_MULTIPLIER and CLIP_DIVISOR (clipping by each
-// parameter's own norm, mlx_rmsprop/reference.py): read where it lies, so the step needs no
-// node per parameter to pick its row. With `accumulation` on, the update first accumulates
-// (accumulation.h): `accumulator` (shaped like the parameter, any floating dtype) and
-// `accumulation_gates` (float32 (applies, skip)) are read, the gradient it steps with is the
-// mean, and the new accumulator is the last output. Throws std::invalid_argument naming the bad
-// argument.
-std::vector<mx::array> rmsprop_update(
-    const mx::array& scalars,
-    const mx::array& gradient,
-    const mx::array& parameter,
-    const std::vector<mx::array>& state,
-    uint32_t flags,
-    int block_size,
-    int64_t index,
-    const std::optional<mx::array>& factors = std::nullopt,
-    const Accumulation& accumulation = {},
-    const std::optional<mx::array>& accumulator = std::nullopt,
-    const std::optional<mx::array>& accumulation_gates = std::nullopt);
-
 class RMSpropUpdate;
 
 // One update before its node is made: its checked inputs, its outputs' shapes and dtypes, and
@@ -70,7 +45,19 @@ struct UpdateNode {
   std::shared_ptr<RMSpropUpdate> update;
 };
 
-// rmsprop_update's checks and node, not yet made into arrays.
+// Checks the arguments of one parameter's update and describes its node on the CPU stream,
+// whose outputs are {new parameter, new state arrays...}, each with the shape and dtype of the
+// array it replaces. Arithmetic runs in scalars.dtype (float32 or float64). With
+// quantized_state, v, grad_avg and momentum_buffer are uint8 codes with float32 scales per
+// `block_size` elements; `index` is the parameter's position in the step, which stochastic
+// rounding hashes. `factors`: a (parameters, 2) float32/float64 matrix whose row `index`
+// replaces the scalars' CLIP_MULTIPLIER and CLIP_DIVISOR (clipping by each parameter's own
+// norm, mlx_rmsprop/reference.py): read where it lies, so the step needs no node per
+// parameter to pick its row. With `accumulation` on, the update first accumulates
+// (accumulation.h): `accumulator` (shaped like the parameter, any floating dtype) and
+// `accumulation_gates` (float32 (applies, skip)) are read, the gradient it steps with is the
+// mean, and the new accumulator is the last output. Throws std::invalid_argument naming the bad
+// argument.
 UpdateNode update_node(
     const mx::array& scalars,
     const mx::array& gradient,
@@ -84,8 +71,11 @@ UpdateNode update_node(
     const std::optional<mx::array>& accumulator = std::nullopt,
     const std::optional<mx::array>& accumulation_gates = std::nullopt);
 
+// The node's outputs (an RMSpropUpdate node).
+std::vector<mx::array> rmsprop_update(UpdateNode node);
+
 // Several updates as one node (RMSpropUpdateGroup): the outputs of each member in turn, each
-// member's as rmsprop_update returns them. The members may differ in anything.
+// member's as rmsprop_update would return them. The members may differ in anything.
 std::vector<mx::array> rmsprop_update_group(std::vector<UpdateNode> members);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section

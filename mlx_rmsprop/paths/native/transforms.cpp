@@ -333,8 +333,10 @@ std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
   if (axes[0] < 0) {
     // The update is element-wise: with one set of scalars the batch is just more elements.
     const std::vector<mx::array> state(batched.begin() + 3, batched.end());
-    return {rmsprop_update(batched[0], batched[1], batched[2], state, flags_, block_size_, index_),
-            out_axes};
+    return {
+        rmsprop_update(
+            update_node(batched[0], batched[1], batched[2], state, flags_, block_size_, index_)),
+        out_axes};
   }
   // Scalars per batch entry: the ops broadcast each (B, 1, ...) scalar over its entry.
   return {update_ops(batched, flags_), out_axes};
