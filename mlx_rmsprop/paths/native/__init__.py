@@ -412,7 +412,6 @@ def _checked(extension: ModuleType) -> ModuleType:
 
 
 @functools.cache
-@functools.lru_cache(maxsize=256)
 def _flags(options: UpdateOptions) -> int:
     return _flags_from(_loaded().FLAG_BITS, options)
 

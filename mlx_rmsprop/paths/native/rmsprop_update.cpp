@@ -1026,16 +1026,21 @@ void RMSpropUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
   throw std::runtime_error("[rmsprop_update] the native update runs on the CPU stream only");
 }
 
-std::vector<mx::Shape> RMSpropUpdate::output_shapes(const std::vector<mx::array>& inputs) {
-  // Each output has its input's shape (the scales their own); the factors and the gates are
-  // no output.
-  std::vector<mx::Shape> shapes;
+std::vector<mx::array> RMSpropUpdate::replaced(const std::vector<mx::array>& inputs) const {
+  // The parameter and state buffers (scales included), then the accumulator; the factors and
+  // the gates are no output.
   const size_t updated = inputs.size() - trailing_inputs();
-  for (size_t k = 2; k < updated; ++k) {
-    shapes.push_back(inputs[k].shape());
-  }
+  std::vector<mx::array> replaced(inputs.begin() + 2, inputs.begin() + updated);
   if (accumulation_.on()) {
-    shapes.push_back(inputs[inputs.size() - 2].shape());
+    replaced.push_back(inputs[inputs.size() - 2]);
+  }
+  return replaced;
+}
+
+std::vector<mx::Shape> RMSpropUpdate::output_shapes(const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  for (const auto& in : replaced(inputs)) {
+    shapes.push_back(in.shape());
   }
   return shapes;
 }

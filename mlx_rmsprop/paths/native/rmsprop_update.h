@@ -132,6 +132,9 @@ class RMSpropUpdate : public mx::Primitive {
   uint32_t flags() const {
     return flags_;
   }
+  // The inputs its outputs replace, in the outputs' order: each output has its input's shape
+  // and dtype.
+  std::vector<mx::array> replaced(const std::vector<mx::array>& inputs) const;
   int block_size() const {
     return block_size_;
   }

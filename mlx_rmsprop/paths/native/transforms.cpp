@@ -407,6 +407,14 @@ std::vector<mx::array> RMSpropUpdateGroup::jvp(
   std::vector<mx::array> result;
   for_each_member(primals, [&](const Member& member, std::vector<mx::array> own, size_t first) {
     const auto [positions, local] = member_argnums(argnums, first, member.inputs);
+    if (local.empty()) {
+      // Untouched by the transform: zero tangents, without transforming the member (which
+      // may be one that cannot be, 8-bit state say).
+      for (const auto& in : member.update->replaced(own)) {
+        result.push_back(mx::zeros_like(in));
+      }
+      return;
+    }
     std::vector<mx::array> own_tangents;
     for (size_t position : positions) {
       own_tangents.push_back(tangents[position]);
@@ -421,12 +429,38 @@ std::vector<mx::array> RMSpropUpdateGroup::jvp(
 std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdateGroup::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
+  // The batch size, from the first batched input.
+  int batch = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      batch = inputs[i].shape(axes[i]);
+      break;
+    }
+  }
   std::vector<mx::array> result;
   std::vector<int> result_axes;
   for_each_member(inputs, [&](const Member& member, std::vector<mx::array> own, size_t first) {
     const auto from = static_cast<std::ptrdiff_t>(first);
     const std::vector<int> own_axes(
         axes.begin() + from, axes.begin() + from + static_cast<std::ptrdiff_t>(member.inputs));
+    if (std::all_of(own_axes.begin(), own_axes.end(), [](int axis) { return axis < 0; })) {
+      // Nothing of this member is batched: its own node, unbatched (as MLX leaves a node with
+      // no batched input; the member may be one vmap refuses), repeated along the batch, since
+      // MLX takes every output of a batched node as batched.
+      std::vector<mx::Shape> shapes;
+      std::vector<mx::Dtype> dtypes;
+      for (const auto& in : member.update->replaced(own)) {
+        shapes.push_back(in.shape());
+        dtypes.push_back(in.dtype());
+      }
+      for (const auto& out : mx::array::make_arrays(shapes, dtypes, member.update, own)) {
+        mx::Shape batched = out.shape();
+        batched.insert(batched.begin(), batch);
+        result.push_back(mx::broadcast_to(mx::expand_dims(out, 0), batched));
+        result_axes.push_back(0);
+      }
+      return;
+    }
     auto [outputs, out_axes] = member.update->vmap(own, own_axes);
     result.insert(result.end(), outputs.begin(), outputs.end());
     result_axes.insert(result_axes.end(), out_axes.begin(), out_axes.end());

@@ -407,3 +407,61 @@ def test_learning_rate_gradient_through_grouped_updates_matches_plain_ops():
     assert_same(
         mx.grad(loss("native"))(learning_rate), mx.grad(loss(False))(learning_rate), "d/dlr"
     )
+
+
+@pytest.mark.parametrize("batched", [0, 1, 2])
+def test_vmap_over_one_members_parameter(batched, one_group):
+    # The other members have nothing batched: their outputs are unbatched, as with a node each.
+    options = OPTION_SETS["everything"]
+    primals = transform_inputs(options, 6)
+
+    def along(step):
+        def function(parameter):
+            arguments = list(primals)
+            arguments[batched] = parameter
+            return step(options)(*arguments)
+
+        return function
+
+    stacked = mx.stack([primals[batched], primals[batched] * 0.5])
+    ours = mx.vmap(along(group_step))(stacked)
+    expected = mx.vmap(along(single_step))(stacked)
+    for k, (a, e) in enumerate(zip(ours, expected, strict=True)):
+        assert_same(a, e, f"vmap output {k}")
+
+
+def test_members_a_transform_does_not_touch_are_not_transformed(one_group):
+    # An 8-bit member cannot be differentiated or batched; a transform of another member of
+    # its group must not try.
+    rng = np.random.default_rng(7)
+    members = [EIGHT_BIT, UpdateOptions()]
+    parameters = [mx.array(rng.standard_normal((4, 64)).astype(np.float32)) for _ in members]
+    gradients = [mx.array(rng.standard_normal((4, 64)).astype(np.float32)) for _ in members]
+    states = [initial_state(options, (4, 64), rng, mx.float32) for options in members]
+    vectors = [scalars_for(options) for options in members]
+
+    def grouped(second):
+        new_parameters, _ = native.updates(
+            members, vectors, [parameters[0], second], gradients, states
+        )
+        return new_parameters
+
+    def alone(second):
+        return native.update(members[1], vectors[1], second, gradients[1], states[1], index=1)[0]
+
+    tangent = mx.full((4, 64), 0.25)
+    (ours_first, ours_second), (ours_tangent_first, ours_tangent_second) = mx.jvp(
+        lambda second: grouped(second), [parameters[1]], [tangent]
+    )
+    (expected,), (expected_tangent,) = mx.jvp(
+        lambda second: [alone(second)], [parameters[1]], [tangent]
+    )
+    assert_same(ours_second, expected, "jvp primal")
+    assert_same(ours_tangent_second, expected_tangent, "jvp tangent")
+    assert_same(ours_tangent_first, mx.zeros_like(parameters[0]), "untouched member's tangent")
+
+    stacked = mx.stack([parameters[1], parameters[1] * 2.0])
+    ours_batched = mx.vmap(lambda second: grouped(second)[1])(stacked)
+    assert_same(ours_batched, mx.vmap(alone)(stacked), "vmap")
+    ours_grad = mx.grad(lambda second: mx.sum(grouped(second)[1]))(parameters[1])
+    assert_same(ours_grad, mx.grad(lambda second: mx.sum(alone(second)))(parameters[1]), "grad")
