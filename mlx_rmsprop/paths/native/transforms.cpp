@@ -277,6 +277,20 @@ std::vector<mx::array> RMSpropUpdate::jvp(
   return mx::jvp(fused, primals, all).second;
 }
 
+namespace {
+
+// The size of the batch under vmap: that of the first batched input.
+int batch_size(const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      return inputs[i].shape(axes[i]);
+    }
+  }
+  return 0;
+}
+
+} // namespace
+
 std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
@@ -306,13 +320,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdate::vmap(
   }
   // Every input but the scalars is parameter-shaped: move each batch axis to the front and
   // broadcast the unbatched ones, so all share the shape (B, ...).
-  int batch = 0;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (axes[i] >= 0) {
-      batch = inputs[i].shape(axes[i]);
-      break;
-    }
-  }
+  const int batch = batch_size(inputs, axes);
   std::vector<mx::array> batched;
   const int parameter_index = 2;
   mx::Shape shape = inputs[parameter_index].shape();
@@ -429,14 +437,7 @@ std::vector<mx::array> RMSpropUpdateGroup::jvp(
 std::pair<std::vector<mx::array>, std::vector<int>> RMSpropUpdateGroup::vmap(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes) {
-  // The batch size, from the first batched input.
-  int batch = 0;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (axes[i] >= 0) {
-      batch = inputs[i].shape(axes[i]);
-      break;
-    }
-  }
+  const int batch = batch_size(inputs, axes);
   std::vector<mx::array> result;
   std::vector<int> result_axes;
   for_each_member(inputs, [&](const Member& member, std::vector<mx::array> own, size_t first) {
