@@ -124,7 +124,7 @@ def accumulating_update(
 
 # Consecutive parameters that the worker threads split (PARALLEL_THRESHOLD elements or more)
 # are updated by one node (``_ext.update_group``), up to GROUP_PARAMETERS of them and
-# GROUP_ELEMENTS elements; every other parameter has a node of its own (``_ext.update``). A
+# GROUP_ELEMENTS elements; every other parameter has a node of its own (``RMSpropUpdate``). A
 # node per parameter hands each split parameter's parts to the worker threads and waits for
 # them; a group waits once. On the 7B LoRA tree (448 adapters of 65,536 to 176,128 elements,
 # plain, float32; 2-core CI machine, interleaved) evaluating a step took 23.9 ms with one
@@ -191,36 +191,20 @@ def updates(
             [state[key] for key in options.state_keys]
             for options, state in zip(members, states[start:stop], strict=True)
         ]
-        if stop - start == 1:
-            outputs = extension.update(
-                vectors[start],
-                gradients[start],
-                parameters[start],
-                buffers[0],
-                _flags(members[0]),
-                members[0].block_size,
-                first + start,
-                factors,
-                int(steps),
-                float(loss_scale),
-                accumulators[start] if accumulators else None,
-                gates,
-            )
-        else:
-            outputs = extension.update_group(
-                list(vectors[start:stop]),
-                list(gradients[start:stop]),
-                list(parameters[start:stop]),
-                buffers,
-                [_flags(options) for options in members],
-                [options.block_size for options in members],
-                list(range(first + start, first + stop)),
-                factors,
-                int(steps),
-                float(loss_scale),
-                accumulators[start:stop],
-                gates,
-            )
+        outputs = extension.update_group(
+            list(vectors[start:stop]),
+            list(gradients[start:stop]),
+            list(parameters[start:stop]),
+            buffers,
+            [_flags(options) for options in members],
+            [options.block_size for options in members],
+            list(range(first + start, first + stop)),
+            factors,
+            int(steps),
+            float(loss_scale),
+            accumulators[start:stop],
+            gates,
+        )
         at = 0
         for options in members:
             keys = options.state_keys

@@ -138,7 +138,7 @@ NB_MODULE(_ext, m) {
       "Several parameters' updates as a single graph node on the CPU stream: the arguments of "
       "`update`, one list entry per parameter (`factors`, the accumulation settings and its "
       "gates are the step's, shared). Returns the outputs of each parameter's update in turn, "
-      "laid out as `update` returns them.");
+      "laid out as `update` returns them (one parameter: the node `update` makes).");
 
   m.def(
       "gradient_statistics",

@@ -786,6 +786,9 @@ std::vector<mx::array> rmsprop_update(UpdateNode node) {
 
 std::vector<mx::array> rmsprop_update_group(std::vector<UpdateNode> members) {
   require(!members.empty(), "a group needs at least one update");
+  if (members.size() == 1) {
+    return rmsprop_update(std::move(members.front()));
+  }
   // The node lays its members out last first. MLX's vjp adds the cotangents of an input that
   // several members share (the scalars vector) in the order of the node's inputs; laid out
   // last first, they add up in the order that a node per parameter gives (the graph walked

@@ -75,7 +75,8 @@ UpdateNode update_node(
 std::vector<mx::array> rmsprop_update(UpdateNode node);
 
 // Several updates as one node (RMSpropUpdateGroup): the outputs of each member in turn, each
-// member's as rmsprop_update would return them. The members may differ in anything.
+// member's as rmsprop_update would return them. The members may differ in anything. A single
+// update is its own RMSpropUpdate node.
 std::vector<mx::array> rmsprop_update_group(std::vector<UpdateNode> members);
 
 // The same update built from MLX ops, following mlx_rmsprop/reference.py section by section
